@@ -1,0 +1,10 @@
+"""``nn.Module`` layers: projections around an op, plus the mechanisms that own parameters."""
+
+from attnlab.nn.attention import Attention
+
+# Each mechanism issue adds its imports in its own block below (keeps parallel edits apart).
+# --- Mechanisms I: linear and recurrent family ---
+# --- Mechanisms II: local, sparse and biased ---
+# --- Mechanisms III: head routing, similarity forms, tensor attention ---
+
+__all__ = [name for name in dir() if not name.startswith("_") and name != "attention"]

@@ -1,0 +1,84 @@
+"""``Attention``: q/k/v/out projections around any registered functional op."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from attnlab.registry import get
+
+__all__ = ["Attention"]
+
+
+class Attention(nn.Module):
+    """Multi-head attention layer whose mixing step is any registered mechanism's op.
+
+    ``x [B, N, dim] -> [B, N, dim]``: project to q ``[B, H, N, d]`` and k, v ``[B, H_kv, M, d]``
+    (``d = dim // heads``), run ``attnlab.get(mechanism).op`` and project back. Mechanisms that carry
+    their own parameters (gates, routers, convolutions) register their own layer class and are
+    refused here with the name of that class.
+
+    Args:
+        dim: model width, divisible by ``heads``.
+        heads: query heads H.
+        mechanism: a registered mechanism name ("softmax", "lightning", ...).
+        kv_heads: key/value heads H_kv dividing ``heads`` (grouped-query attention); default ``heads``.
+        causal: causal masking (self-attention only).
+        bias: biases in the projections.
+        **mechanism_options: keyword options of the op (``decay=``, ``kernel_size=``, ...).
+    """
+
+    def __init__(self, dim: int, heads: int, *, mechanism: str = "softmax", kv_heads: int | None = None,
+                 causal: bool = False, bias: bool = False, **mechanism_options: Any) -> None:
+        super().__init__()
+        record = get(mechanism)
+        if record.layer is not None:
+            raise ValueError(
+                f"mechanism {mechanism!r} has parameters of its own: use attnlab.nn.{record.layer.__name__} "
+                f"instead of attnlab.nn.Attention"
+            )
+        if dim <= 0 or heads <= 0 or dim % heads != 0:
+            raise ValueError(f"dim={dim} must be a positive multiple of heads={heads}")
+        kv_heads = heads if kv_heads is None else kv_heads
+        if kv_heads <= 0 or heads % kv_heads != 0:
+            raise ValueError(f"kv_heads={kv_heads} must divide heads={heads}")
+        if kv_heads != heads and not record.supports_gqa:
+            raise ValueError(f"mechanism {mechanism!r} does not support grouped key/value heads (kv_heads={kv_heads})")
+        record._check_causal(causal)
+        unknown = [o for o in mechanism_options if not record.accepts(o)]
+        if unknown:
+            raise TypeError(f"mechanism {mechanism!r} has no option(s) {', '.join(unknown)}")
+        self.record = record
+        self.dim, self.heads, self.kv_heads, self.causal = dim, heads, kv_heads, causal
+        self.head_dim = dim // heads
+        self.options = dict(mechanism_options)
+        self.to_q = nn.Linear(dim, dim, bias=bias)
+        self.to_kv = nn.Linear(dim, 2 * kv_heads * self.head_dim, bias=bias)
+        self.to_out = nn.Linear(dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [B, N, dim]``; ``context [B, M, dim]`` for cross-attention (default ``x``);
+        ``key_padding_mask [B, M]`` boolean, True = real token."""
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape [B, N, dim={self.dim}], got {tuple(x.shape)}")
+        if context is not None:
+            if not self.record.supports_cross:
+                raise ValueError(f"mechanism {self.record.name!r} does not support cross-attention (context=)")
+            if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[-1] != self.dim:
+                raise ValueError(
+                    f"context must have shape [B={x.shape[0]}, M, dim={self.dim}], got {tuple(context.shape)}"
+                )
+        options = dict(self.options)
+        if key_padding_mask is not None:
+            if not self.record.accepts("key_padding_mask"):
+                raise ValueError(f"mechanism {self.record.name!r} does not take key_padding_mask")
+            options["key_padding_mask"] = key_padding_mask
+        source = x if context is None else context
+        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)  # (B, H, N, d)
+        k, v = rearrange(self.to_kv(source), "b m (two h d) -> two b h m d", two=2, h=self.kv_heads)
+        out = self.record(q, k, v, causal=self.causal, **options)  # (B, H, N, d)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))

@@ -1,0 +1,13 @@
+"""Pure functions on ``[B, H, N, D]`` tensors: one module per mechanism (or tight family).
+
+Importing a module registers its mechanism (see :mod:`attnlab.registry`).
+"""
+
+from attnlab.ops.softmax import attention_mask, softmax_attention, softmax_attention_reference
+
+# Each mechanism issue adds its imports in its own block below (keeps parallel edits apart).
+# --- Mechanisms I: linear and recurrent family ---
+# --- Mechanisms II: local, sparse and biased ---
+# --- Mechanisms III: head routing, similarity forms, tensor attention ---
+
+__all__ = [name for name in dir() if not name.startswith("_") and name not in {"softmax", "validation"}]

@@ -1,0 +1,189 @@
+"""Conformance suite: every registered functional op is held to the same checks.
+
+Parametrized over ``attnlab.mechanisms()``: a mechanism registered later is checked here with no new
+test code. Sizes and tolerances come from each record's ``check`` (``attnlab.CheckConfig``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnlab
+from attnlab.registry import Mechanism
+from attnlab.testing import first_output, random_qkv, relative_error, run_options
+
+OPS = [m for m in attnlab.mechanisms() if m.op is not None and m.reference is not None]
+
+
+def modes(record: Mechanism) -> list[bool]:
+    return [c for c in (False, True) if (record.supports_causal if c else record.supports_bidirectional)]
+
+
+def op_cases() -> list:
+    return [pytest.param(m, c, id=f"{m.name}-{'causal' if c else 'bidir'}") for m in OPS for c in modes(m)]
+
+
+def impl_cases() -> list:
+    cases = []
+    for m in OPS:
+        impls = ("auto", *m.impls) if m.accepts("impl") else (None,)
+        for c in modes(m):
+            for impl in impls:
+                cases.append(pytest.param(m, c, impl, id=f"{m.name}-{'causal' if c else 'bidir'}-{impl or 'op'}"))
+    return cases
+
+
+def with_impl(options: dict, impl: str | None) -> dict:
+    return options if impl is None else {**options, "impl": impl}
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("record,causal,impl", impl_cases())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_fast_path_equals_reference(record: Mechanism, causal: bool, impl: str | None, dtype: torch.dtype) -> None:
+    c = record.check
+    for seed, grouped in ((1, False), (2, record.supports_gqa)):
+        q, k, v = random_qkv(record, dtype=dtype, generator=seeded(seed),
+                             kv_heads=c.kv_heads if grouped else None)
+        options = run_options(record, causal=causal)
+        out = first_output(record(q, k, v, **with_impl(options, impl)))
+        expected = first_output(record.run_reference(q.double(), k.double(), v.double(), **options))
+        assert out.dtype == dtype, f"{record.name} returned {out.dtype} for {dtype} inputs"
+        assert out.shape == expected.shape
+        assert torch.isfinite(out).all()
+        tolerance = c.float64_tolerance if dtype == torch.float64 else c.float32_tolerance
+        error = relative_error(out, expected)
+        assert error <= tolerance, f"{record.name} impl={impl} grouped={grouped}: rel. error {error:.2e}"
+
+
+@pytest.mark.parametrize("record,causal", [p for p in op_cases() if p.values[0].supports_cross])
+def test_cross_attention_lengths(record: Mechanism, causal: bool) -> None:
+    c = record.check
+    N = c.length
+    M = c.key_length or N + 5
+    q, k, v = random_qkv(record, dtype=torch.float64, generator=seeded(3), length=N, key_length=M)
+    options = run_options(record, causal=causal)
+    out = first_output(record(q, k, v, **options))
+    expected = first_output(record.run_reference(q, k, v, **options))
+    assert out.shape[:3] == (q.shape[0], q.shape[1], N)
+    assert relative_error(out, expected) <= c.float64_tolerance
+
+
+@pytest.mark.parametrize("record", [m for m in OPS if m.supports_causal], ids=lambda m: m.name)
+def test_causal_does_not_look_ahead(record: Mechanism) -> None:
+    q, k, v = random_qkv(record, dtype=torch.float64, generator=seeded(4))
+    N = q.shape[2]
+    options = run_options(record, causal=True)
+    out = first_output(record(q, k, v, **options))
+    for t in (0, N // 2, N - 2):
+        q2, k2, v2 = q.clone(), k.clone(), v.clone()
+        for x in (q2, k2, v2):
+            x[:, :, t + 1:] += torch.randn(x[:, :, t + 1:].shape, generator=seeded(t), dtype=x.dtype) * 3
+        out2 = first_output(record(q2, k2, v2, **options))
+        torch.testing.assert_close(out2[:, :, : t + 1], out[:, :, : t + 1], rtol=1e-9, atol=1e-9,
+                                   msg=lambda m, t=t: f"{record.name}: outputs up to t={t} changed: {m}")
+        assert not torch.allclose(out2[:, :, t + 1:], out[:, :, t + 1:]), "perturbation had no effect at all"
+
+
+@pytest.mark.parametrize("record,causal", op_cases())
+def test_batch_elements_are_independent(record: Mechanism, causal: bool) -> None:
+    q, k, v = random_qkv(record, dtype=torch.float64, generator=seeded(5), batch=3)
+    options = run_options(record, causal=causal)
+    out = first_output(record(q, k, v, **options))
+    for b in range(3):
+        alone = first_output(record(q[b:b + 1], k[b:b + 1], v[b:b + 1], **options))
+        torch.testing.assert_close(alone, out[b:b + 1], rtol=1e-9, atol=1e-9)
+    q2 = q.clone()
+    q2[1] = torch.randn(q2[1].shape, generator=seeded(6), dtype=q.dtype)
+    out2 = first_output(record(q2, k, v, **options))
+    torch.testing.assert_close(out2[[0, 2]], out[[0, 2]], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("record,causal", [p for p in op_cases() if p.values[0].differentiable])
+def test_gradients_reach_q_k_v(record: Mechanism, causal: bool) -> None:
+    c = record.check
+    q, k, v = random_qkv(record, dtype=torch.float64, generator=seeded(7), batch=1, heads=2,
+                         length=c.gradcheck_length, head_dim=min(c.head_dim, 4), value_dim=3,
+                         requires_grad=True)
+    options = run_options(record, causal=causal)
+
+    def f(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return first_output(record(q, k, v, **options))
+
+    assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-5, rtol=1e-4)
+    for x in (q, k, v):
+        x.grad = None
+    f(q, k, v).square().sum().backward()
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        assert x.grad is not None and x.grad.abs().sum() > 0, f"no gradient reached {name}"
+
+
+@pytest.mark.parametrize("record,causal", op_cases())
+def test_bfloat16_in_bfloat16_out(record: Mechanism, causal: bool) -> None:
+    """Low precision at a realistic length: bf16 output within tolerance of the float64 reference."""
+    c = record.check
+    q, k, v = random_qkv(record, dtype=torch.bfloat16, generator=seeded(8), batch=1, heads=2,
+                         length=c.bf16_length, head_dim=c.bf16_head_dim, value_dim=c.bf16_head_dim)
+    options = run_options(record, causal=causal, bf16=True)
+    out = first_output(record(q, k, v, **options))
+    assert out.dtype == torch.bfloat16
+    expected = first_output(record.run_reference(q.double(), k.double(), v.double(), **options))
+    error = relative_error(out, expected)
+    assert error <= c.bf16_tolerance, f"{record.name}: bf16 rel. error {error:.2e} at N={c.bf16_length}"
+
+
+def bad_inputs(record: Mechanism) -> list[tuple[str, dict, type[Exception], str]]:
+    """(label, changes, expected error type, a word the message must contain)."""
+    q, k, v = random_qkv(record, generator=seeded(9))
+    B, H, N, D = q.shape
+    cases = [
+        ("q 3-D", {"q": q[0]}, ValueError, "q"),
+        ("k 5-D", {"k": k[None]}, ValueError, "k"),
+        ("batch mismatch", {"k": k[:1], "v": v[:1]}, ValueError, "batch"),
+        ("head dim mismatch", {"k": k[..., :-1]}, ValueError, "head dim"),
+        ("k/v length mismatch", {"v": v[:, :, :-1]}, ValueError, "length"),
+        ("integer q", {"q": q.to(torch.int64)}, TypeError, "dtype"),
+        ("other device", {"k": k.to("meta"), "v": v.to("meta")}, ValueError, "device"),
+        ("kv heads not dividing", {"k": torch.randn(B, 3, N, D), "v": torch.randn(B, 3, N, D)}, ValueError, "H"),
+    ]
+    if record.accepts("scale"):
+        cases += [("scale zero", {"scale": 0.0}, ValueError, "scale"),
+                  ("scale negative", {"scale": -1.0}, ValueError, "scale")]
+    if record.accepts("attn_mask"):
+        cases.append(("mask shape", {"attn_mask": torch.ones(N + 1, N + 2, dtype=torch.bool)}, ValueError, "attn_mask"))
+    if record.accepts("key_padding_mask"):
+        cases.append(("padding shape", {"key_padding_mask": torch.ones(B, N + 1, dtype=torch.bool)}, ValueError,
+                      "key_padding_mask"))
+    return cases
+
+
+@pytest.mark.parametrize("record", OPS, ids=lambda m: m.name)
+def test_bad_input_raises_with_a_clear_message(record: Mechanism) -> None:
+    causal = modes(record)[0]
+    for label, changes, error, word in bad_inputs(record):
+        q, k, v = random_qkv(record, generator=seeded(9))
+        args = {"q": q, "k": k, "v": v, **run_options(record, causal=causal)}
+        args.update(changes)
+        q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+        with pytest.raises(error) as info:
+            record(q, k, v, **args)
+        assert word.lower() in str(info.value).lower(), f"{record.name} / {label}: message {info.value!r}"
+
+
+@pytest.mark.parametrize("record", [m for m in OPS if m.layer is None], ids=lambda m: m.name)
+def test_generic_layer_runs_the_op(record: Mechanism) -> None:
+    """``attnlab.nn.Attention(mechanism=name)`` wraps every parameter-free op."""
+    causal = modes(record)[-1]
+    options = {key: value for key, value in record.check.options.items()}
+    heads = record.check.heads
+    layer = attnlab.nn.Attention(heads * record.check.head_dim, heads, mechanism=record.name, causal=causal,
+                                 **options).double()
+    x = torch.randn(2, record.check.length, layer.dim, dtype=torch.float64, generator=seeded(10))
+    y = layer(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    y.sum().backward()
+    assert all(p.grad is not None for p in layer.parameters())
