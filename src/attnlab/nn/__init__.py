@@ -6,5 +6,6 @@ from attnlab.nn.attention import Attention
 # --- Mechanisms I: linear and recurrent family ---
 # --- Mechanisms II: local, sparse and biased ---
 # --- Mechanisms III: head routing, similarity forms, tensor attention ---
+from attnlab.nn.tensor import TensorAttention
 
 __all__ = [name for name in dir() if not name.startswith("_") and name != "attention"]

@@ -9,5 +9,6 @@ from attnlab.ops.softmax import attention_mask, softmax_attention, softmax_atten
 # --- Mechanisms I: linear and recurrent family ---
 # --- Mechanisms II: local, sparse and biased ---
 # --- Mechanisms III: head routing, similarity forms, tensor attention ---
+from attnlab.ops.tensor import column_kronecker, tensor_attention, tensor_attention_reference, tensor_attention_taylor
 
 __all__ = [name for name in dir() if not name.startswith("_") and name not in {"softmax", "validation"}]
