@@ -4,9 +4,18 @@ Importing a module registers its mechanism (see :mod:`attnlab.registry`).
 """
 
 from attnlab.ops.softmax import attention_mask, softmax_attention, softmax_attention_reference
+from attnlab.ops.softmax_backends import clear_softmax_backend_cache, softmax_backend_report
 
 # Each mechanism issue adds its imports in its own block below (keeps parallel edits apart).
 # --- Mechanisms I: linear and recurrent family ---
+from attnlab.ops.lightning import (
+    lightning_attention,
+    lightning_attention_chunked,
+    lightning_attention_recurrent,
+    lightning_attention_reference,
+    lightning_attention_step,
+    lightning_decay_slopes,
+)
 # --- Mechanisms II: local, sparse and biased ---
 # --- Mechanisms III: head routing, similarity forms, tensor attention ---
 from attnlab.ops.tensor import column_kronecker, tensor_attention, tensor_attention_reference, tensor_attention_taylor

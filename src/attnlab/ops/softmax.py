@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
+from attnlab.ops.softmax_backends import choose_backend, record_refusal, sdpa_with_backend
 from attnlab.ops.validation import (
     Sizes,
     check_causal_lengths,
@@ -134,8 +134,12 @@ def softmax_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sizes: Sizes, *, causal: bool, scale: float,
-          attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-    """``F.scaled_dot_product_attention`` with end-aligned causal masks and zeroed empty rows."""
+          attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
+          choose: bool = False) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` with end-aligned causal masks and zeroed empty rows.
+
+    ``choose``: use the backend measured fastest on this device (CUDA only; see softmax_backends).
+    """
     square_causal = causal and sizes.length == sizes.key_length
     if square_causal and attn_mask is None and key_padding_mask is None:
         mask, is_causal = None, True
@@ -147,8 +151,16 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sizes: Sizes, *, ca
     if empty is not None:  # let the empty rows see every key, then zero them: no NaN forward or backward
         mask = mask | empty if mask.dtype == torch.bool else mask.masked_fill(empty, 0.0)
     gqa = sizes.kv_heads != sizes.heads
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
-                                         enable_gqa=gqa)
+    # None on the CPU (and for impl="sdpa"): SDPA's own dispatch
+    backend = choose_backend(q, k, v, is_causal=is_causal, attn_mask=mask) if choose else None
+    try:
+        out = sdpa_with_backend(backend, q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                enable_gqa=gqa)
+    except RuntimeError as error:
+        if backend is None:
+            raise
+        record_refusal(q, k, v, is_causal=is_causal, attn_mask=mask, backend=backend, error=error)
+        out = sdpa_with_backend(None, q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=gqa)
     if empty is not None:
         out = out.masked_fill(empty, 0.0)
     return out
@@ -173,7 +185,10 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
         attn_mask: boolean (True = may attend) or additive float, broadcastable to ``[B, H, N, M]``.
         key_padding_mask: boolean ``[B, M]``, True = real token.
         impl: "reference" (explicit float32/float64 softmax), "sdpa"
-            (``torch.nn.functional.scaled_dot_product_attention``) or "auto" (SDPA).
+            (``torch.nn.functional.scaled_dot_product_attention``, its own backend choice) or "auto"
+            (SDPA; on a CUDA device with the backend measured fastest for this device, dtype, head dim
+            and mask kind, see :func:`attnlab.ops.softmax_backend_report`; on the CPU, SDPA's own
+            dispatch).
 
     Returns:
         ``[B, H, N, Dv]`` in the dtype of q. A query row that may attend to no key returns zeros.
@@ -188,7 +203,7 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
     if causal:
         check_causal_lengths(sizes.length, sizes.key_length)
     return _sdpa(q, k, v, sizes, causal=causal, scale=scale, attn_mask=attn_mask,
-                 key_padding_mask=key_padding_mask)
+                 key_padding_mask=key_padding_mask, choose=impl == "auto")
 
 
 register(Mechanism(
