@@ -3,5 +3,11 @@
 # Each issue adds its imports in its own block below (keeps parallel edits apart).
 # --- Mechanisms I: associative-memory view ---
 # --- Quality benchmark tasks ---
+from attnlab.tasks.digits import DigitsConfig, DigitsSplit, load_digits_split
+from attnlab.tasks.incontext_regression import ICLBatch, ICLRegressionConfig, sample_linear_regression
+from attnlab.tasks.match import MatchConfig, match_labels, sample_match
+from attnlab.tasks.mqar import MQARConfig, multiquery_ar
+from attnlab.tasks.needle import NeedleConfig, sample_needle
+from attnlab.tasks.wikitext import WikiTextConfig, load_wikitext_split
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -1,0 +1,127 @@
+"""Shared pieces of every model: the mixer factory, the pre-norm block and the block stack.
+
+Everything except the mixer (embeddings, pre-norm, MLP, read-out) is identical across mechanisms so
+that a comparison measures the mechanism and nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from attnlab.nn.attention import Attention
+from attnlab.registry import Mechanism, get
+
+__all__ = ["MechanismMismatch", "mixer_refusal", "check_mixer", "build_mixer", "mixer_state_size", "Block",
+           "BlockStack", "count_parameters"]
+
+
+class MechanismMismatch(ValueError):
+    """A registered mechanism that cannot serve as the mixer of the requested model."""
+
+
+def mixer_refusal(mechanism: str | Mechanism, *, causal: bool) -> str | None:
+    """Why ``mechanism`` cannot be the self-attention mixer of a model with this masking, or ``None``.
+
+    Unknown names raise ``KeyError`` (with the closest registered names).
+    """
+    record = get(mechanism) if isinstance(mechanism, str) else mechanism
+    if record.role != "mixer":
+        return (f"mechanism {record.name!r} has role {record.role!r}; models take self-attention mixers "
+                f"(role 'mixer') only")
+    if causal and not record.supports_causal:
+        return f"mechanism {record.name!r} defines no causal form, and this model is causal (a decoder)"
+    if not causal and not record.supports_bidirectional:
+        return (f"mechanism {record.name!r} is causal only, and this model needs bidirectional attention "
+                f"(an encoder)")
+    return None
+
+
+def check_mixer(mechanism: str | Mechanism, *, causal: bool) -> Mechanism:
+    """The record of ``mechanism``; raises :class:`MechanismMismatch` with the reason when it does not fit."""
+    record = get(mechanism) if isinstance(mechanism, str) else mechanism
+    reason = mixer_refusal(record, causal=causal)
+    if reason is not None:
+        raise MechanismMismatch(reason)
+    return record
+
+
+def build_mixer(mechanism: str, dim: int, heads: int, *, causal: bool, **options: Any) -> nn.Module:
+    """The mixer ``x [B, N, dim] -> [B, N, dim]`` of ``mechanism``.
+
+    Ops go through :class:`attnlab.nn.Attention` (q/k/v/out projections around the op); mechanisms
+    that register their own layer (role "mixer") are built as ``layer(dim, heads, causal=..., **options)``.
+    """
+    record = check_mixer(mechanism, causal=causal)
+    if record.layer is not None:
+        return record.layer(dim, heads, causal=causal, **options)
+    return Attention(dim, heads, mechanism=record.name, causal=causal, **options)
+
+
+def mixer_state_size(mechanism: str, *, heads: int, head_dim: int, depth: int) -> int | None:
+    """Floats of recurrent state per sequence over ``depth`` layers, where the mechanism defines it."""
+    record = get(mechanism)
+    if record.state_size is None:
+        return None
+    return depth * int(record.state_size(heads, head_dim, head_dim))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + mixer(norm(x))`` then ``x + mlp(norm(x))``.
+
+    ``mlp_ratio=0`` drops the MLP; ``norm=False`` drops the layer norms (the attention-only model of
+    the in-context regression task).
+    """
+
+    def __init__(self, mixer: nn.Module, dim: int, *, mlp_ratio: int = 4, norm: bool = True) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim) if norm else nn.Identity()
+        self.mixer = mixer
+        self.mlp: nn.Module | None = None
+        if mlp_ratio > 0:
+            self.norm2 = nn.LayerNorm(dim) if norm else nn.Identity()
+            self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, dim) -> (B, N, dim)
+        x = x + self.mixer(self.norm1(x))
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm2(x))
+        return x
+
+
+class BlockStack(nn.Module):
+    """``depth`` blocks with the mixer of ``mechanism`` and a final norm; the common trunk of all models.
+
+    Attributes:
+        mechanism, causal, heads, depth: what the stack was built with.
+        state_size: floats of recurrent state per sequence (all layers), or ``None`` where the
+            mechanism does not define one.
+    """
+
+    def __init__(self, dim: int, depth: int, heads: int, *, mechanism: str, causal: bool, mlp_ratio: int = 4,
+                 norm: bool = True, **mechanism_options: Any) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"depth={depth} must be at least 1")
+        if dim <= 0 or heads <= 0 or dim % heads != 0:
+            raise ValueError(f"dim={dim} must be a positive multiple of heads={heads}")
+        self.mechanism, self.causal, self.heads, self.depth = mechanism, causal, heads, depth
+        self.blocks = nn.ModuleList(
+            Block(build_mixer(mechanism, dim, heads, causal=causal, **mechanism_options), dim,
+                  mlp_ratio=mlp_ratio, norm=norm)
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
+        self.state_size = mixer_state_size(mechanism, heads=heads, head_dim=dim // heads, depth=depth)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, dim)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
