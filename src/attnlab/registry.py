@@ -46,6 +46,20 @@ class CheckConfig:
         float64_tolerance: same, float64 fast path.
         gradcheck_length: N of the float64 gradcheck (tiny).
         input_scale: standard deviation of the random q, k, v.
+
+    Layer-level checks (``tests/test_layer_conformance.py``, every record with ``layer`` set):
+        layer_configs: option sets for the layer; every layer check runs once per set. A "mixer" is
+            built as ``layer(dim, heads, causal=..., **config)`` (``dim = heads * head_dim``,
+            ``length`` tokens); e.g. ``({"similarity": "qk"}, {"similarity": "symmetric"})``.
+        layer_build: how to build a layer of another role (required for "cross", "pooling" and "probe"
+            when ``layer(dim, heads, causal=..., **config)`` does not fit):
+            ``layer_build(dim, heads, *, causal, **config) -> nn.Module``. Mixers leave it ``None``.
+        layer_inputs: how to make the inputs of a layer that takes more than ``x [B, N, dim]``:
+            ``layer_inputs(layer, *, batch, length, dim, dtype, generator) -> (inputs, output_shape)``
+            where ``inputs`` is a dict of keyword arguments (``layer(**inputs)``; the first entry is
+            the main ``[B, N, dim]`` sequence, batch first; draw every float tensor from
+            ``generator``) and ``output_shape`` the expected shape of the layer's (first) output.
+            ``None``: ``{"x": randn(batch, length, dim)}`` and ``output_shape = x.shape``.
     """
 
     length: int = 13
@@ -63,9 +77,13 @@ class CheckConfig:
     float64_tolerance: float = 1e-10
     gradcheck_length: int = 5
     input_scale: float = 1.0
+    layer_configs: tuple[Mapping[str, Any], ...] = ({},)
+    layer_build: Callable[..., torch.nn.Module] | None = None
+    layer_inputs: Callable[..., tuple[dict[str, torch.Tensor], tuple[int, ...]]] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", _frozen(self.options))
+        object.__setattr__(self, "layer_configs", tuple(_frozen(c) for c in self.layer_configs))
         if self.bf16_options is not None:
             object.__setattr__(self, "bf16_options", _frozen(self.bf16_options))
 
