@@ -8,6 +8,7 @@ from attnlab.ops.softmax_backends import clear_softmax_backend_cache, softmax_ba
 
 # Each mechanism issue adds its imports in its own block below (keeps parallel edits apart).
 # --- Mechanisms I: linear and recurrent family ---
+# isort: split
 from attnlab.ops.lightning import (
     lightning_attention,
     lightning_attention_chunked,
@@ -16,6 +17,8 @@ from attnlab.ops.lightning import (
     lightning_attention_step,
     lightning_decay_slopes,
 )
+
+# isort: split
 # --- Mechanisms II: local, sparse and biased ---
 # --- Mechanisms III: head routing, similarity forms, tensor attention ---
 from attnlab.ops.tensor import column_kronecker, tensor_attention, tensor_attention_reference, tensor_attention_taylor
