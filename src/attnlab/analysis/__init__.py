@@ -1,0 +1,1 @@
+"""attnlab.analysis: capture attention inside real models, head-level metrics and interventions."""
