@@ -1,0 +1,562 @@
+"""Triton kernels for causal lightning (linear) attention with per-head exponential decay.
+
+"Lightning Attention-2: A Free Lunch for Handling Unlimited Sequence Lengths in Large Language
+Models" (Qin et al., arXiv 2401.04658), Algorithm 1 (forward) and Algorithm 2 (backward), with the
+per-head decay of "TransNormerLLM" (arXiv 2307.14995), eq. 10. For every batch element and head,
+with ``lambda = exp(-s)``:
+
+    S_t = lambda S_{t-1} + k_t^T v_t          (S_{-1} = initial_state, default 0), state [D, Dv]
+    o_t = scale * q_t S_t                      = sum_{j<=t} lambda^(t-j) (scale q_t . k_j) v_j
+                                                 + scale lambda^(t+1) q_t S_{-1}
+
+The sequence is cut into chunks of ``chunk_size`` tokens. Inside a chunk the intra part is the
+masked quadratic form ``((Q K^T) * D) V`` with ``D[i, j] = lambda^(i-j)`` for ``i >= j``; the inter
+part is ``diag(lambda^(i+1)) Q S`` with ``S`` the state before the chunk, which is then carried
+over by ``S <- lambda^m S + (diag(lambda^(m-1-j)) K)^T V`` (``m`` = tokens in the chunk).
+
+One Triton kernel (:func:`_chunk_scan_kernel`) does this scan for one (batch, head, segment,
+value tile). Long sequences with few heads are cut into segments that run in parallel: a first
+launch of the same kernel computes each segment's own state (no outputs), a small scan in PyTorch
+(:func:`_segment_initial_states`) turns those into each segment's initial state, and a second
+launch computes the outputs. The backward pass is three more scans of the same kernel: ``dq`` is
+the forward scan of ``(dO, V, K)``; ``dk`` and ``dv`` are scans that run backwards in time over
+``(V, dO, Q)`` and ``(K, Q, dO)``; the gradient of the decay rates follows from those
+(:func:`_decay_rate_grad`).
+
+All products accumulate in float32. For 16-bit inputs the float32 intermediates that feed a
+tensor-core product (the masked intra-chunk scores and the state) are split into a high and a low
+16-bit part (two products instead of one), which keeps the relative error near the 16-bit rounding
+of the output instead of doubling it; ``precise=False`` turns that off.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+__all__ = ["lightning_attention_triton", "triton_runs_on", "triton_available"]
+
+try:  # triton is an optional dependency at import time: CPU-only users may not have it.
+    import triton
+    import triton.language as tl
+
+    _TRITON_IMPORT_ERROR: Exception | None = None
+except Exception as error:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+    _TRITON_IMPORT_ERROR = error
+
+
+def triton_available() -> bool:
+    """Whether the ``triton`` package imported."""
+    return triton is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_runs_on(tensor: torch.Tensor) -> bool:
+    """Whether the Triton kernels can run on ``tensor``'s device.
+
+    True for CUDA tensors when triton is installed, and for CPU tensors when ``TRITON_INTERPRET=1``
+    was set before triton was imported (the interpreter runs the kernels with numpy).
+    """
+    if triton is None:
+        return False
+    if tensor.device.type == "cuda":
+        return not _interpreting()
+    return tensor.device.type == "cpu" and _interpreting()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _split_hi_lo(x, DTYPE: tl.constexpr):
+        hi = x.to(DTYPE)
+        lo = (x - hi.to(x.dtype)).to(DTYPE)
+        return hi, lo
+
+    @triton.jit
+    def _chunk_scan_kernel(
+        Q, K, V, O, S0, SN, RATE,
+        sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+        s0_b, s0_h, s0_s, sn_b, sn_h, sn_s,
+        gq, gk, gv, H, N, seg_len, scale,
+        DK: tl.constexpr, DV: tl.constexpr,
+        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+        REVERSE: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_S0: tl.constexpr, S0_SHIFT: tl.constexpr,
+        STORE_O: tl.constexpr, STORE_SN: tl.constexpr, SCALE_OUT: tl.constexpr,
+        PRECISE: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+    ):
+        """One (value tile, segment, batch*head) of the chunked scan.
+
+        Rows are visited in "scan order": position p of the scan is token p (forward) or token
+        N-1-p (REVERSE). Q [B, H/gq, N, DK], K [B, H/gk, N, DK], V [B, H/gv, N, DV] -> O [B, H, N, DV].
+        S0 / SN hold one float32 [DK, DV] state per (b, h, segment). S0_SHIFT: the initial state of
+        segment 0 enters one step later (lambda^p instead of lambda^(p+1)), as the final-state
+        gradient does in the backward scans. SCALE_OUT: scale multiplies the output (q . S_t);
+        else it multiplies the key side (k_t^T v_t) and leaves S0 unscaled.
+        """
+        i_v = tl.program_id(0)
+        i_s = tl.program_id(1)
+        i_bh = tl.program_id(2)
+        i_b = i_bh // H
+        i_h = i_bh % H
+        q_base = Q + i_b * sq_b + (i_h // gq) * sq_h
+        k_base = K + i_b * sk_b + (i_h // gk) * sk_h
+        v_base = V + i_b * sv_b + (i_h // gv) * sv_h
+        o_base = O + i_b * so_b + i_h * so_h
+
+        offs_t = tl.arange(0, BT)
+        offs_k = tl.arange(0, BK)
+        offs_v = i_v * BV + tl.arange(0, BV)
+        mask_k = offs_k < DK
+        mask_v = offs_v < DV
+
+        if HAS_DECAY:
+            rate = tl.load(RATE + i_h).to(ACC)
+        else:
+            rate = 0.0
+        # decay inside a full chunk: lambda^(i-j) for i >= j, else 0         # (BT, BT)
+        diff = (offs_t[:, None] - offs_t[None, :]).to(ACC)
+        causal = offs_t[:, None] >= offs_t[None, :]
+        if HAS_DECAY:
+            intra_decay = tl.where(causal, tl.exp(-rate * tl.where(causal, diff, 0.0)), 0.0)
+            q_decay = tl.exp(-rate * (offs_t + 1).to(ACC))           # (BT,)
+        else:
+            intra_decay = tl.where(causal, 1.0, 0.0)
+            q_decay = tl.full((BT,), 1.0, ACC)
+
+        state = tl.zeros((BK, BV), dtype=ACC)                       # (DK, DV)
+        if HAS_S0:
+            s0_ptr = S0 + i_b * s0_b + i_h * s0_h + i_s * s0_s
+            state = tl.load(s0_ptr + offs_k[:, None] * DV + offs_v[None, :],
+                            mask=mask_k[:, None] & mask_v[None, :], other=0.0).to(ACC)
+        if S0_SHIFT:
+            first_shift = (i_s == 0).to(ACC)
+        else:
+            first_shift = (i_s * 0).to(ACC)
+
+        seg_start = i_s * seg_len
+        seg_end = tl.minimum(seg_start + seg_len, N)
+        for p0 in range(seg_start, seg_end, BT):
+            pos = p0 + offs_t                                                 # scan positions
+            valid = pos < seg_end
+            if REVERSE:
+                rows = N - 1 - pos
+            else:
+                rows = pos
+            m = tl.minimum(seg_end - p0, BT)
+            k = tl.load(k_base + rows[:, None] * sk_n + offs_k[None, :],
+                        mask=valid[:, None] & mask_k[None, :], other=0.0)     # (BT, DK)
+            v = tl.load(v_base + rows[:, None] * sv_n + offs_v[None, :],
+                        mask=valid[:, None] & mask_v[None, :], other=0.0)     # (BT, BV)
+            if STORE_O:
+                q = tl.load(q_base + rows[:, None] * sq_n + offs_k[None, :],
+                            mask=valid[:, None] & mask_k[None, :], other=0.0)  # (BT, DK)
+                scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC)  # (BT, BT)
+                scores = scores * intra_decay
+                if not SCALE_OUT:
+                    scores = scores * scale
+                if PRECISE:
+                    s_hi, s_lo = _split_hi_lo(scores, v.dtype)
+                    out = tl.dot(s_hi, v, input_precision=DOT_PRECISION, out_dtype=ACC)
+                    out = tl.dot(s_lo, v, out, input_precision=DOT_PRECISION, out_dtype=ACC)
+                    st_hi, st_lo = _split_hi_lo(state, q.dtype)
+                    inter = tl.dot(q, st_hi, input_precision=DOT_PRECISION, out_dtype=ACC)
+                    inter = tl.dot(q, st_lo, inter, input_precision=DOT_PRECISION, out_dtype=ACC)
+                else:
+                    out = tl.dot(scores.to(v.dtype), v, input_precision=DOT_PRECISION, out_dtype=ACC)
+                    inter = tl.dot(q, state.to(q.dtype), input_precision=DOT_PRECISION, out_dtype=ACC)
+                qd = q_decay
+                if S0_SHIFT:
+                    if HAS_DECAY:
+                        qd = q_decay * tl.exp(rate * first_shift)
+                out = out + inter * qd[:, None]
+                if SCALE_OUT:
+                    out = out * scale
+                tl.store(o_base + rows[:, None] * so_n + offs_v[None, :], out.to(O.dtype.element_ty),
+                         mask=valid[:, None] & mask_v[None, :])
+            # carry the state over the chunk: S <- lambda^m S + (lambda^(m-1-j) k_j)^T v_j
+            if HAS_DECAY:
+                k_decay = tl.where(valid, tl.exp(-rate * tl.where(valid, (m - 1 - offs_t).to(ACC), 0.0)),
+                                   0.0)
+                state = state * tl.exp(-rate * (m.to(ACC) - first_shift))
+                kk = k.to(ACC) * k_decay[:, None]
+                if not SCALE_OUT:
+                    kk = kk * scale
+                if PRECISE:
+                    kk_hi, kk_lo = _split_hi_lo(kk, v.dtype)
+                    state = tl.dot(tl.trans(kk_hi), v, state, input_precision=DOT_PRECISION, out_dtype=ACC)
+                    state = tl.dot(tl.trans(kk_lo), v, state, input_precision=DOT_PRECISION, out_dtype=ACC)
+                else:
+                    state = tl.dot(tl.trans(kk.to(v.dtype)), v, state, input_precision=DOT_PRECISION, out_dtype=ACC)
+            else:
+                if SCALE_OUT:
+                    state = tl.dot(tl.trans(k), v, state, input_precision=DOT_PRECISION, out_dtype=ACC)
+                else:
+                    kk = k.to(ACC) * scale
+                    if PRECISE:
+                        kk_hi, kk_lo = _split_hi_lo(kk, v.dtype)
+                        state = tl.dot(tl.trans(kk_hi), v, state, input_precision=DOT_PRECISION, out_dtype=ACC)
+                        state = tl.dot(tl.trans(kk_lo), v, state, input_precision=DOT_PRECISION, out_dtype=ACC)
+                    else:
+                        state = tl.dot(tl.trans(kk.to(v.dtype)), v, state, input_precision=DOT_PRECISION, out_dtype=ACC)
+            first_shift = first_shift * 0.0
+        if STORE_SN:
+            sn_ptr = SN + i_b * sn_b + i_h * sn_h + i_s * sn_s
+            tl.store(sn_ptr + offs_k[:, None] * DV + offs_v[None, :], state,
+                     mask=mask_k[:, None] & mask_v[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# host side: launch configuration, segments, the scan as a function of tensors
+# ----------------------------------------------------------------------------------------------
+
+#: Launch settings that ``scripts/gpu_kernels.py`` may override to compare variants.
+#: block_v None picks min(next_pow2(Dv), 64); segments_per_wave is the number of programs per
+#: multiprocessor that the segment split aims for on long sequences with few heads.
+TUNING: dict[str, object] = {
+    "block_v": None,
+    "num_warps": None,
+    "num_stages": 2,
+    "segments_per_wave": 2,
+    "precise": None,
+}
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_dtype(dtype: torch.dtype):
+    return {torch.float64: tl.float64, torch.float32: tl.float32}[dtype]
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 inputs: three tf32 passes (~float32 accuracy on the tensor cores); others ignore it.
+    if dtype == torch.float32:
+        return "tf32x3"
+    if dtype == torch.float64:
+        return "ieee"
+    return "tf32"
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def _plan_segments(programs: int, length: int, chunk: int, device: torch.device,
+                   segments: int | None) -> tuple[int, int]:
+    """Return ``(n_seg, seg_len)``: how many parallel segments the sequence is cut into."""
+    n_chunks = -(-length // chunk)
+    if segments is None:
+        target = int(TUNING["segments_per_wave"]) * _multiprocessors(device)
+        segments = max(1, -(-target // programs)) if programs < target else 1
+    segments = max(1, min(int(segments), n_chunks))
+    seg_len = -(-n_chunks // segments) * chunk
+    return -(-length // seg_len), seg_len
+
+
+def _scan(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, heads: int, rate: torch.Tensor | None,
+          scale: float, s0: torch.Tensor | None, reverse: bool, s0_shift: bool, scale_out: bool,
+          out_dtype: torch.dtype | None, need_final: bool, chunk: int, segments: int | None,
+          ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """out_p = [scale] * (a_p S_p), S_p = lambda S_{p-1} + [scale] b_p^T c_p, in scan order.
+
+    a [B, H/ga, N, DK], b [B, H/gb, N, DK], c [B, H/gc, N, DV]; s0 [B, H, DK, DV] float or None.
+    Returns (out [B, H, N, DV] or None, final state [B, H, DK, DV] or None).
+    """
+    B, _, N, DK = a.shape
+    DV = c.shape[-1]
+    H = heads
+    acc = _acc_dtype(a.dtype)
+    BK = max(16, _next_pow2(DK))
+    block_v = TUNING["block_v"]
+    BV = max(16, min(_next_pow2(DV), int(block_v) if block_v else 64))
+    NV = -(-DV // BV)
+    n_seg, seg_len = _plan_segments(B * H * NV, N, chunk, a.device, segments)
+    precise = TUNING["precise"]
+    precise = (a.dtype in (torch.float16, torch.bfloat16)) if precise is None else bool(precise)
+    num_warps = TUNING["num_warps"] or (8 if BK * BV >= 128 * 64 else 4)
+    rate_arg = rate if rate is not None else torch.empty(1, device=a.device, dtype=acc)
+    common = dict(
+        gq=H // a.shape[1], gk=H // b.shape[1], gv=H // c.shape[1], H=H, N=N, seg_len=seg_len,
+        scale=float(scale), DK=DK, DV=DV, BT=chunk, BK=BK, BV=BV, REVERSE=reverse,
+        HAS_DECAY=rate is not None, SCALE_OUT=scale_out, PRECISE=precise,
+        DOT_PRECISION=_dot_precision(a.dtype), ACC=_tl_dtype(acc),
+        num_warps=num_warps, num_stages=int(TUNING["num_stages"]),
+    )
+    grid = (NV, n_seg, B * H)
+    dummy = torch.empty(1, device=a.device, dtype=acc)
+
+    def launch(out, init, init_strides, final, store_o, shift):
+        out_ = out if out is not None else dummy
+        fin = final if final is not None else dummy
+        _chunk_scan_kernel[grid](
+            a, b, c, out_, init if init is not None else dummy, fin, rate_arg,
+            a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1), b.stride(2),
+            c.stride(0), c.stride(1), c.stride(2),
+            out_.stride(0) if out is not None else 0, out_.stride(1) if out is not None else 0,
+            out_.stride(2) if out is not None else 0,
+            *init_strides,
+            fin.stride(0) if final is not None else 0, fin.stride(1) if final is not None else 0,
+            fin.stride(2) if final is not None else 0,
+            HAS_S0=init is not None, S0_SHIFT=shift, STORE_O=store_o, STORE_SN=final is not None,
+            **common,
+        )
+
+    out = torch.empty(B, H, N, DV, device=a.device, dtype=out_dtype or a.dtype)
+    if n_seg == 1:
+        final = torch.empty(B, H, 1, DK, DV, device=a.device, dtype=acc) if need_final else None
+        init = s0.to(acc).contiguous() if s0 is not None else None
+        init_strides = (init.stride(0), init.stride(1), 0) if init is not None else (0, 0, 0)
+        launch(out, init, init_strides, final, True, s0_shift and init is not None)
+        return out, (final[:, :, 0] if final is not None else None)
+
+    # 1) each segment's own state, 2) a scan over segments, 3) the outputs from those states.
+    local = torch.empty(B, H, n_seg, DK, DV, device=a.device, dtype=acc)
+    launch(None, None, (0, 0, 0), local, False, False)
+    inits, final = _segment_initial_states(local, s0, rate, seg_len, N - (n_seg - 1) * seg_len,
+                                           s0_shift=s0_shift, need_final=need_final)
+    launch(out, inits, (inits.stride(0), inits.stride(1), inits.stride(2)), None, True,
+           s0_shift and s0 is not None)
+    return out, final
+
+
+def _segment_initial_states(local: torch.Tensor, s0: torch.Tensor | None, rate: torch.Tensor | None,
+                            seg_len: int, last_len: int, *, s0_shift: bool, need_final: bool,
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Initial state of every segment from each segment's own state (``local [B, H, S, DK, DV]``).
+
+    ``init[0] = s0``; ``init[s] = sum_{r<s} lambda^((s-1-r) L) local[r] + lambda^(s L - shift) s0``.
+    """
+    B, H, S, DK, DV = local.shape
+    dev, acc = local.device, local.dtype
+    seg = torch.arange(S, device=dev, dtype=torch.float64)
+    lag = seg[:, None] - 1 - seg[None, :]                                   # (S, S): s-1-r
+    if rate is not None:
+        r64 = rate.to(torch.float64)[:, None, None]                         # (H, 1, 1)
+        weights = torch.where(lag >= 0, torch.exp(-r64 * (lag.clamp(min=0) * seg_len)), 0.0)
+    else:
+        weights = (lag >= 0).to(torch.float64).expand(H, S, S)
+    inits = torch.einsum("hsr,bhrkv->bhskv", weights.to(acc), local)         # (B, H, S, DK, DV)
+    if s0 is not None:
+        s0 = s0.to(acc)
+        expo = seg * seg_len - (1.0 if s0_shift else 0.0)                   # (S,)
+        if rate is not None:
+            s0_decay = torch.exp(-rate.to(torch.float64)[:, None] * expo.clamp(min=0))  # (H, S)
+        else:
+            s0_decay = torch.ones(H, S, device=dev, dtype=torch.float64)
+        s0_decay[:, 0] = 0.0
+        inits = inits + s0_decay.to(acc)[None, :, :, None, None] * s0[:, :, None]
+        inits[:, :, 0] = s0
+    final = None
+    if need_final:
+        shift = 1.0 if (s0_shift and S == 1) else 0.0
+        last_decay = (torch.exp(-rate.to(acc) * (last_len - shift)) if rate is not None
+                      else torch.ones(H, device=dev, dtype=acc))
+        final = last_decay[None, :, None, None] * inits[:, :, -1] + local[:, :, -1]
+    return inits.contiguous(), final
+
+
+def _decay_rate_grad(q, dq, k, dk_per_q_head, s0, ds0, sn, dsn) -> torch.Tensor:
+    """d loss / d s_h for lambda_h = exp(-s_h), from the other gradients (float64 sums).
+
+    With g = log lambda: dL/dg = sum_t t (q_t . dq_t) - sum_j j (k_j . dk_j) + <S0, dS0>
+    + (N-1) <S_N, dS_N> (derived in docs/kernels.md), and dL/ds = -dL/dg.
+    """
+    H = q.shape[1]
+    N = q.shape[2]
+    pos = torch.arange(N, device=q.device, dtype=torch.float64)
+    k_full = k.repeat_interleave(H // k.shape[1], dim=1) if k.shape[1] != H else k
+    acc = _acc_dtype(q.dtype)
+    qdq = (q.to(acc) * dq.to(acc)).sum(-1).double()                          # (B, H, N)
+    kdk = (k_full.to(acc) * dk_per_q_head.to(acc)).sum(-1).double()
+    dg = ((qdq - kdk) * pos).sum(dim=(0, 2))                                 # (H,)
+    if s0 is not None and ds0 is not None:
+        dg = dg + (s0.double() * ds0.double()).sum(dim=(0, 2, 3))
+    if sn is not None and dsn is not None:
+        dg = dg + (N - 1) * (sn.double() * dsn.double()).sum(dim=(0, 2, 3))
+    return -dg
+
+
+class _LightningTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, rate, s0, scale, chunk, return_state, segments):
+        H = q.shape[1]
+        o, sn = _scan(q, k, v, heads=H, rate=rate, scale=scale, s0=s0, reverse=False, s0_shift=False,
+                      scale_out=True, out_dtype=q.dtype, need_final=return_state, chunk=chunk,
+                      segments=segments)
+        ctx.save_for_backward(q, k, v, rate, s0, sn)
+        ctx.scale, ctx.chunk, ctx.segments = scale, chunk, segments
+        if return_state:
+            return o, sn
+        return o
+
+    @staticmethod
+    def backward(ctx, do, dsn=None):
+        q, k, v, rate, s0, sn = ctx.saved_tensors
+        scale, chunk, segments = ctx.scale, ctx.chunk, ctx.segments
+        B, H, N, D = q.shape
+        Hkv, Dv = k.shape[1], v.shape[-1]
+        groups = H // Hkv
+        acc = _acc_dtype(q.dtype)
+        need_rate = rate is not None and ctx.needs_input_grad[3]
+        need_s0 = s0 is not None and ctx.needs_input_grad[4]
+        if do is None:
+            do = torch.zeros(B, H, N, Dv, device=q.device, dtype=q.dtype)
+        do = do.contiguous()
+        dsn_t = dsn.to(acc).transpose(-1, -2).contiguous() if dsn is not None else None
+        s0_t = s0.to(acc).transpose(-1, -2).contiguous() if s0 is not None else None
+        wide = acc if (groups > 1 or need_rate) else None
+        # dq_t = scale dO_t S_t^T: the forward scan of (dO, V, K) from S0^T
+        dq, _ = _scan(do, v, k, heads=H, rate=rate, scale=scale, s0=s0_t, reverse=False, s0_shift=False,
+                      scale_out=True, out_dtype=acc if need_rate else None, need_final=False,
+                      chunk=chunk, segments=segments)
+        # dk_j = R_j v_j, dv_j = k_j R_j with R_j = sum_{t>=j} lambda^(t-j) scale q_t^T dO_t
+        #                                           + lambda^(N-1-j) dS_N: backward-in-time scans
+        dk, _ = _scan(v, do, q, heads=H, rate=rate, scale=scale, s0=dsn_t, reverse=True, s0_shift=True,
+                      scale_out=False, out_dtype=wide, need_final=False, chunk=chunk, segments=segments)
+        dv, r0 = _scan(k, q, do, heads=H, rate=rate, scale=scale, s0=dsn, reverse=True, s0_shift=True,
+                       scale_out=False, out_dtype=wide, need_final=need_s0 or need_rate,
+                       chunk=chunk, segments=segments)
+        ds0 = None
+        if r0 is not None and s0 is not None:
+            lam = torch.exp(-rate.to(acc)) if rate is not None else torch.ones(H, device=q.device, dtype=acc)
+            ds0 = lam[None, :, None, None] * r0
+        drate = None
+        if need_rate:
+            drate = _decay_rate_grad(q, dq, k, dk, s0, ds0, sn, dsn).to(rate.dtype)
+        if groups > 1:
+            dk = dk.view(B, Hkv, groups, N, D).sum(2)
+            dv = dv.view(B, Hkv, groups, N, Dv).sum(2)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), drate,
+                ds0.to(s0.dtype) if (need_s0 and ds0 is not None) else None, None, None, None, None)
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: object, scale: object,
+                  chunk_size: object, initial_state: object) -> torch.Tensor | None:
+    """Validate the arguments; return the decay rates as a ``[H]`` tensor (or None)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(f"{name} must have 4 dimensions [B, H, N, D], got shape {tuple(x.shape)}")
+        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise TypeError(f"{name} must be float16/bfloat16/float32/float64, got {x.dtype}")
+        if 0 in x.shape:
+            raise ValueError(f"{name} has an empty dimension: shape {tuple(x.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must have one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if not triton_runs_on(q):
+        raise NotImplementedError(
+            f"the Triton lightning kernels run on CUDA tensors (or on CPU under TRITON_INTERPRET=1); "
+            f"got a tensor on {q.device}"
+            + ("" if triton is not None else f" and triton is missing ({_TRITON_IMPORT_ERROR})")
+        )
+    B, H, N, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q has B={B}, k has B={k.shape[0]}, v has B={v.shape[0]}")
+    if k.shape[1] != v.shape[1] or H % k.shape[1] != 0:
+        raise ValueError(f"k and v must have H_kv heads dividing the H={H} heads of q, got k {k.shape[1]} "
+                         f"and v {v.shape[1]}")
+    if k.shape[2] != N or v.shape[2] != N:
+        raise ValueError(f"k and v must have the length N={N} of q, got k {k.shape[2]} and v {v.shape[2]}")
+    if k.shape[3] != D:
+        raise ValueError(f"k must have the head dim of q (D={D}), got k.shape[-1]={k.shape[3]}")
+    Dv = v.shape[3]
+    for name, dim in (("q/k head dim D", D), ("v head dim Dv", Dv)):
+        if dim > 256:
+            raise ValueError(f"{name}={dim} is larger than the 256 the kernels support")
+    if isinstance(scale, bool) or not isinstance(scale, int | float):
+        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got scale={scale}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
+    if chunk_size not in (16, 32, 64, 128):
+        raise ValueError(f"chunk_size must be 16, 32, 64 or 128 for the Triton kernels, got {chunk_size}")
+    if initial_state is not None:
+        if not isinstance(initial_state, torch.Tensor):
+            raise TypeError(f"initial_state must be a torch.Tensor or None, got {type(initial_state).__name__}")
+        if tuple(initial_state.shape) != (B, H, D, Dv):
+            raise ValueError(f"initial_state must have shape [B, H, D, Dv] = {[B, H, D, Dv]}, "
+                             f"got {tuple(initial_state.shape)}")
+        if initial_state.device != q.device:
+            raise ValueError(f"initial_state is on {initial_state.device}, q on {q.device}")
+    acc = _acc_dtype(q.dtype)
+    if decay is None:
+        return None
+    if isinstance(decay, torch.Tensor):
+        if decay.numel() != H or (decay.ndim > 1 and tuple(decay.shape) != (H, 1, 1)):
+            raise ValueError(f"decay must hold one rate per head, shape [H] = [{H}], got {tuple(decay.shape)}")
+        if decay.device != q.device:
+            raise ValueError(f"decay is on {decay.device}, q on {q.device}")
+        if not decay.is_floating_point():
+            raise TypeError(f"decay must be a floating tensor, got {decay.dtype}")
+        if decay.device.type == "cpu" and bool((decay < 0).any() or not torch.isfinite(decay).all()):
+            raise ValueError(f"decay rates must be finite and >= 0 (lambda = exp(-rate)), got {decay.tolist()}")
+        rate = decay.reshape(H)
+        return rate if rate.dtype == acc else rate.to(acc)
+    if isinstance(decay, bool) or not isinstance(decay, int | float):
+        raise TypeError(f"decay must be None, a float or a tensor [H] of rates, got {type(decay).__name__}")
+    if not (math.isfinite(decay) and decay >= 0):
+        raise ValueError(f"decay must be a finite rate >= 0 (lambda = exp(-decay)), got decay={decay}")
+    return torch.full((H,), float(decay), device=q.device, dtype=acc)
+
+
+@torch.compiler.disable
+def lightning_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    decay: torch.Tensor | float | None = None,
+    scale: float = 1.0,
+    chunk_size: int = 64,
+    initial_state: torch.Tensor | None = None,
+    return_state: bool = False,
+    segments: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Causal lightning attention with per-head decay, by Triton kernels (forward and backward).
+
+    Lightning Attention-2 (arXiv 2401.04658), Algorithms 1-2, with TransNormerLLM's decay
+    (arXiv 2307.14995, eq. 10): ``o_t = scale q_t S_t``, ``S_t = lambda S_{t-1} + k_t^T v_t``,
+    ``lambda_h = exp(-decay_h)``, ``S_{-1} = initial_state`` (zero when None).
+
+    Args:
+        q: ``[B, H, N, D]``; k: ``[B, H_kv, N, D]``; v: ``[B, H_kv, N, Dv]`` (``H_kv`` divides ``H``;
+            query head ``h`` uses key/value head ``h // (H / H_kv)``), float16/bfloat16/float32
+            (float64 under the interpreter); ``D, Dv <= 256``; any ``N``.
+        decay: None (no decay), a rate ``>= 0`` for every head, or a tensor ``[H]`` of rates
+            (differentiable). Rates of a CUDA tensor are not checked here (that would synchronize).
+        scale: multiplies ``q . k`` (default 1.0, as in the paper: no ``1/sqrt(d)``).
+        chunk_size: tokens per chunk, 16, 32, 64 or 128.
+        initial_state: ``[B, H, D, Dv]`` state before the first token (differentiable).
+        return_state: also return the final state ``S_{N-1}`` ``[B, H, D, Dv]`` (float32; float64
+            for float64 inputs).
+        segments: number of parallel sequence segments (default: chosen from the device).
+
+    Returns:
+        ``o [B, H, N, Dv]`` in the input dtype, and the final state when ``return_state``.
+
+    Runs as one opaque call under ``torch.compile`` (a ``torch.compiler.disable`` boundary).
+    """
+    rate = _check_inputs(q, k, v, decay, scale, chunk_size, initial_state)
+    if segments is not None and (isinstance(segments, bool) or not isinstance(segments, int) or segments < 1):
+        raise ValueError(f"segments must be a positive int or None, got {segments!r}")
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    return _LightningTriton.apply(q, k, v, rate, initial_state, float(scale), chunk_size,
+                                  bool(return_state), segments)
