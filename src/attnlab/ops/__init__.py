@@ -17,6 +17,14 @@ from attnlab.ops.lightning import (
     lightning_attention_step,
     lightning_decay_slopes,
 )
+from attnlab.ops.linear import (
+    FEATURE_MAPS,
+    linear_attention,
+    linear_attention_chunked,
+    linear_attention_recurrent,
+    linear_attention_reference,
+    linear_attention_step,
+)
 
 # isort: split
 # --- Mechanisms II: local, sparse and biased ---
