@@ -69,6 +69,7 @@ Command = Callable[[argparse.Namespace], int]
 # Modules that add their own subcommands: each defines ``add_commands(sub, bench)`` where ``sub`` is
 # the top-level subparsers and ``bench`` the subparsers of ``attnlab bench``.
 COMMAND_MODULES: tuple[str, ...] = (
+    "attnlab.bench.speed_cli",
 )
 
 
