@@ -6,6 +6,7 @@ from attnlab.nn.attention import Attention
 # --- Mechanisms I: linear and recurrent family ---
 # --- Mechanisms II: local, sparse and biased ---
 # --- Mechanisms III: head routing, similarity forms, tensor attention ---
+from attnlab.nn.expert import ExpertAttention, PrunedAttention
 from attnlab.nn.moh import MoHAttention, MoHGates, moh_load_balance_loss
 from attnlab.nn.tensor import TensorAttention
 

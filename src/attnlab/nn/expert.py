@@ -29,8 +29,9 @@ class ExpertAttention(nn.Module):
 
     Su et al., "SHRP: Specialized Head Routing and Pruning for Efficient Encoder Compression",
     arXiv 2512.20635 (abstract: "treats each attention head as an independent expert, followed by a
-    lightweight shared expander feed-forward network ... unified Top-1 usage-driven mechanism ... dynamic routing during training and
-    deterministic pruning at deployment"). The equations below are inferred (no paper body or code):
+    lightweight shared expander feed-forward network ... unified Top-1 usage-driven mechanism ...
+    dynamic routing during training and deterministic pruning at deployment"). The equations below
+    are inferred (no paper body or code):
 
     - expert ``E_h(X) = softmax(Q_h K_h^T / sqrt(d_h)) V_h``, ``[N, d_h]``;
     - router ``g = softmax(W_r pool(X))`` over the H heads, ``h* = argmax g`` (top-1);
