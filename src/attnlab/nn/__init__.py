@@ -6,8 +6,14 @@ from attnlab.nn.attention import Attention
 # --- Mechanisms I: linear and recurrent family ---
 # --- Mechanisms II: local, sparse and biased ---
 # --- Mechanisms III: head routing, similarity forms, tensor attention ---
+from attnlab.nn.crosslmm import PooledVisualCrossAttention, merge_visual_tokens
+from attnlab.nn.csa import ClassSemanticsAttention
+from attnlab.nn.dcal import GlobalLocalCrossAttention, PairwiseCrossAttention, attention_rollout
 from attnlab.nn.expert import ExpertAttention, PrunedAttention
+from attnlab.nn.moda import DuplexAlignmentAttention
 from attnlab.nn.moh import MoHAttention, MoHGates, moh_load_balance_loss
+from attnlab.nn.probe import EfficientProbe
+from attnlab.nn.segvg import TripleAlignmentAttention
 from attnlab.nn.tensor import TensorAttention
 
 __all__ = [name for name in dir() if not name.startswith("_") and name != "attention"]

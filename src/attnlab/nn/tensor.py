@@ -8,6 +8,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from attnlab.nn.sequence_input import check_sequence
 from attnlab.ops.tensor import IMPLS, tensor_attention
 from attnlab.ops.validation import check_impl, check_scale
 from attnlab.registry import CheckConfig, Mechanism, register
@@ -50,9 +51,7 @@ class TensorAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, N, dim]`` -> ``[B, N, dim]``."""
-        if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != self.dim:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must have shape [B, N, dim={self.dim}], got {shape}")
+        x = check_sequence("x", x, self.dim)
         q, k1, k2, v1, v2 = rearrange(self.to_qkv(x), "b n (five h d) -> five b h n d", five=5, h=self.heads)
         out = tensor_attention(q, k1, k2, v1, v2, causal=self.causal, scale=self.scale, degree=self.degree,
                                impl=self.impl)  # (B, H, N, d)
@@ -72,6 +71,6 @@ register(Mechanism(
     complexity="O(N^3 d) exact; O(N C(d+g,g) d) Taylor",
     defaults={"scale": None, "impl": "auto", "degree": 8, "bias": False},
     impls=("taylor",),
-    check=CheckConfig(length=7, head_dim=4, heads=2, gradcheck_length=4),
+    check=CheckConfig(length=7, head_dim=4, heads=2, layer_configs=({}, {"impl": "taylor", "degree": 4})),
     role="mixer",
 ))
