@@ -10,6 +10,12 @@ from attnlab.nn.crosslmm import PooledVisualCrossAttention, merge_visual_tokens
 from attnlab.nn.csa import ClassSemanticsAttention
 from attnlab.nn.dcal import GlobalLocalCrossAttention, PairwiseCrossAttention, attention_rollout
 from attnlab.nn.expert import ExpertAttention, PrunedAttention
+from attnlab.nn.gaussian_adaptive import (
+    GaussianAdaptiveAttention,
+    GaussianAdaptiveMixer,
+    MultiHeadGaussianAdaptiveAttention,
+    gaussian_adaptive_weights,
+)
 from attnlab.nn.moda import DuplexAlignmentAttention
 from attnlab.nn.moh import MoHAttention, MoHGates, moh_load_balance_loss
 from attnlab.nn.probe import EfficientProbe
