@@ -192,7 +192,8 @@ def intervene(model: nn.Module, *, on_query: HookFn | None = None, on_scores: Ho
     chosen = range(len(modules)) if layers is None else list(layers)
     for index in chosen:
         if not 0 <= index < len(modules):
-            raise ValueError(f"layers contains {index}; the model has {len(modules)} attention layers (0..{len(modules) - 1})")
+            raise ValueError(f"layers contains {index}; the model has {len(modules)} attention layers "
+                             f"(0..{len(modules) - 1})")
     layer_of = {modules[i]: i for i in chosen}
     handles: list[Any] = []
     if on_layer_input is not None:
