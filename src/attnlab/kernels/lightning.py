@@ -80,6 +80,15 @@ if triton is not None:
         return hi, lo
 
     @triton.jit
+    def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
+        # UPCAST: the interpreter stores bfloat16 as raw uint16 bits and cannot multiply them, so
+        # the (exact) float32 values go to the product instead; on GPUs this is False.
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
+
+    @triton.jit
     def _chunk_scan_kernel(
         Q, K, V, O, S0, SN, RATE,
         sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
@@ -89,7 +98,7 @@ if triton is not None:
         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
         REVERSE: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_S0: tl.constexpr, S0_SHIFT: tl.constexpr,
         STORE_O: tl.constexpr, STORE_SN: tl.constexpr, SCALE_OUT: tl.constexpr,
-        PRECISE: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+        PRECISE: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
     ):
         """One (value tile, segment, batch*head) of the chunked scan.
 
@@ -157,20 +166,20 @@ if triton is not None:
             if STORE_O:
                 q = tl.load(q_base + rows[:, None] * sq_n + offs_k[None, :],
                             mask=valid[:, None] & mask_k[None, :], other=0.0)  # (BT, DK)
-                scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC)  # (BT, BT)
+                scores = _mma(q, tl.trans(k), None, DOT_PRECISION, ACC, UPCAST)  # (BT, BT)
                 scores = scores * intra_decay
                 if not SCALE_OUT:
                     scores = scores * scale
                 if PRECISE:
                     s_hi, s_lo = _split_hi_lo(scores, v.dtype)
-                    out = tl.dot(s_hi, v, input_precision=DOT_PRECISION, out_dtype=ACC)
-                    out = tl.dot(s_lo, v, out, input_precision=DOT_PRECISION, out_dtype=ACC)
+                    out = _mma(s_hi, v, None, DOT_PRECISION, ACC, UPCAST)
+                    out = _mma(s_lo, v, out, DOT_PRECISION, ACC, UPCAST)
                     st_hi, st_lo = _split_hi_lo(state, q.dtype)
-                    inter = tl.dot(q, st_hi, input_precision=DOT_PRECISION, out_dtype=ACC)
-                    inter = tl.dot(q, st_lo, inter, input_precision=DOT_PRECISION, out_dtype=ACC)
+                    inter = _mma(q, st_hi, None, DOT_PRECISION, ACC, UPCAST)
+                    inter = _mma(q, st_lo, inter, DOT_PRECISION, ACC, UPCAST)
                 else:
-                    out = tl.dot(scores.to(v.dtype), v, input_precision=DOT_PRECISION, out_dtype=ACC)
-                    inter = tl.dot(q, state.to(q.dtype), input_precision=DOT_PRECISION, out_dtype=ACC)
+                    out = _mma(scores.to(v.dtype), v, None, DOT_PRECISION, ACC, UPCAST)
+                    inter = _mma(q, state.to(q.dtype), None, DOT_PRECISION, ACC, UPCAST)
                 qd = q_decay
                 if S0_SHIFT:
                     if HAS_DECAY:
@@ -190,21 +199,21 @@ if triton is not None:
                     kk = kk * scale
                 if PRECISE:
                     kk_hi, kk_lo = _split_hi_lo(kk, v.dtype)
-                    state = tl.dot(tl.trans(kk_hi), v, state, input_precision=DOT_PRECISION, out_dtype=ACC)
-                    state = tl.dot(tl.trans(kk_lo), v, state, input_precision=DOT_PRECISION, out_dtype=ACC)
+                    state = _mma(tl.trans(kk_hi), v, state, DOT_PRECISION, ACC, UPCAST)
+                    state = _mma(tl.trans(kk_lo), v, state, DOT_PRECISION, ACC, UPCAST)
                 else:
-                    state = tl.dot(tl.trans(kk.to(v.dtype)), v, state, input_precision=DOT_PRECISION, out_dtype=ACC)
+                    state = _mma(tl.trans(kk.to(v.dtype)), v, state, DOT_PRECISION, ACC, UPCAST)
             else:
                 if SCALE_OUT:
-                    state = tl.dot(tl.trans(k), v, state, input_precision=DOT_PRECISION, out_dtype=ACC)
+                    state = _mma(tl.trans(k), v, state, DOT_PRECISION, ACC, UPCAST)
                 else:
                     kk = k.to(ACC) * scale
                     if PRECISE:
                         kk_hi, kk_lo = _split_hi_lo(kk, v.dtype)
-                        state = tl.dot(tl.trans(kk_hi), v, state, input_precision=DOT_PRECISION, out_dtype=ACC)
-                        state = tl.dot(tl.trans(kk_lo), v, state, input_precision=DOT_PRECISION, out_dtype=ACC)
+                        state = _mma(tl.trans(kk_hi), v, state, DOT_PRECISION, ACC, UPCAST)
+                        state = _mma(tl.trans(kk_lo), v, state, DOT_PRECISION, ACC, UPCAST)
                     else:
-                        state = tl.dot(tl.trans(kk.to(v.dtype)), v, state, input_precision=DOT_PRECISION, out_dtype=ACC)
+                        state = _mma(tl.trans(kk.to(v.dtype)), v, state, DOT_PRECISION, ACC, UPCAST)
             first_shift = first_shift * 0.0
         if STORE_SN:
             sn_ptr = SN + i_b * sn_b + i_h * sn_h + i_s * sn_s
@@ -294,6 +303,7 @@ def _scan(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, heads: int, rate
         scale=float(scale), DK=DK, DV=DV, BT=chunk, BK=BK, BV=BV, REVERSE=reverse,
         HAS_DECAY=rate is not None, SCALE_OUT=scale_out, PRECISE=precise,
         DOT_PRECISION=_dot_precision(a.dtype), ACC=_tl_dtype(acc),
+        UPCAST=_interpreting() and a.dtype == torch.bfloat16,
         num_warps=num_warps, num_stages=int(TUNING["num_stages"]),
     )
     grid = (NV, n_seg, B * H)
@@ -460,12 +470,6 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: obje
         raise TypeError(f"q, k, v must have one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if not triton_runs_on(q):
-        raise NotImplementedError(
-            f"the Triton lightning kernels run on CUDA tensors (or on CPU under TRITON_INTERPRET=1); "
-            f"got a tensor on {q.device}"
-            + ("" if triton is not None else f" and triton is missing ({_TRITON_IMPORT_ERROR})")
-        )
     B, H, N, D = q.shape
     if k.shape[0] != B or v.shape[0] != B:
         raise ValueError(f"batch sizes differ: q has B={B}, k has B={k.shape[0]}, v has B={v.shape[0]}")
@@ -486,8 +490,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: obje
         raise ValueError(f"scale must be a finite number, got scale={scale}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
         raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
-    if chunk_size not in (16, 32, 64, 128):
-        raise ValueError(f"chunk_size must be 16, 32, 64 or 128 for the Triton kernels, got {chunk_size}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got chunk_size={chunk_size}")
     if initial_state is not None:
         if not isinstance(initial_state, torch.Tensor):
             raise TypeError(f"initial_state must be a torch.Tensor or None, got {type(initial_state).__name__}")
@@ -496,6 +500,17 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: obje
                              f"got {tuple(initial_state.shape)}")
         if initial_state.device != q.device:
             raise ValueError(f"initial_state is on {initial_state.device}, q on {q.device}")
+    rate = _check_decay(decay, H, q)
+    if not triton_runs_on(q):
+        raise NotImplementedError(
+            f"the Triton lightning kernels run on CUDA tensors (or on CPU under TRITON_INTERPRET=1); "
+            f"got a tensor on {q.device}"
+            + ("" if triton is not None else f" and triton is missing ({_TRITON_IMPORT_ERROR})")
+        )
+    return rate
+
+
+def _check_decay(decay: object, H: int, q: torch.Tensor) -> torch.Tensor | None:
     acc = _acc_dtype(q.dtype)
     if decay is None:
         return None
@@ -543,7 +558,8 @@ def lightning_attention_triton(
         decay: None (no decay), a rate ``>= 0`` for every head, or a tensor ``[H]`` of rates
             (differentiable). Rates of a CUDA tensor are not checked here (that would synchronize).
         scale: multiplies ``q . k`` (default 1.0, as in the paper: no ``1/sqrt(d)``).
-        chunk_size: tokens per chunk, 16, 32, 64 or 128.
+        chunk_size: tokens per chunk of the kernels when it is 16, 32, 64 or 128; any other positive
+            value runs with 64 (the chunk length changes only the order of summation, not the math).
         initial_state: ``[B, H, D, Dv]`` state before the first token (differentiable).
         return_state: also return the final state ``S_{N-1}`` ``[B, H, D, Dv]`` (float32; float64
             for float64 inputs).
@@ -554,9 +570,10 @@ def lightning_attention_triton(
 
     Runs as one opaque call under ``torch.compile`` (a ``torch.compiler.disable`` boundary).
     """
-    rate = _check_inputs(q, k, v, decay, scale, chunk_size, initial_state)
     if segments is not None and (isinstance(segments, bool) or not isinstance(segments, int) or segments < 1):
         raise ValueError(f"segments must be a positive int or None, got {segments!r}")
+    rate = _check_inputs(q, k, v, decay, scale, chunk_size, initial_state)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    return _LightningTriton.apply(q, k, v, rate, initial_state, float(scale), chunk_size,
+    chunk = chunk_size if chunk_size in (16, 32, 64, 128) else 64
+    return _LightningTriton.apply(q, k, v, rate, initial_state, float(scale), chunk,
                                   bool(return_state), segments)
