@@ -230,6 +230,25 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+_MMAP_THRESHOLD = 128 * 1024
+
+
+def _fix_malloc_threshold() -> None:
+    """Make glibc return every block >= 128 KiB to the system when freed (no dynamic threshold).
+
+    Otherwise a freed large block raises glibc's mmap threshold and a later call reuses resident heap
+    memory unseen by the peak-RSS mark. Ignored where glibc's ``mallopt`` is absent.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, _MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def cpu_peak_memory_inline(setup: Callable[[], Callable[[], Any]], *, warmup: bool = True) -> int:
     """Peak resident bytes above the resident set before ``setup()`` built the inputs, in this process.
 
@@ -238,6 +257,7 @@ def cpu_peak_memory_inline(setup: Callable[[], Callable[[], Any]], *, warmup: bo
     """
     import gc
 
+    _fix_malloc_threshold()
     gc.collect()
     before = _proc_status_kb("VmRSS")
     fn = setup()
@@ -259,6 +279,7 @@ def cpu_peak_memory_subprocess(spec: Mapping[str, Any], *, timeout: float = 300.
     env = dict(os.environ)
     src = str(Path(attnlab.__file__).resolve().parents[1])
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    env["MALLOC_MMAP_THRESHOLD_"] = str(_MMAP_THRESHOLD)  # fixed threshold from the start (see above)
     result = subprocess.run([sys.executable, "-m", "attnlab.bench.speed", "--memory-cell", json.dumps(dict(spec))],
                             capture_output=True, text=True, timeout=timeout, env=env)
     if result.returncode != 0:
@@ -811,6 +832,12 @@ def run_speed_benchmark(*, preset: str | SpeedConfig = "cpu", out_dir: str | os.
                 _attach_ratios(row, base)
                 rows.append(row)
                 say(_line(row))
+    if not any(name == BASELINE and impl == "auto" and kind == "op" for name, impl, kind, _, _ in plan):
+        for base in baselines.values():  # the baseline is part of the table even when not asked for
+            row = dict(base)
+            _attach_ratios(row, base)
+            rows.insert(0, row)
+            say(_line(row))
     say(f"speed benchmark: {len(rows)} cells in {time.perf_counter() - start:.1f} s -> {path}")
     for (name, impl, mode), fit in scaling_exponents(rows).items():
         t = "-" if fit["time"] is None else f"{fit['time']:.2f}"

@@ -1,0 +1,227 @@
+"""The speed benchmark: timing and memory helpers, exponent fit, skip-on-estimate, resume, CLI, report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+import attnlab
+from attnlab.bench import speed
+from attnlab.bench.results import load_results
+from attnlab.bench.speed_report import render_speed_section
+from attnlab.cli import main
+
+
+class FakeClock:
+    """A clock that advances by the next given step every time the timed function runs."""
+
+    def __init__(self, steps: list[float]) -> None:
+        self.steps, self.now, self.calls = list(steps), 0.0, 0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def work(self) -> None:
+        self.calls += 1
+        self.now += self.steps.pop(0)
+
+
+def test_time_callable_reports_median_and_quartiles_after_warmup() -> None:
+    steps = [9.0, 0.004, 0.001, 0.003, 0.002, 0.005]  # the first (9 s) is the warm-up call
+    clock = FakeClock(steps)
+    timing = speed.time_callable(clock.work, warmup=1, repeats=5, max_repeats=5, clock=clock)
+    assert clock.calls == 6
+    assert timing.repeats == 5
+    assert timing.median_ms == pytest.approx(3.0)
+    assert timing.q25_ms == pytest.approx(2.0) and timing.q75_ms == pytest.approx(4.0)
+    assert timing.spread == pytest.approx(2.0 / 3.0)
+
+
+def test_time_callable_repeats_until_min_seconds_or_max_repeats() -> None:
+    clock = FakeClock([0.1] * 50)
+    timing = speed.time_callable(clock.work, warmup=0, repeats=2, max_repeats=50, min_seconds=0.75, clock=clock)
+    assert timing.repeats == 8  # 8 x 0.1 s is the first total >= 0.75 s
+    clock = FakeClock([0.1] * 50)
+    assert speed.time_callable(clock.work, warmup=0, repeats=2, max_repeats=4, min_seconds=10, clock=clock).repeats == 4
+    with pytest.raises(ValueError, match="repeats"):
+        speed.time_callable(clock.work, repeats=0)
+
+
+def test_time_callable_measures_real_work() -> None:
+    x = torch.randn(256, 256)
+    small = speed.time_callable(lambda: x @ x, repeats=5)
+    big_x = torch.randn(768, 768)
+    big = speed.time_callable(lambda: big_x @ big_x, repeats=5)
+    assert 0 < small.median_ms < big.median_ms  # 27x the flops
+
+
+@pytest.mark.parametrize("exponent", [1.0, 1.7, 2.0, 3.0])
+def test_fit_exponent_recovers_a_known_power_law(exponent: float) -> None:
+    rng = random.Random(int(exponent * 10))
+    lengths = [256, 512, 1024, 2048, 4096, 8192]
+    values = [3.7 * n**exponent * math.exp(rng.gauss(0, 0.03)) for n in lengths]
+    assert speed.fit_exponent(lengths, values) == pytest.approx(exponent, abs=0.05)
+
+
+def test_fit_exponent_needs_two_distinct_points() -> None:
+    assert speed.fit_exponent([1024], [5.0]) is None
+    assert speed.fit_exponent([1024, 1024], [5.0, 6.0]) is None
+    assert speed.fit_exponent([512, 1024, 2048], [1.0, 0.0, 4.0]) == pytest.approx(1.0)  # zero dropped
+
+
+def test_predict_next_extrapolates_the_last_points() -> None:
+    # exact power law N^1.5 through the last two points
+    assert speed.predict_next([1000, 2000], [10.0, 10 * 2**1.5], 8000, default_exponent=1) == pytest.approx(
+        10 * 8**1.5)
+    # one point: the default exponent
+    assert speed.predict_next([1000], [4.0], 3000, default_exponent=2) == pytest.approx(36.0)
+    # a flat start (launch overhead) cannot hide a quadratic cost: exponent floored at default / 2
+    assert speed.predict_next([1000, 2000], [5.0, 5.0], 4000, default_exponent=2) == pytest.approx(10.0)
+    assert speed.predict_next([], [], 4000, default_exponent=2) is None
+
+
+def test_complexity_and_first_estimate() -> None:
+    softmax = attnlab.get("softmax")
+    assert speed.complexity_exponent(softmax, "auto") == 2.0
+    linear = attnlab.get("linear")
+    assert speed.complexity_exponent(linear, "auto") == 1.0
+    assert speed.complexity_exponent(linear, "reference") == 2.0
+    io = 4 * 1 * 4 * 1024 * 64 * 4
+    assert speed.estimate_cell(batch=1, heads=4, length=1024, dim=64, dtype_bytes=4, mode="fwd", exponent=1) == io
+    quad = speed.estimate_cell(batch=1, heads=4, length=1024, dim=64, dtype_bytes=4, mode="fwd", exponent=2)
+    assert quad == io + 4 * 1024 * 1024 * 4 * 2
+
+
+def test_inline_peak_memory_sees_a_temporary_allocation() -> None:
+    def setup():
+        x = torch.randn(1000, 1000)  # 4 MB input, counted
+
+        def call() -> None:
+            y = torch.empty(64 * 2**20 // 4).normal_()  # 64 MiB temporary, freed before returning
+            y.add_(x.sum())
+
+        return call
+
+    peak = speed.cpu_peak_memory_inline(setup)
+    assert 64 * 2**20 <= peak < 140 * 2**20
+
+    def quiet_setup():
+        x = torch.randn(100, 100)
+        return lambda: x.sum()
+
+    assert speed.cpu_peak_memory_inline(quiet_setup) < 24 * 2**20
+
+
+def test_subprocess_memory_separates_dense_from_flash_attention() -> None:
+    spec = speed._cell_spec(mechanism="softmax", impl="reference", path="op", N=2048, mode="fwd", causal=True,
+                            batch=1, heads=4, dim=32, dtype="float32", device="cpu", seed=0)
+    dense = speed.cpu_peak_memory_subprocess(spec)
+    sdpa = speed.cpu_peak_memory_subprocess({**spec, "impl": "auto"})
+    scores = 4 * 2048 * 2048 * 4  # one float32 [B, H, N, N] matrix: 64 MiB
+    assert dense >= scores
+    assert sdpa < dense - scores / 2
+
+
+def test_run_skips_cells_by_estimate_and_records_why(tmp_path: Path) -> None:
+    lines: list[str] = []
+    rows = speed.run_speed_benchmark(preset="smoke", out_dir=tmp_path, mechanisms="softmax",
+                                     impls=("auto", "reference"), lengths=(32, 4096), modes=("fwd",),
+                                     memory_limit_gb=0.05, say=lines.append, write_report=False)
+    by_cell = {(r["impl"], r["N"]): r for r in rows}
+    assert by_cell[("auto", 32)]["status"] == "ok" and by_cell[("reference", 32)]["status"] == "ok"
+    skipped = by_cell[("reference", 4096)]
+    assert skipped["status"] == "skipped" and "GiB > limit 0.05 GiB" in skipped["reason"]
+    assert skipped["estimate_bytes"] > 0.05 * 2**30  # the dense [1, 2, 4096, 4096] scores alone are 128 MiB
+    assert any("skipped: estimated" in line for line in lines)
+    # a time limit: the second length is predicted over it from the first measurement
+    rows = speed.run_speed_benchmark(preset="smoke", out_dir=tmp_path / "t", mechanisms="softmax", lengths=(32, 64),
+                                     modes=("fwd",), max_cell_seconds=1e-9, write_report=False, say=lines.append)
+    assert [r["status"] for r in rows] == ["ok", "skipped"]
+    assert "s per call > limit" in rows[1]["reason"] and rows[1]["estimate_ms"] > 0
+
+
+def test_resume_runs_only_missing_cells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    kwargs = dict(preset="smoke", out_dir=tmp_path, mechanisms="softmax,linear", modes=("fwd",), write_report=False,
+                  say=lambda line: None)
+    first = speed.run_speed_benchmark(**kwargs)
+    assert len(first) == 4 and all(r["status"] == "ok" for r in first)
+    results = tmp_path / speed.RESULTS_FILE
+    assert len(load_results(results)) == 4
+    # drop the last cell (an interrupted run) and leave a truncated line behind
+    lines = results.read_text().splitlines()
+    results.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:25])
+    measured: list[tuple[str, int]] = []
+    measure = speed._measure
+
+    def counting(spec, config, externals):
+        measured.append((spec["mechanism"], spec["N"]))
+        return measure(spec, config, externals)
+
+    monkeypatch.setattr(speed, "_measure", counting)
+    second = speed.run_speed_benchmark(**kwargs)
+    missing = json.loads(lines[-1])
+    assert measured == [(missing["mechanism"], missing["N"])]
+    assert len(load_results(results)) == 4
+    assert {(r["mechanism"], r["N"]) for r in second} == {(r["mechanism"], r["N"]) for r in first}
+    measured.clear()
+    speed.run_speed_benchmark(**kwargs)
+    assert measured == []
+
+
+def test_ratios_are_to_softmax_in_the_same_run(tmp_path: Path) -> None:
+    rows = speed.run_speed_benchmark(preset="smoke", out_dir=tmp_path, mechanisms="linear", modes=("fwd",),
+                                     lengths=(1024, 2048), memory="inline", say=lambda line: None,
+                                     write_report=False)
+    base = {r["N"]: r for r in rows if r["mechanism"] == "softmax"}
+    assert set(base) == {1024, 2048}  # softmax timed although only linear was asked for
+    for row in rows:
+        assert row["time_ratio"] == pytest.approx(row["time_ms"] / base[row["N"]]["time_ms"])
+        assert row["peak_bytes"] > 0 and row["memory_ratio"] == pytest.approx(
+            row["peak_bytes"] / base[row["N"]]["peak_bytes"])
+
+
+def test_missing_external_package_reported_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = speed.ExternalBaseline("nopkg:a", "nopkg", "attnlab_no_such_package.ops", ("cpu",), True,
+                                  lambda *a: (lambda: None))
+    monkeypatch.setattr(speed, "EXTERNALS", (fake, dataclasses.replace(fake, name="nopkg:b")))
+    said: list[str] = []
+    assert speed.available_externals(["nopkg"], "cpu", report=said.append) == []
+    assert len(said) == 1 and "'nopkg' not available" in said[0]
+    said.clear()
+    assert speed.available_externals(["fla"], "cpu", report=said.append) == []
+
+
+def test_non_mixer_layers_are_skipped_with_a_reason() -> None:
+    pooling = attnlab.Mechanism(name="pool_only", op=None, reference=None, layer=torch.nn.Identity, family="x",
+                                paper="p", arxiv=None, supports_causal=False, supports_bidirectional=True,
+                                complexity="O(N)", role="pooling")
+    said: list[str] = []
+    plan = speed._plan([pooling, attnlab.get("softmax")], speed.PRESETS["smoke"], [], said.append)
+    assert [p[0] for p in plan] == ["softmax"]
+    assert "skipping 'pool_only'" in said[0] and "pooling" in said[0]
+
+
+def test_cli_smoke_preset_covers_every_registered_mechanism(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "speed", "--preset", "smoke", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "speed.md").read_text()
+    for record in attnlab.mechanisms():
+        if record.op is not None or record.role == "mixer":
+            assert f"| {record.name} |" in text, record.name
+    assert (tmp_path / "speed_time.png").stat().st_size > 1000
+    html, markdown = render_speed_section(tmp_path)
+    assert html.count("data:image/png;base64,") == 2 and "<table" in html
+    assert "| softmax | auto | fwd | yes | " in markdown and "(x1.00)" in markdown
+    assert main(["bench", "speed", "--preset", "nosuch", "--out", str(tmp_path)]) == 2
+    assert "preset='nosuch'" in capsys.readouterr().out
+
+
+def test_render_empty_folder(tmp_path: Path) -> None:
+    html, markdown = render_speed_section(tmp_path)
+    assert "no speed results" in html and "no speed results" in markdown
