@@ -9,6 +9,13 @@ from attnlab.ops.softmax_backends import clear_softmax_backend_cache, softmax_ba
 # Each mechanism issue adds its imports in its own block below (keeps parallel edits apart).
 # --- Mechanisms I: linear and recurrent family ---
 # isort: split
+from attnlab.ops.lightnet import (
+    lightnet_attention,
+    lightnet_attention_chunked,
+    lightnet_attention_recurrent,
+    lightnet_attention_reference,
+    lightnet_attention_step,
+)
 from attnlab.ops.lightning import (
     lightning_attention,
     lightning_attention_chunked,

@@ -1,0 +1,153 @@
+"""LightNet: additive form == log-space recurrence == chunked == per-channel softmax form; overflow; states."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnlab.ops import lightnet_attention, lightnet_attention_step
+from attnlab.testing import relative_error
+
+
+def rand(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+
+
+def additive(q, k, v, *, causal):
+    """The paper's additive recurrence, literally: A_t = A_{t-1} + exp(k_t) v_t, Z_t = Z_{t-1} + exp(k_t)."""
+    B, H, N, D = q.shape
+    k = k.repeat_interleave(H // k.shape[1], dim=1)
+    v = v.repeat_interleave(H // v.shape[1], dim=1)
+    A = torch.zeros(B, H, D, v.shape[-1], dtype=torch.float64)
+    Z = torch.zeros(B, H, D, dtype=torch.float64)
+    outs = []
+    for t in range(N):
+        A = A + torch.exp(k[:, :, t])[..., None] * v[:, :, t, None, :]
+        Z = Z + torch.exp(k[:, :, t])
+        outs.append(torch.einsum("bhd,bhde->bhe", q[:, :, t], A / Z[..., None]))
+    if not causal:
+        return torch.einsum("bhnd,bhde->bhne", q, A / Z[..., None])
+    return torch.stack(outs, 2)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+@pytest.mark.parametrize("impl", ["reference", "chunked", "recurrent"])
+def test_every_form_equals_the_additive_recurrence(causal: bool, impl: str) -> None:
+    q, k, v = rand(2, 4, 21, 6, seed=1), rand(2, 2, 21, 6, seed=2), rand(2, 2, 21, 3, seed=3)
+    out = lightnet_attention(q, k, v, causal=causal, chunk_size=5, impl=impl)
+    torch.testing.assert_close(out, additive(q, k, v, causal=causal))
+
+
+@pytest.mark.parametrize("impl", ["chunked", "recurrent"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+@pytest.mark.parametrize("N,chunk", [(1, 32), (63, 32), (65, 64), (37, 8), (13, 1)], ids=str)
+def test_fast_forms_equal_the_reference_with_state(impl: str, causal: bool, N: int, chunk: int) -> None:
+    q, k, v = rand(2, 2, N, 8, seed=4), rand(2, 2, N, 8, seed=5), rand(2, 2, N, 4, seed=6)
+    s0 = (rand(2, 2, 8, 4, seed=7), rand(2, 2, 8, seed=8) + 2)
+    ref, (S_ref, z_ref) = lightnet_attention(q, k, v, causal=causal, initial_state=s0, return_state=True,
+                                             impl="reference")
+    out, (S, z) = lightnet_attention(q, k, v, causal=causal, chunk_size=chunk, initial_state=s0, return_state=True,
+                                     impl=impl)
+    assert relative_error(out, ref) < 1e-10
+    assert relative_error(S, S_ref) < 1e-10 and relative_error(z, z_ref) < 1e-10
+    out32 = lightnet_attention(q.float(), k.float(), v.float(), causal=causal, chunk_size=chunk, impl=impl)
+    assert relative_error(out32, lightnet_attention(q, k, v, causal=causal, impl="reference")) < 1e-5
+
+
+def test_chunked_equals_reference_at_913_tokens() -> None:
+    q, k, v = rand(1, 1, 913, 6, seed=9), rand(1, 1, 913, 6, seed=10), rand(1, 1, 913, 4, seed=11)
+    ref = lightnet_attention(q, k, v, impl="reference")
+    for chunk in (32, 64):
+        assert relative_error(lightnet_attention(q, k, v, chunk_size=chunk), ref) < 1e-10
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+def test_large_keys_and_long_sequences_do_not_overflow(causal: bool) -> None:
+    """Adding a constant per channel to k changes no weight (a softmax); the additive form would overflow."""
+    q, k, v = (rand(1, 2, 1500, 8, seed=s, dtype=torch.float32) for s in (12, 13, 14))
+    shift = torch.linspace(90.0, 400.0, 8)  # exp(90) already overflows float32
+    big = lightnet_attention(q, k * 3 + shift, v, causal=causal)
+    assert torch.isfinite(big).all()
+    small = lightnet_attention(q.double(), k.double() * 3, v.double(), causal=causal)
+    assert relative_error(big, small) < 1e-4
+    recurrent = lightnet_attention(q[:, :, :200], k[:, :, :200] * 3 + shift, v[:, :, :200], causal=causal,
+                                   impl="recurrent")
+    assert relative_error(recurrent, small[:, :, :200] if causal else
+                          lightnet_attention(q[:, :, :200].double(), k[:, :, :200].double() * 3,
+                                             v[:, :, :200].double(), causal=False)) < 1e-4
+
+
+def test_bidirectional_output_ignores_the_order_of_keys() -> None:
+    q, k, v = rand(2, 3, 17, 5, seed=15), rand(2, 3, 17, 5, seed=16), rand(2, 3, 17, 4, seed=17)
+    perm = torch.randperm(17, generator=torch.Generator().manual_seed(18))
+    out = lightnet_attention(q, k, v, causal=False)
+    torch.testing.assert_close(lightnet_attention(q, k[:, :, perm], v[:, :, perm], causal=False), out)
+    causal = lightnet_attention(q, k, v, causal=True)
+    assert not torch.allclose(lightnet_attention(q, k[:, :, perm], v[:, :, perm], causal=True), causal)
+    # the last causal row has seen every token: it is the bidirectional row
+    torch.testing.assert_close(causal[:, :, -1], out[:, :, -1])
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked", "recurrent"])
+def test_two_pieces_with_state_equal_one_run(impl: str) -> None:
+    q, k, v = rand(2, 2, 33, 8, seed=19), rand(2, 2, 33, 8, seed=20), rand(2, 2, 33, 5, seed=21)
+    whole, (S_w, z_w) = lightnet_attention(q, k, v, chunk_size=8, return_state=True, impl=impl)
+    first, state = lightnet_attention(q[:, :, :14], k[:, :, :14], v[:, :, :14], chunk_size=8, return_state=True,
+                                      impl=impl)
+    second, (S, z) = lightnet_attention(q[:, :, 14:], k[:, :, 14:], v[:, :, 14:], chunk_size=8,
+                                        initial_state=state, return_state=True, impl=impl)
+    torch.testing.assert_close(torch.cat([first, second], 2), whole)
+    torch.testing.assert_close(S, S_w)
+    torch.testing.assert_close(z, z_w)
+
+
+def test_step_repeated_equals_the_full_op() -> None:
+    q, k, v = rand(1, 4, 15, 6, seed=22), rand(1, 2, 15, 6, seed=23), rand(1, 2, 15, 3, seed=24)
+    full = lightnet_attention(q, k, v)
+    state, outs = None, []
+    for t in range(15):
+        o, state = lightnet_attention_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state)
+        outs.append(o)
+    torch.testing.assert_close(torch.cat(outs, 2), full)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+def test_causal_with_more_keys_and_a_key_gain(causal: bool) -> None:
+    q, k, v = rand(1, 2, 6, 4, seed=25), rand(1, 2, 10, 4, seed=26), rand(1, 2, 10, 3, seed=27)
+    gain = rand(1, 2, 10, 4, seed=28)
+    ref = lightnet_attention(q, k, v, causal=causal, key_gain=gain, impl="reference")
+    for impl in ("chunked", "recurrent"):
+        torch.testing.assert_close(lightnet_attention(q, k, v, causal=causal, key_gain=gain, chunk_size=4,
+                                                      impl=impl), ref)
+    # independent check of the gain: o_t = sum_c q_t[c] sum_s w_ts[c] g_s[c] v_s
+    allowed = torch.arange(10)[None, :] <= torch.arange(6)[:, None] + 4 if causal else torch.ones(6, 10).bool()
+    logits = k[:, :, None].expand(1, 2, 6, 10, 4).masked_fill(~allowed[None, None, :, :, None], float("-inf"))
+    w = torch.softmax(logits, dim=3)  # (B, H, t, s, c)
+    expected = torch.einsum("bhtc,bhtsc,bhsc,bhse->bhte", q, w, gain, v)
+    torch.testing.assert_close(ref, expected)
+
+
+def test_gradients_of_the_chunked_form_match_the_reference() -> None:
+    q, k, v = (rand(1, 2, 23, 4, seed=s).requires_grad_() for s in (29, 30, 31))
+    grads = []
+    for impl in ("reference", "chunked"):
+        out = lightnet_attention(q, k, v, chunk_size=6, impl=impl)
+        grads.append(torch.autograd.grad(out.square().sum(), (q, k, v)))
+    for a, b in zip(*grads, strict=True):
+        assert relative_error(b, a) < 1e-10
+    assert torch.autograd.gradcheck(lambda q, k, v: lightnet_attention(q, k, v, chunk_size=3, impl="recurrent"),
+                                    (q[:, :, :7], k[:, :, :7], v[:, :, :7]))
+
+
+@pytest.mark.parametrize("kwargs,error,words", [
+    ({"initial_state": torch.zeros(1, 2, 4, 4)}, TypeError, "initial_state must be the tuple"),
+    ({"initial_state": (torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 3))}, ValueError, "initial_state[1] (z)"),
+    ({"key_gain": torch.zeros(1, 2, 5, 4)}, ValueError, "key_gain of shape (1, 2, 5, 4)"),
+    ({"chunk_size": 0}, ValueError, "chunk_size=0"),
+    ({"impl": "scan"}, ValueError, "impl='scan'"),
+])
+def test_bad_options_raise_naming_the_argument(kwargs: dict, error: type, words: str) -> None:
+    q = rand(1, 2, 6, 4)
+    with pytest.raises(error) as info:
+        lightnet_attention(q, q, q, **kwargs)
+    assert words in str(info.value)
