@@ -19,6 +19,7 @@ from attnlab.nn.gaussian_adaptive import (
 from attnlab.nn.moda import DuplexAlignmentAttention
 from attnlab.nn.moh import MoHAttention, MoHGates, moh_load_balance_loss
 from attnlab.nn.probe import EfficientProbe
+from attnlab.nn.rcmha import RCMHA, DepthwiseCausalConv
 from attnlab.nn.segvg import TripleAlignmentAttention
 from attnlab.nn.tensor import TensorAttention
 

@@ -36,6 +36,7 @@ from attnlab.ops.linear import (
 # isort: split
 # --- Mechanisms II: local, sparse and biased ---
 # --- Mechanisms III: head routing, similarity forms, tensor attention ---
+from attnlab.ops.rcmha import relative_attention, relative_scores, relative_scores_reference
 from attnlab.ops.tensor import column_kronecker, tensor_attention, tensor_attention_reference, tensor_attention_taylor
 
 __all__ = [name for name in dir() if not name.startswith("_") and name not in {"softmax", "validation"}]
