@@ -16,6 +16,7 @@ from attnlab.nn.gaussian_adaptive import (
     MultiHeadGaussianAdaptiveAttention,
     gaussian_adaptive_weights,
 )
+from attnlab.nn.lama import LowRankAttentionPooling, lama_layer_inputs
 from attnlab.nn.moda import DuplexAlignmentAttention
 from attnlab.nn.moh import MoHAttention, MoHGates, moh_load_balance_loss
 from attnlab.nn.probe import EfficientProbe
