@@ -1,0 +1,296 @@
+"""Generalized Neighborhood Attention (NATTEN) over 1-D, 2-D and 3-D token grids.
+
+Hassani et al., "Neighborhood Attention Transformer" (arXiv 2204.07143), "Dilated Neighborhood
+Attention Transformer" (arXiv 2209.15001) and "Generalized Neighborhood Attention: Multi-dimensional
+Sparse Attention at the Speed of Light" (arXiv 2504.16922, strided windows). The mask rule is the one
+of NATTEN's FlexAttention backend (``natten/backends/flex.py``, ``single_dim_tiling_mask``); the
+multi-dimensional mask is the AND over axes of the 1-D rule, tokens flattened row-major.
+
+1-D rule for query coordinate ``q``, key coordinate ``k`` on an axis of length ``n`` with kernel ``K``,
+stride ``s`` and dilation ``d``:
+
+- dilation groups never mix: ``q mod d == k mod d``; in group coordinates ``q' = q div d``,
+  ``k' = k div d`` the group has ``n' = ceil((n - q mod d) / d)`` tokens;
+- non-causal: ``left = K div 2``, ``right = K div 2 + K mod 2 - 1``; the stride group leader
+  ``l = min((q' div s) s + s div 2, n' - 1)``; centre ``c = clamp(l, left, n' - 1 - right)`` (the
+  window is shifted inward at the borders, never padded); attend iff ``c - left <= k' <= c + right``;
+- causal: ``l = min((q' div s) s + s - 1, n' - 1)``; attend iff ``k' <= q'`` and ``l - k' < K``
+  (windows are not shifted; early queries see fewer keys).
+
+FreeSwim's inward sliding window for video tokens (Wu et al., arXiv 2511.14712) is this op on the
+3-D grid ``(frames, height, width)`` with ``kernel_size = (frames, 2 d_h + 1, 2 d_w + 1)``, non-causal,
+stride 1, dilation 1: NATTEN's inward shift is FreeSwim's ``d_u, d_b, d_l, d_r`` border rule.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from attnlab.ops.sliding_window import gathered_block_attention
+from attnlab.ops.softmax import softmax_attention_reference
+from attnlab.ops.validation import check_impl, check_qkv, check_scale
+from attnlab.registry import CheckConfig, Mechanism, register
+
+__all__ = ["neighborhood_attention", "neighborhood_attention_reference", "neighborhood_mask"]
+
+IMPLS = ("auto", "reference", "gather", "flex")
+
+Axes = int | Sequence[int]
+
+
+class _Grid:
+    """Checked per-axis parameters of a neighbourhood."""
+
+    def __init__(self, shape: Axes, kernel_size: Axes, stride: Axes, dilation: Axes,
+                 causal: bool | Sequence[bool]) -> None:
+        self.shape = _as_tuple("shape", shape, None, int)
+        dims = len(self.shape)
+        if not 1 <= dims <= 3:
+            raise ValueError(f"shape must have 1, 2 or 3 axes, got shape={self.shape}")
+        if any(n < 1 for n in self.shape):
+            raise ValueError(f"shape must have positive axis lengths, got shape={self.shape}")
+        self.kernel = _as_tuple("kernel_size", kernel_size, dims, int)
+        self.stride = _as_tuple("stride", stride, dims, int)
+        self.dilation = _as_tuple("dilation", dilation, dims, int)
+        self.causal = _as_tuple("causal", causal, dims, bool)
+        for axis, (n, K, s, d) in enumerate(zip(self.shape, self.kernel, self.stride, self.dilation, strict=True)):
+            where = f"(axis {axis} of shape {self.shape})"
+            if K < 2:
+                raise ValueError(f"kernel_size={K} must be >= 2 {where}")
+            if K > n:
+                raise ValueError(f"kernel_size={K} is larger than the axis length {n} {where}")
+            if d < 1:
+                raise ValueError(f"dilation={d} must be >= 1 {where}")
+            if K * d > n:
+                raise ValueError(
+                    f"kernel_size * dilation = {K} * {d} = {K * d} is larger than the axis length {n} {where}"
+                )
+            if not 1 <= s <= K:
+                raise ValueError(f"stride={s} must be between 1 and kernel_size={K} {where}")
+        self.length = math.prod(self.shape)
+        # row-major flattening: coordinate of axis a = (index // step[a]) % shape[a]
+        self.steps = tuple(math.prod(self.shape[a + 1:]) for a in range(dims))
+
+    def coords(self, index: torch.Tensor) -> list[torch.Tensor]:
+        return [(index // step) % n for step, n in zip(self.steps, self.shape, strict=True)]
+
+    def allowed(self, q_index: torch.Tensor, k_index: torch.Tensor) -> torch.Tensor:
+        """The NATTEN rule on flattened indices (broadcasting), AND over axes."""
+        result = None
+        for a, (qc, kc) in enumerate(zip(self.coords(q_index), self.coords(k_index), strict=True)):
+            ok = _axis_rule(qc, kc, self.shape[a], self.kernel[a], self.stride[a], self.dilation[a], self.causal[a])
+            result = ok if result is None else result & ok
+        return result
+
+    def neighbours(self, q_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key indices ``[Q, prod(K)]`` of each query and their validity (causal windows may be short)."""
+        index, valid = None, None
+        coords = self.coords(q_index)
+        dims = len(self.shape)
+        for a, x in enumerate(coords):
+            n, K, s, d = self.shape[a], self.kernel[a], self.stride[a], self.dilation[a]
+            g, xp = x % d, x // d
+            ng = (n - g + d - 1) // d
+            if self.causal[a]:
+                lead = torch.minimum(xp // s * s + (s - 1), ng - 1)
+                kp = lead[:, None] - K + 1 + torch.arange(K, device=x.device)  # (Q, K)
+                ok = (kp >= 0) & (kp <= xp[:, None])
+            else:
+                left, right = K // 2, K // 2 + K % 2 - 1
+                lead = torch.minimum(xp // s * s + s // 2, ng - 1)
+                centre = torch.clamp(torch.minimum(lead, ng - 1 - right), min=left)
+                kp = centre[:, None] - left + torch.arange(K, device=x.device)  # (Q, K)
+                ok = torch.ones_like(kp, dtype=torch.bool)
+            kc = kp * d + g[:, None]  # (Q, K) key coordinates on this axis
+            view = [x.shape[0]] + [1] * dims
+            view[a + 1] = K
+            part = (kc * self.steps[a]).reshape(view)
+            ok = ok.reshape(view)
+            index = part if index is None else index + part
+            valid = ok if valid is None else valid & ok
+        return index.reshape(x.shape[0], -1), valid.reshape(x.shape[0], -1)
+
+
+def _axis_rule(qc: torch.Tensor, kc: torch.Tensor, n: int, K: int, s: int, d: int, causal: bool) -> torch.Tensor:
+    """NATTEN's 1-D rule (``single_dim_tiling_mask``) on coordinates ``qc``, ``kc`` (broadcasting)."""
+    gq, gk = qc % d, kc % d
+    qp, kp = qc // d, kc // d
+    ng = (n - gq + d - 1) // d  # tokens of the query's dilation group
+    if causal:
+        lead = torch.minimum(qp // s * s + (s - 1), ng - 1)
+        return (gq == gk) & (kp <= qp) & (lead - kp < K)
+    left, right = K // 2, K // 2 + K % 2 - 1
+    lead = torch.minimum(qp // s * s + s // 2, ng - 1)
+    centre = torch.clamp(torch.minimum(lead, ng - 1 - right), min=left)
+    return (gq == gk) & (kp >= centre - left) & (kp <= centre + right)
+
+
+def _as_tuple(name: str, value: object, dims: int | None, kind: type) -> tuple:
+    items = tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else (value,)
+    for item in items:
+        wrong = not isinstance(item, kind) or (kind is int and isinstance(item, bool))
+        if kind is bool:
+            wrong = not isinstance(item, bool)
+        if wrong:
+            raise TypeError(f"{name} must be a {kind.__name__} or a tuple of them, got {value!r}")
+    if dims is not None:
+        if len(items) == 1:
+            items = items * dims
+        elif len(items) != dims:
+            raise ValueError(f"{name}={value!r} has {len(items)} entries, expected 1 or one per axis ({dims})")
+    return items
+
+
+def neighborhood_mask(shape: Axes, kernel_size: Axes, *, stride: Axes = 1, dilation: Axes = 1,
+                      causal: bool | Sequence[bool] = False,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+    """Boolean ``[N, N]`` mask of Generalized Neighborhood Attention (True = attend), ``N = prod(shape)``.
+
+    NATTEN's rule (``single_dim_tiling_mask`` of its flex backend; GNA, arXiv 2504.16922), see the
+    module docstring; tokens flattened row-major, the multi-dimensional mask is the AND over axes.
+
+    Args:
+        shape: grid size, an int (1-D) or a tuple of 1-3 ints.
+        kernel_size, stride, dilation: an int or one per axis.
+        causal: a bool or one per axis.
+
+    Raises:
+        ValueError: a kernel < 2, larger than its axis, ``kernel_size * dilation`` larger than the
+            axis, or a stride outside ``[1, kernel_size]`` (the numbers are in the message).
+    """
+    grid = _Grid(shape, kernel_size, stride, dilation, causal)
+    index = torch.arange(grid.length, device=device)
+    return grid.allowed(index[:, None], index[None, :])
+
+
+def neighborhood_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kernel_size: Axes,
+                                     shape: Axes | None = None, stride: Axes = 1, dilation: Axes = 1,
+                                     causal: bool | Sequence[bool] = False,
+                                     scale: float | None = None) -> torch.Tensor:
+    """Dense masked softmax with :func:`neighborhood_mask` (quadratic; the oracle).
+
+    NATTEN (arXiv 2204.07143 eq. 1 / 2504.16922): ``softmax(scale Q K^T + log(mask)) V``.
+    """
+    sizes = check_qkv(q, k, v)
+    grid = _grid_for(sizes.length, sizes.key_length, shape, kernel_size, stride, dilation, causal)
+    index = torch.arange(grid.length, device=q.device)
+    mask = grid.allowed(index[:, None], index[None, :])  # (N, N)
+    return softmax_attention_reference(q, k, v, scale=scale, attn_mask=mask)
+
+
+def _grid_for(N: int, M: int, shape: Axes | None, kernel_size: Axes, stride: Axes, dilation: Axes,
+              causal: bool | Sequence[bool]) -> _Grid:
+    if N != M:
+        raise ValueError(f"neighborhood attention is self-attention: k, v must have the length of q (N={N}), "
+                         f"got M={M}")
+    grid = _Grid((N,) if shape is None else shape, kernel_size, stride, dilation, causal)
+    if grid.length != N:
+        raise ValueError(f"shape={grid.shape} holds {grid.length} tokens, but q has N={N}")
+    return grid
+
+
+def _gather_blocks(grid: _Grid, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block of consecutive queries: the union of their neighbours ``[G, S]`` and the mask ``[G, Bq, S]``."""
+    N = grid.length
+    per_query = math.prod(grid.kernel)
+    Bq = min(N, max(32, min(128, per_query)) if len(grid.shape) == 1 else 64)
+    G = -(-N // Bq)
+    queries = torch.arange(G * Bq, device=device)  # (G*Bq,)
+    keys, valid = grid.neighbours(queries.clamp(max=N - 1))  # (G*Bq, K)
+    keys = torch.where(valid, keys, N).reshape(G, -1).sort(dim=1).values  # sentinel N sorts last
+    duplicate = torch.zeros_like(keys, dtype=torch.bool)
+    duplicate[:, 1:] = keys[:, 1:] == keys[:, :-1]
+    keys = keys.masked_fill(duplicate, N).sort(dim=1).values
+    S = int((keys < N).sum(dim=1).max())
+    keys = keys[:, :S]  # (G, S)
+    present = keys < N
+    keys = keys.masked_fill(~present, 0)
+    queries = queries.reshape(G, Bq)
+    allowed = grid.allowed(queries[:, :, None], keys[:, None, :]) & present[:, None, :]
+    allowed &= (queries < N)[:, :, None]
+    return keys, allowed
+
+
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: _Grid, scale: float) -> torch.Tensor:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return grid.allowed(q_idx, kv_idx)
+
+    N = grid.length
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*flex_attention.*")
+        warnings.filterwarnings("ignore", message=".*compile.*")
+        block_mask = create_block_mask(mask_mod, None, None, N, N, device=q.device)
+        out = flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    return out
+
+
+def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kernel_size: Axes,
+                           shape: Axes | None = None, stride: Axes = 1, dilation: Axes = 1,
+                           causal: bool | Sequence[bool] = False, scale: float | None = None,
+                           impl: Literal["auto", "reference", "gather", "flex"] = "auto") -> torch.Tensor:
+    """Generalized Neighborhood Attention: each token attends to its neighbourhood on a grid.
+
+    Hassani et al., "Neighborhood Attention Transformer" (arXiv 2204.07143, eq. 1; dilation: arXiv
+    2209.15001; strides: "Generalized Neighborhood Attention", arXiv 2504.16922). The mask is NATTEN's
+    (see :func:`neighborhood_mask`); the output is softmax attention over the allowed keys.
+
+    Args:
+        q: ``[B, H, N, D]``; k, v: ``[B, H_kv, N, D|Dv]`` (``H_kv`` divides ``H``), ``N == prod(shape)``.
+        kernel_size, stride, dilation: an int or one per axis of ``shape``.
+        shape: the token grid, flattened row-major (default ``(N,)``). FreeSwim's inward window on
+            video tokens is ``shape=(F, H, W)``, ``kernel_size=(F, 2 d_h + 1, 2 d_w + 1)``.
+        causal: a bool or one per axis.
+        scale: default ``D ** -0.5``.
+        impl: "reference" (dense masked softmax, ``O(N^2)`` memory); "gather" (each block of
+            queries gathers the union of its neighbours: ``O(N * K)`` memory, differentiable, CPU
+            and GPU); "flex" (``torch.nn.attention.flex_attention`` with a block mask; on CPU it has
+            no backward); "auto": "flex" on CUDA, "gather" elsewhere.
+
+    Returns:
+        ``[B, H, N, Dv]`` in the dtype of q.
+    """
+    check_impl(impl, IMPLS)
+    if impl == "reference":
+        return neighborhood_attention_reference(q, k, v, kernel_size=kernel_size, shape=shape, stride=stride,
+                                                dilation=dilation, causal=causal, scale=scale)
+    sizes = check_qkv(q, k, v)
+    grid = _grid_for(sizes.length, sizes.key_length, shape, kernel_size, stride, dilation, causal)
+    scale = check_scale(scale, sizes.head_dim)
+    if impl == "auto":
+        impl = "flex" if q.device.type == "cuda" else "gather"
+    if impl == "flex":
+        needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+        if needs_grad and q.device.type == "cpu":
+            raise NotImplementedError(
+                "impl='flex': FlexAttention has no backward on CPU; use impl='gather' (or 'auto') when a "
+                "gradient is needed"
+            )
+        return _flex(q, k, v, grid, scale)
+    key_index, allowed = _gather_blocks(grid, q.device)
+    return gathered_block_attention(q, k, v, key_index=key_index, allowed=allowed, scale=scale)
+
+
+register(Mechanism(
+    name="neighborhood",
+    op=neighborhood_attention,
+    reference=neighborhood_attention_reference,
+    layer=None,
+    family="local",
+    paper="Generalized Neighborhood Attention: Multi-dimensional Sparse Attention at the Speed of Light",
+    arxiv="2504.16922",
+    supports_causal=True,
+    supports_bidirectional=True,
+    supports_cross=False,
+    supports_gqa=True,
+    complexity="O(N K d)",
+    defaults={"shape": None, "stride": 1, "dilation": 1, "causal": False, "scale": None, "impl": "auto"},
+    impls=("gather", "flex"),
+    check=CheckConfig(options={"kernel_size": 3}, bf16_options={"kernel_size": 63}),
+))
