@@ -5,6 +5,10 @@ from attnlab.nn.attention import Attention
 # Each mechanism issue adds its imports in its own block below (keeps parallel edits apart).
 # --- Mechanisms I: linear and recurrent family ---
 # --- Mechanisms II: local, sparse and biased ---
+# isort: split
+from attnlab.nn.dynamic_mask import DynamicMaskAttention
+
+# isort: split
 # --- Mechanisms III: head routing, similarity forms, tensor attention ---
 from attnlab.nn.crosslmm import PooledVisualCrossAttention, merge_visual_tokens
 from attnlab.nn.csa import ClassSemanticsAttention

@@ -35,6 +35,25 @@ from attnlab.ops.linear import (
 
 # isort: split
 # --- Mechanisms II: local, sparse and biased ---
+from attnlab.ops.dynamic_mask import dynamic_mask_attention, dynamic_mask_attention_reference, dynamic_mask_select
+from attnlab.ops.flashbias import (
+    alibi_bias,
+    alibi_bias_factors,
+    alibi_slopes,
+    flashbias_attention,
+    flashbias_attention_reference,
+    spatial_distance_bias_factors,
+    svd_bias_factors,
+)
+from attnlab.ops.hip import hip_attention, hip_attention_reference, hip_mask, hip_select_blocks
+from attnlab.ops.neighborhood import neighborhood_attention, neighborhood_attention_reference, neighborhood_mask
+from attnlab.ops.sliding_window import (
+    sliding_window_attention,
+    sliding_window_attention_reference,
+    sliding_window_mask,
+)
+
+# isort: split
 # --- Mechanisms III: head routing, similarity forms, tensor attention ---
 from attnlab.ops.rcmha import relative_attention, relative_scores, relative_scores_reference
 from attnlab.ops.tensor import column_kronecker, tensor_attention, tensor_attention_reference, tensor_attention_taylor
