@@ -23,6 +23,7 @@ from attnlab.nn.gaussian_adaptive import (
 from attnlab.nn.lama import LowRankAttentionPooling, lama_layer_inputs
 from attnlab.nn.moda import DuplexAlignmentAttention
 from attnlab.nn.moh import MoHAttention, MoHGates, moh_load_balance_loss
+from attnlab.nn.ninformer import MixerBlock, MixerFeedForward, MixerGatingUnit, NiNBlock
 from attnlab.nn.probe import EfficientProbe
 from attnlab.nn.rcmha import RCMHA, DepthwiseCausalConv
 from attnlab.nn.segvg import TripleAlignmentAttention
