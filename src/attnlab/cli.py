@@ -70,6 +70,7 @@ Command = Callable[[argparse.Namespace], int]
 # the top-level subparsers and ``bench`` the subparsers of ``attnlab bench``.
 COMMAND_MODULES: tuple[str, ...] = (
     "attnlab.bench.speed_cli",
+    "attnlab.analysis.cli",
 )
 
 

@@ -1,0 +1,270 @@
+"""``attnlab analyze``: head-level metrics of a local model, as JSON lines and an HTML report.
+
+Example::
+
+    attnlab analyze --model smollm2 --metrics retrieval,sinks,distance,entropy,importance --out runs/smollm2
+
+``--model`` is ``minilm``, ``smollm2`` or a local Hugging Face folder (nothing downloads). The
+probe input for sinks / distance / entropy / importance is the start of the gensim Wikipedia text
+(or ``--text``). Results are appended to ``OUT/results.jsonl`` (one JSON object per metric);
+``OUT/report.html`` holds a layer x head heatmap per metric, the attention pattern of chosen heads
+and the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["add_commands", "cmd_analyze", "METRICS"]
+
+METRICS = ("retrieval", "sinks", "distance", "entropy", "importance")
+
+
+def add_commands(sub: Any, bench: Any) -> None:
+    """Add ``attnlab analyze`` to the top-level subparsers ``sub``."""
+    p = sub.add_parser("analyze", help="head-level metrics of a local model (retrieval heads, sinks, distance, ...)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="minilm | smollm2 | path to a local Hugging Face folder")
+    p.add_argument("--metrics", default="sinks,distance,entropy,importance",
+                   help=f"comma-separated subset of {','.join(METRICS)}")
+    p.add_argument("--out", required=True, help="output folder (results.jsonl, report.html)")
+    p.add_argument("--text", default=None, help="probe text (default: gensim's Wikipedia text)")
+    p.add_argument("--probe-tokens", type=int, default=256, help="tokens of the probe input")
+    p.add_argument("--importance-tokens", type=int, default=128, help="tokens of the ablation input")
+    p.add_argument("--pattern-tokens", type=int, default=40, help="tokens shown in head patterns")
+    p.add_argument("--heads", default=None, help="heads to draw, e.g. '3-1,5-0' (default: chosen by the metrics)")
+    p.add_argument("--sink-dims", default=None, help="sink dimensions, e.g. '2533,1415' (default: found from data)")
+    p.add_argument("--tau", type=float, default=20.0, help="sink threshold on the RMS-normalised hidden state")
+    p.add_argument("--lengths", default="400,800", help="NIAH context lengths (tokens) for retrieval detection")
+    p.add_argument("--depths", default="0,25,50,75,100", help="NIAH needle depths (percent) for detection")
+    p.add_argument("--mask-lengths", default="600", help="NIAH context lengths for the masking experiment")
+    p.add_argument("--mask-depths", default="10,50,90", help="NIAH depths for the masking experiment")
+    p.add_argument("--mask-k", type=int, default=10, help="heads masked in the masking experiment (top-k vs random k)")
+    p.add_argument("--needles", type=int, default=2, help="needle tasks used (1 or 2)")
+    p.add_argument("--buffer", type=int, default=200, help="NIAH final_context_length_buffer")
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=cmd_analyze)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _heads(text: str) -> list[tuple[int, int]]:
+    out = []
+    for item in text.split(","):
+        layer, head = item.strip().split("-")
+        out.append((int(layer), int(head)))
+    return out
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """Run the chosen metrics and write ``results.jsonl`` and ``report.html``."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from attnlab.analysis import distance as dist
+    from attnlab.analysis.capture import capture
+    from attnlab.analysis.importance import embedding_change_importance, lm_loss_importance
+    from attnlab.analysis.models import load_model
+    from attnlab.analysis.report import append_result, write_report
+    from attnlab.analysis.retrieval import NEEDLE_TASKS, detect_retrieval_heads, masking_experiment
+    from attnlab.analysis.sinks import find_sink_dims, massive_activations, sink_attention_share, sinks_by_layer
+
+    console = Console()
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        console.print(f"[red]unknown metric(s) {unknown}; expected a subset of {METRICS}[/red]")
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    started = time.time()
+    try:
+        loaded = load_model(args.model)
+    except (ImportError, FileNotFoundError, ValueError) as error:
+        console.print(f"[red]{error}[/red]")
+        return 2
+    model, tokenizer = loaded.model, loaded.tokenizer
+    console.print(f"loaded {args.model} ({type(model).__name__}, causal={loaded.causal}) "
+                  f"in {time.time() - started:.1f} s")
+    base = {"model": args.model, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if "retrieval" in metrics and not loaded.causal:
+        console.print("[yellow]retrieval heads need a causal LM (generation): skipped for this encoder[/yellow]")
+        metrics.remove("retrieval")
+
+    haystack = None
+
+    def text() -> str:
+        nonlocal haystack
+        if args.text is not None:
+            return args.text
+        if haystack is None:
+            from attnlab.analysis.retrieval import wikipedia_haystack
+
+            haystack = wikipedia_haystack(60_000)
+        return haystack
+
+    def probe(tokens: int) -> dict[str, torch.Tensor]:
+        ids = tokenizer(text(), return_tensors="pt", truncation=True, max_length=tokens)
+        return {k: v for k, v in ids.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+    heatmaps: dict[str, Any] = {}
+    tables: dict[str, list[dict[str, Any]]] = {}
+    chosen: list[tuple[str, tuple[int, int]]] = []
+    notes = [f"model: {args.model} ({type(model).__name__}); metrics: {', '.join(metrics)}; "
+             f"probe: {args.probe_tokens} tokens of {'--text' if args.text else 'gensim Wikipedia text'}"]
+    inputs = probe(args.probe_tokens)
+    need_hidden = "sinks" in metrics
+    record = capture(model, inputs, what=("probs", "hidden") if need_hidden else ("probs",))
+    L = record.num_layers
+    probs = record.stacked("probs")  # (L, B, H, N, N)
+    N = probs.shape[-1]
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as progress:
+        if "distance" in metrics:
+            t0 = time.time()
+            values = torch.stack([dist.mean_attention_distance(probs[layer]) for layer in range(L)])  # (L, H)
+            heatmaps["mean attention distance (tokens)"] = values
+            entry = {**base, "metric": "distance", "values": values, "tokens": N, "seconds": time.time() - t0}
+            if loaded.causal:
+                backward = torch.stack([dist.backward_distance(probs[layer]).mean(0) for layer in range(L)])
+                classes = dist.classify_heads(backward)
+                entry.update(local_heads=classes.local, global_heads=classes.global_)
+                tables["local / global heads (bottom / top 30 % by mean backward distance)"] = [
+                    {"class": "local", "heads": ", ".join(f"{a}-{b}" for a, b in classes.local[:12])},
+                    {"class": "global", "heads": ", ".join(f"{a}-{b}" for a, b in classes.global_[-12:])}]
+            tables["mean attention distance by layer (mean over heads)"] = [
+                {"layer": layer, "mean distance": float(values[layer].mean()), "min head": float(values[layer].min()),
+                 "max head": float(values[layer].max())} for layer in range(L)]
+            flat = int(values.argmin())
+            chosen.append(("shortest mean distance", (flat // values.shape[1], flat % values.shape[1])))
+            append_result(results, entry)
+        if "entropy" in metrics:
+            t0 = time.time()
+            values = torch.stack([dist.attention_entropy(probs[layer], normalized=True) for layer in range(L)])
+            heatmaps["normalised attention entropy"] = values
+            append_result(results, {**base, "metric": "entropy", "values": values, "tokens": N,
+                                    "seconds": time.time() - t0})
+        if "sinks" in metrics:
+            t0 = time.time()
+            first_layer = 2 if L > 2 else 0  # the paper's layers >= 2 (all layers of a tiny model)
+            dims = (_ints(args.sink_dims) if args.sink_dims
+                    else find_sink_dims(record, top=2, first_layer=first_layer))
+            sinks = sinks_by_layer(record, dims, tau=args.tau, first_layer=first_layer)
+            share = sink_attention_share(record, sinks, query_start=1)
+            first = sink_attention_share(record, [0], query_start=1)
+            heatmaps["share of attention on sink tokens"] = share
+            heatmaps["share of attention on the first token"] = first
+            ids = inputs["input_ids"][0].tolist()
+            massive = massive_activations(record)
+            tables[f"sink tokens by layer (layers >= {first_layer}, dims {dims}, tau {args.tau})"] = [
+                {"layer": layer, "sink positions": str(pos[:8]),
+                 "tokens": str([tokenizer.decode([ids[p]]) for p in pos[:8]]),
+                 "attention share": float(share[layer].mean()), "share on token 0": float(first[layer].mean())}
+                for layer, pos in sinks.items()]
+            tables["largest hidden-state entry entering each layer (massive activations)"] = [
+                {"layer": m.layer, "value": m.value, "token": m.token, "token text": tokenizer.decode([ids[m.token]]),
+                 "dim": m.dim, "x median |X|": m.ratio_to_median} for m in massive]
+            flat = int(share.argmax())
+            chosen.append(("largest sink share", (flat // share.shape[1], flat % share.shape[1])))
+            append_result(results, {**base, "metric": "sinks", "dims": dims, "tau": args.tau, "sinks": sinks,
+                                    "share": share, "share_first_token": first,
+                                    "massive": [vars(m) for m in massive], "seconds": time.time() - t0})
+        if "importance" in metrics:
+            t0 = time.time()
+            heads_total = L * probs.shape[2]
+            task = progress.add_task("importance (ablate each head)", total=heads_total)
+
+            def step(done: int, total: int) -> None:
+                progress.update(task, completed=done)
+
+            small = probe(args.importance_tokens)
+            if loaded.causal:
+                full, values = lm_loss_importance(model, small["input_ids"], progress=step)
+                name, extra = "loss increase when the head is zeroed", {"loss_full": full}
+            else:
+                values = embedding_change_importance(model, small, progress=step)
+                name, extra = "1 - cos(pooled embedding) when the head is zeroed", {}
+            heatmaps[name] = values
+            flat = int(values.argmax())
+            chosen.append(("most important", (flat // values.shape[1], flat % values.shape[1])))
+            order = torch.argsort(values.flatten(), descending=True)[:10].tolist()
+            tables[f"most important heads ({name})"] = [
+                {"head": f"{i // values.shape[1]}-{i % values.shape[1]}", "value": float(values.flatten()[i])}
+                for i in order]
+            append_result(results, {**base, "metric": "importance", "measure": name, "values": values,
+                                    "tokens": int(small["input_ids"].shape[1]), **extra, "seconds": time.time() - t0})
+        if "retrieval" in metrics:
+            t0 = time.time()
+            tasks = NEEDLE_TASKS[: max(1, args.needles)]
+            lengths, depths = _ints(args.lengths), _ints(args.depths)
+            task = progress.add_task("retrieval: detection", total=len(tasks) * len(lengths) * len(depths))
+            result = detect_retrieval_heads(model, tokenizer, text_for_haystack(text()), lengths=lengths,
+                                            depths=depths, tasks=tasks, buffer=args.buffer,
+                                            max_new_tokens=args.max_new_tokens,
+                                            progress=lambda test: progress.advance(task))
+            scores = result.scores
+            heatmaps["retrieval score"] = scores
+            tables["NIAH detection tests"] = [
+                {"task": t.task, "length": t.length, "depth": t.depth, "ROUGE-1 recall": t.recall,
+                 "response": t.response[:90]} for t in result.tests]
+            top = result.ranking()[:10]
+            tables["top retrieval heads"] = [{"head": f"{a}-{b}", "score": float(scores[a, b])} for a, b in top]
+            for a, b in top[:2]:
+                chosen.append(("retrieval head", (a, b)))
+            entry = {**base, "metric": "retrieval", "scores": scores, "retrieval_heads": result.retrieval_heads,
+                     "threshold": result.threshold, "counter": result.counter.scores, "lengths": lengths,
+                     "depths": depths, "tests": [{"task": t.task, "length": t.length, "depth": t.depth,
+                                                  "response": t.response, "recall": t.recall} for t in result.tests]}
+            if args.mask_k > 0:
+                mask_lengths, mask_depths = _ints(args.mask_lengths), _ints(args.mask_depths)
+                task = progress.add_task(f"retrieval: masking top-{args.mask_k} vs random",
+                                         total=3 * len(tasks) * len(mask_lengths) * len(mask_depths))
+                experiment = masking_experiment(model, tokenizer, text_for_haystack(text()), scores, k=args.mask_k,
+                                                lengths=mask_lengths, depths=mask_depths, tasks=tasks, seed=args.seed,
+                                                buffer=args.buffer, max_new_tokens=args.max_new_tokens,
+                                                progress=lambda test: progress.advance(task))
+                entry["masking"] = experiment
+                tables[f"needle accuracy (ROUGE-1 recall) with heads masked, k = {args.mask_k}"] = [
+                    {"masked": name, "accuracy": experiment[f"accuracy_{name}"],
+                     "heads": ", ".join(f"{a}-{b}" for a, b in experiment.get(f"{name}_heads", []))}
+                    for name in ("none", "top", "random")]
+            entry["seconds"] = time.time() - t0
+            append_result(results, entry)
+
+    if args.heads:
+        chosen = [("chosen", h) for h in _heads(args.heads)]
+    patterns = []
+    if chosen:
+        short = probe(args.pattern_tokens)
+        small_record = capture(model, short, what=("probs",))
+        tokens = [tokenizer.decode([t]) for t in short["input_ids"][0].tolist()]
+        seen = set()
+        for reason, (layer, head) in chosen:
+            if (layer, head) in seen:
+                continue
+            seen.add((layer, head))
+            patterns.append((f"layer {layer} head {head} ({reason})", small_record.probs[layer][0, head], tokens))
+    report = write_report(out / "report.html", title=f"attnlab analyze: {args.model}", heatmaps=heatmaps,
+                          patterns=patterns, tables=tables,
+                          notes=notes + [f"total time {time.time() - started:.0f} s"])
+    console.print(f"results: {results}\nreport: {report}")
+    return 0
+
+
+def text_for_haystack(text: str) -> str:
+    """The haystack text (repeated until it is long enough for the longest context)."""
+    return text if len(text) > 40_000 else (text + "\n") * (40_000 // max(len(text), 1) + 1)
