@@ -225,3 +225,49 @@ def test_cli_smoke_preset_covers_every_registered_mechanism(tmp_path: Path,
 def test_render_empty_folder(tmp_path: Path) -> None:
     html, markdown = render_speed_section(tmp_path)
     assert "no speed results" in html and "no speed results" in markdown
+
+
+def test_gpu_check_script_quick_mode_on_cpu(tmp_path: Path) -> None:
+    """scripts/gpu_check.sh --device cpu --quick: the GPU script's code paths at tiny sizes."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh"), "--device", "cpu", "--quick",
+                             "--only", "softmax,linear", "--out", str(tmp_path)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "PASS  softmax" in result.stdout and "FAIL" not in result.stdout
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    checks = {(r["name"], r["mode"], r["check"].split(" N=")[0]) for r in report["correctness"] if r["ok"]}
+    for name in ("softmax", "linear"):
+        for check in ("float32 fwd", "float32 grad", "bf16 fwd"):
+            assert (name, "causal", check) in checks
+    timed = {(r["label"], r["N"]): r for r in report["timings"]}
+    for label in ("softmax auto", "softmax SDPA[flash]", "softmax SDPA[default]", "linear auto (elu+1, normalized)"):
+        for N in (64, 128):
+            row = timed[(label, N)]
+            assert row["fwd_ms"] > 0 and row["fwdbwd_ms"] > 0 and row["rel_err"] < 1e-5, row
+            assert row["B"] == 256 // N
+    assert "No viable backend" in timed[("softmax SDPA[cudnn]", 64)]["error"]  # no cuDNN on a CPU: recorded
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert "| implementation | N | B | fwd ms | fwd+bwd ms |" in table and "| softmax auto | 64 | 4 |" in table
+
+
+def test_gpu_check_ratios_to_the_anchor_table() -> None:
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("gpu_check", root / "scripts" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    shape = gpu_check.Shape(torch.float32, 1, 8, 1024, (1024,), 0)
+    entry = next(e for e in gpu_check.entries(shape, torch.device("cpu")) if e.label == "softmax SDPA[flash]")
+    row = gpu_check.time_entry(entry, 1024, shape, torch.device("cpu"), quick=True)
+    assert row["anchor"] == "SDPA FlashAttention-2" and row["anchor_fwd_ms"] == 1.033
+    assert row["fwd_ratio"] == pytest.approx(row["fwd_ms"] / 1.033)
+    assert row["fwdbwd_ratio"] == pytest.approx(row["fwdbwd_ms"] / 4.940)
+    assert "rel_err" not in row  # above err_max_length: no reference computed
+    assert "| softmax SDPA[flash] | 1024 | 1 |" in gpu_check.table([row])

@@ -393,8 +393,9 @@ def _flashbias_options(ctx: Mapping[str, Any]) -> dict[str, Any]:
     try:
         from attnlab.ops import alibi_bias_factors
 
-        q_bias, k_bias = alibi_bias_factors(ctx["heads"], ctx["N"])
-        return {"q_bias": q_bias.to(ctx["device"], ctx["dtype"]), "k_bias": k_bias.to(ctx["device"], ctx["dtype"])}
+        # built in the benchmark dtype: the builder keeps the factors exact in bf16
+        q_bias, k_bias = alibi_bias_factors(ctx["heads"], ctx["N"], dtype=ctx["dtype"], device=ctx["device"])
+        return {"q_bias": q_bias, "k_bias": k_bias}
     except ImportError:
         g = torch.Generator().manual_seed(1)
         shape = (1, ctx["heads"], ctx["N"], 2)
