@@ -9,6 +9,7 @@ from attnlab.ops.softmax_backends import clear_softmax_backend_cache, softmax_ba
 # Each mechanism issue adds its imports in its own block below (keeps parallel edits apart).
 # --- Mechanisms I: linear and recurrent family ---
 # isort: split
+from attnlab.ops.agent import adaptive_pool_matrix, agent_attention, agent_attention_reference, agent_tokens
 from attnlab.ops.flow import flow_attention, flow_attention_reference
 from attnlab.ops.lightnet import (
     lightnet_attention,
