@@ -21,6 +21,7 @@ from attnlab.nn.gaussian_adaptive import (
     gaussian_adaptive_weights,
 )
 from attnlab.nn.lama import LowRankAttentionPooling, lama_layer_inputs
+from attnlab.nn.minimal import MinimalAttention, MinimalBlock
 from attnlab.nn.moda import DuplexAlignmentAttention
 from attnlab.nn.moh import MoHAttention, MoHGates, moh_load_balance_loss
 from attnlab.nn.ninformer import MixerBlock, MixerFeedForward, MixerGatingUnit, NiNBlock
