@@ -13,6 +13,7 @@ from attnlab.nn.dynamic_mask import DynamicMaskAttention
 from attnlab.nn.crosslmm import PooledVisualCrossAttention, merge_visual_tokens
 from attnlab.nn.csa import ClassSemanticsAttention
 from attnlab.nn.dcal import GlobalLocalCrossAttention, PairwiseCrossAttention, attention_rollout
+from attnlab.nn.deconstructed import DeconstructedAttention, deconstructed_layer_inputs, variant_layers
 from attnlab.nn.expert import ExpertAttention, PrunedAttention
 from attnlab.nn.gaussian_adaptive import (
     GaussianAdaptiveAttention,
