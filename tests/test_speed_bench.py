@@ -49,6 +49,8 @@ def test_time_callable_repeats_until_min_seconds_or_max_repeats() -> None:
     assert timing.repeats == 8  # 8 x 0.1 s is the first total >= 0.75 s
     clock = FakeClock([0.1] * 50)
     assert speed.time_callable(clock.work, warmup=0, repeats=2, max_repeats=4, min_seconds=10, clock=clock).repeats == 4
+    clock = FakeClock([5.0, 2.0, 2.0, 2.0])  # a slow cell: the warm-up alone spends the budget
+    assert speed.time_callable(clock.work, warmup=1, repeats=3, max_seconds=1.0, clock=clock).repeats == 1
     with pytest.raises(ValueError, match="repeats"):
         speed.time_callable(clock.work, repeats=0)
 

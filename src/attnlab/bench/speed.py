@@ -15,6 +15,7 @@ what the call allocates on top.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -76,6 +77,8 @@ class SpeedConfig:
         warmup, repeats: calls before timing and timed calls (CPU; on a GPU milliseconds of
             ``do_bench`` warm-up / repeat: ``gpu_warmup_ms``, ``gpu_rep_ms``).
         min_seconds: on the CPU, keep repeating (up to ``max_repeats``) until this much time was measured.
+        max_seconds: on the CPU, stop repeating after this long per cell (at least one timed call).
+        threads: torch CPU threads during the sweep (``None``: torch's default).
         memory: "subprocess" (CPU: fresh process per cell), "inline" (CPU: same process, peak RSS
             reset before the call; approximate), "none"; on a GPU always the CUDA allocator's peak.
         memory_limit_gb: cells whose estimate exceeds it are skipped (default: 60% of available memory).
@@ -97,6 +100,8 @@ class SpeedConfig:
     repeats: int = 3
     max_repeats: int = 20
     min_seconds: float = 0.5
+    max_seconds: float = math.inf
+    threads: int | None = None
     gpu_warmup_ms: int = 25
     gpu_rep_ms: int = 100
     memory: str = "subprocess"
@@ -115,11 +120,12 @@ PRESETS: dict[str, SpeedConfig] = {
     "smoke": SpeedConfig(lengths=(32, 64), heads=2, dim=16, modes=("fwd", "fwdbwd"), repeats=2, max_repeats=3,
                          min_seconds=0.0, memory="none", max_cell_seconds=2.0, externals=()),
     # what the demo runs (~60 s on a 2-core CPU): two lengths, forward only, in-process memory
-    "demo": SpeedConfig(lengths=(256, 1024), heads=4, dim=32, modes=("fwd",), repeats=2, max_repeats=5,
-                        min_seconds=0.1, memory="inline", max_cell_seconds=2.0, externals=()),
+    "demo": SpeedConfig(lengths=(128, 512), heads=4, dim=32, modes=("fwd",), repeats=2, max_repeats=5,
+                        min_seconds=0.05, max_seconds=1.0, memory="inline", max_cell_seconds=1.0, externals=()),
     # the CPU table of docs/benchmarks.md: B=1, H=4, D=64, float32, causal, 1k-16k tokens
-    "cpu": SpeedConfig(lengths=(1024, 2048, 4096, 8192, 16384), heads=4, dim=64, modes=("fwd", "fwdbwd"),
-                       repeats=3, max_repeats=10, min_seconds=0.5, memory="subprocess", max_cell_seconds=15.0,
+    "cpu": SpeedConfig(lengths=(1024, 4096, 16384), heads=4, dim=64, modes=("fwd", "fwdbwd"),
+                       repeats=3, max_repeats=10, min_seconds=0.5, max_seconds=60.0, memory="subprocess",
+                       max_cell_seconds=15.0,
                        externals=("natten",)),
     # the anchor shape of shared/anchors/gpu_h200.md: bf16, H=16, D=128, 65,536 tokens per call
     "gpu": SpeedConfig(lengths=(1024, 4096, 16384, 65536), tokens=65536, heads=16, dim=128, dtype="bfloat16",
@@ -155,12 +161,15 @@ def _quartiles(times: Sequence[float]) -> Timing:
 
 
 def time_callable(fn: Callable[[], Any], *, device: str | torch.device = "cpu", warmup: int = 1, repeats: int = 3,
-                  max_repeats: int = 20, min_seconds: float = 0.0, gpu_warmup_ms: int = 25, gpu_rep_ms: int = 100,
+                  max_repeats: int = 20, min_seconds: float = 0.0, max_seconds: float = math.inf,
+                  gpu_warmup_ms: int = 25, gpu_rep_ms: int = 100,
                   clock: Callable[[], float] = time.perf_counter) -> Timing:
     """Time ``fn()`` (ms per call): ``warmup`` untimed calls, then at least ``repeats`` timed calls.
 
     CPU: a host clock around each call; calls continue until ``min_seconds`` of timed calls or
-    ``max_repeats``. CUDA: ``triton.testing.do_bench`` (CUDA events, median and quartiles) when
+    ``max_repeats``, and stop after ``max_seconds`` (warm-up included) even below ``repeats`` (at
+    least one timed call: a slow cell costs a few calls, not ``repeats`` of them).
+    CUDA: ``triton.testing.do_bench`` (CUDA events, median and quartiles) when
     triton imports, else CUDA events around each of the calls.
     """
     device = torch.device(device)
@@ -186,11 +195,14 @@ def time_callable(fn: Callable[[], Any], *, device: str | torch.device = "cpu", 
             end.synchronize()
             times.append(start.elapsed_time(end))
         return _quartiles(times)
+    budget_start = clock()
     for _ in range(warmup):
         fn()
     times: list[float] = []
     spent = 0.0
-    while len(times) < repeats or (spent < min_seconds and len(times) < max_repeats):
+    while not times or (
+            (len(times) < repeats or (spent < min_seconds and len(times) < max_repeats))
+            and clock() - budget_start < max_seconds):
         t0 = clock()
         fn()
         elapsed = clock() - t0
@@ -596,7 +608,12 @@ def build_cell(spec: Mapping[str, Any], *, externals: Sequence[ExternalBaseline]
         leaves = [q, k, v]
     elif spec["path"] == "layer":
         record = attnlab.get(spec["mechanism"])
-        layer = record.layer(H * D, H, causal=spec["causal"], **bench_options(record, ctx)).to(device, dtype)
+        layer_options = bench_options(record, ctx) if record.name in BENCH_OPTIONS else {}
+        accepted = inspect.signature(record.layer).parameters
+        for name in ("seq_len", "max_len", "max_seq_len"):  # layers sized for a fixed length
+            if name in accepted and name not in layer_options:
+                layer_options[name] = N
+        layer = record.layer(H * D, H, causal=spec["causal"], **layer_options).to(device, dtype)
         x = draw(B, N, H * D)  # (B, N, dim)
 
         def call() -> Any:
@@ -702,6 +719,7 @@ class _Series:
 
     lengths: list[int] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
+    memory_lengths: list[int] = field(default_factory=list)
     memory: list[float] = field(default_factory=list)
 
 
@@ -745,6 +763,18 @@ def run_speed_benchmark(*, preset: str | SpeedConfig = "cpu", out_dir: str | os.
     """
     config = _resolve(preset, overrides)
     say = say or print
+    threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        return _run(config, preset, out_dir, mechanisms, resume, say, write_report)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(config: SpeedConfig, preset: str | SpeedConfig, out_dir: str | os.PathLike[str],
+         mechanisms: Sequence[str] | str | None, resume: bool, say: Callable[[str], None],
+         write_report: bool) -> list[dict[str, Any]]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / RESULTS_FILE
@@ -776,6 +806,7 @@ def run_speed_benchmark(*, preset: str | SpeedConfig = "cpu", out_dir: str | os.
                 s.lengths.append(N)
                 s.times.append(done["time_ms"])
                 if done.get("peak_bytes"):
+                    s.memory_lengths.append(N)
                     s.memory.append(done["peak_bytes"])
             return done
         ctx = {"batch": spec["batch"], "heads": config.heads, "N": N, "dim": config.dim,
@@ -787,7 +818,7 @@ def run_speed_benchmark(*, preset: str | SpeedConfig = "cpu", out_dir: str | os.
                 row["options"] = {"error": str(error)}
         exponent = complexity_exponent(record, impl) if record else 1.0
         dtype_bytes = torch.finfo(_DTYPES[config.dtype]).bits // 8
-        mem_estimate = predict_next(s.lengths, s.memory, N, default_exponent=exponent) if s.memory else None
+        mem_estimate = predict_next(s.memory_lengths, s.memory, N, default_exponent=exponent) if s.memory else None
         if mem_estimate is None:
             mem_estimate = estimate_cell(batch=spec["batch"], heads=config.heads, length=N, dim=config.dim,
                                          dtype_bytes=dtype_bytes, mode=mode, exponent=exponent)
@@ -807,6 +838,7 @@ def run_speed_benchmark(*, preset: str | SpeedConfig = "cpu", out_dir: str | os.
                 s.lengths.append(N)
                 s.times.append(row["time_ms"])
                 if row.get("peak_bytes"):
+                    s.memory_lengths.append(N)
                     s.memory.append(row["peak_bytes"])
             except Exception as error:  # a cell that fails is recorded, not fatal
                 row.update(status="error", reason=f"{type(error).__name__}: {str(error).strip()[:300]}")
@@ -882,7 +914,8 @@ def _measure(spec: Mapping[str, Any], config: SpeedConfig, externals: Sequence[E
     fn = build_cell(spec, externals=externals)
     timing = time_callable(fn, device=device, warmup=config.warmup, repeats=config.repeats,
                            max_repeats=config.max_repeats, min_seconds=config.min_seconds,
-                           gpu_warmup_ms=config.gpu_warmup_ms, gpu_rep_ms=config.gpu_rep_ms)
+                           max_seconds=config.max_seconds, gpu_warmup_ms=config.gpu_warmup_ms,
+                           gpu_rep_ms=config.gpu_rep_ms)
     result: dict[str, Any] = {"time_ms": timing.median_ms, "time_q25_ms": timing.q25_ms,
                               "time_q75_ms": timing.q75_ms, "spread": timing.spread, "repeats": timing.repeats}
     del fn

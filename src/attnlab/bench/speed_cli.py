@@ -30,7 +30,7 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
         "lengths": args.lengths, "batch": args.batch, "heads": args.heads, "dim": args.dim, "dtype": args.dtype,
         "modes": args.mode, "impls": args.impls, "memory": args.memory, "device": args.device,
         "memory_limit_gb": args.memory_limit_gb, "max_cell_seconds": args.max_cell_seconds,
-        "externals": args.externals, "tokens": args.tokens,
+        "externals": args.externals, "tokens": args.tokens, "threads": args.threads,
     }
     if args.bidirectional:
         overrides["causal"] = False
@@ -69,6 +69,7 @@ def add_commands(sub: argparse._SubParsersAction, bench: argparse._SubParsersAct
     p.add_argument("--memory-limit-gb", type=float, default=None, help="skip cells estimated above this")
     p.add_argument("--max-cell-seconds", type=float, default=None, help="skip cells predicted slower per call")
     p.add_argument("--externals", type=_names, default=None, help="external baselines to try: fla,natten,flex")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads during the sweep")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--out", default=None, help="results folder (default runs/speed-PRESET)")
     p.add_argument("--no-resume", action="store_true", help="run every cell again even if already in the file")
