@@ -58,10 +58,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """What ``make demo`` runs."""
+    """What ``make demo`` runs: the quality benchmark's quick preset over the registered mechanisms on
+    mqar, in-context regression and digits (plus a CPU speed sweep when installed), then the report."""
+    from attnlab.bench.quality_cli import run_demo
+
     cmd_list(args)
-    args.names = []
-    return cmd_check(args)
+    return run_demo(preset=getattr(args, "preset", "quick"), out=getattr(args, "out", None), console=console)
 
 
 Command = Callable[[argparse.Namespace], int]
@@ -69,6 +71,7 @@ Command = Callable[[argparse.Namespace], int]
 # Modules that add their own subcommands: each defines ``add_commands(sub, bench)`` where ``sub`` is
 # the top-level subparsers and ``bench`` the subparsers of ``attnlab bench``.
 COMMAND_MODULES: tuple[str, ...] = (
+    "attnlab.bench.quality_cli",
     "attnlab.bench.speed_cli",
     "attnlab.analysis.cli",
 )

@@ -1,1 +1,5 @@
-"""Benchmarks: quality (tasks x mechanisms) and speed/memory (mechanisms x lengths), results as JSON lines."""
+"""Benchmarks: quality (``attnlab bench quality``), speed (``attnlab bench speed``) and the report.
+
+Modules are imported on demand (``from attnlab.bench.quality import run_quality``) so that
+``import attnlab.bench`` stays light.
+"""

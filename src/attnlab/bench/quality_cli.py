@@ -1,0 +1,234 @@
+"""Commands ``attnlab bench quality``, ``attnlab report`` and the body of ``attnlab demo``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import attnlab
+from attnlab.bench.presets import PRESETS, QualityPreset, get_preset
+from attnlab.bench.quality import TASKS, Job, QualityError, run_job, run_quality, validate
+from attnlab.bench.report import aggregate, write_report
+
+__all__ = ["add_commands", "run_demo", "DEMO_TASKS", "PREFERRED_MECHANISMS", "choose_demo_mechanisms"]
+
+DEMO_TASKS = ("mqar", "incontext_regression", "digits")
+
+# The demo's order of preference; whatever else is registered follows in registry order. A name
+# that is not registered is simply passed over.
+PREFERRED_MECHANISMS = (
+    "softmax", "lightning", "sliding_window", "moh", "agent", "tnl", "lightnet", "deconstructed", "flashbias",
+    "neighborhood", "linear", "retnet", "gla", "mamba2", "cosformer", "hebbian", "tensor",
+)
+
+# Wall-clock budgets of the demo's quality runs (seconds, whole demo), per preset.
+DEMO_BUDGET_S = {"smoke": 25.0, "quick": 240.0, "standard": 3600.0, "full": 36000.0}
+
+
+def _console() -> Console:
+    from attnlab.cli import console
+
+    return console
+
+
+def _mechanism_list(text: str, tasks: Sequence[str], preset: QualityPreset) -> dict[str, list[str]]:
+    """``--mechanisms``: a comma list, or "all" (every registered mechanism that fits each task)."""
+    if text.strip() == "all":
+        names = [m.name for m in attnlab.mechanisms()]
+        refused: dict[str, set[str]] = {t: set() for t in tasks}
+        for refusal in validate(tasks, names, preset):
+            refused[refusal.task].add(refusal.mechanism)
+        return {t: [n for n in names if n not in refused[t]] for t in tasks}
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    return {t: names for t in tasks}
+
+
+def cmd_quality(args: argparse.Namespace) -> int:
+    console = _console()
+    if args.list_presets:
+        table = Table(title="quality presets")
+        for column in ("preset", "seeds", "description", "task: configs"):
+            table.add_column(column, overflow="fold")
+        for preset in PRESETS.values():
+            configs = "\n".join(f"{t}: " + "; ".join(TASKS[t].label(c) + f" ({c.steps} steps)" for c in cs)
+                                for t, cs in preset.tasks.items())
+            table.add_row(preset.name, str(preset.seeds), preset.description, configs)
+        console.print(table)
+        return 0
+    if not args.out:
+        console.print("[red]--out is required (e.g. --out runs/NAME)[/red]")
+        return 2
+    try:
+        preset = get_preset(args.preset)
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            raise QualityError(f"unknown task(s) {', '.join(map(repr, unknown))} (tasks: {', '.join(TASKS)})")
+        mechanisms = _mechanism_list(args.mechanisms, tasks, preset)
+        records = run_quality(tasks=tasks, mechanisms=mechanisms, preset=preset, seeds=args.seeds, out_dir=args.out,
+                              nproc=args.nproc, device=args.device, progress=not args.no_progress, console=console)
+    except (QualityError, KeyError) as error:
+        console.print(f"[red]{error.args[0]}[/red]")
+        return 2
+    print_leaderboard(records, console)
+    console.print(f"results: {Path(args.out) / 'results.jsonl'}; report: attnlab report {args.out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    console = _console()
+    try:
+        report, leaderboard = write_report(args.run_dir)
+    except FileNotFoundError as error:
+        console.print(f"[red]{error}[/red]")
+        return 2
+    console.print(f"wrote {report} and {leaderboard}")
+    return 0
+
+
+def print_leaderboard(records: Sequence[dict[str, Any]], console: Console) -> None:
+    rows = aggregate(records)
+    tables: dict[tuple[str, str], list[Any]] = {}
+    for row in rows:
+        tables.setdefault((row.task, row.config_label), []).append(row)
+    for (task, label), group in tables.items():
+        direction = "higher is better" if group[0].higher_is_better else "lower is better"
+        table = Table(title=f"{task} ({label}): {group[0].metric}, {direction}")
+        for column in ("rank", "mechanism", "family", group[0].metric, "seeds", "params", "time (s)"):
+            table.add_column(column)
+        for rank, row in enumerate(group, 1):
+            table.add_row(str(rank), row.mechanism, row.family, f"{row.mean:.4f} ± {row.std:.4f}",
+                          str(len(row.values)), f"{row.parameters:,}", f"{row.wall_time_s:.1f}")
+        console.print(table)
+        if "baseline_ridge" in group[0].extras:
+            console.print(f"  baselines: ridge {group[0].extras['baseline_ridge']:.4f}, one-step debiased GD "
+                          f"{group[0].extras['baseline_debiased_gd_one_step']:.4f}")
+
+
+def _step_seconds(task: str, mechanism: str, config: Any) -> float:
+    """Seconds per training step of ``mechanism`` on ``task`` (two steps timed after one warm-up)."""
+    probe = dataclasses.replace(config, steps=3)
+    if hasattr(probe, "test_examples"):
+        probe = dataclasses.replace(probe, test_examples=min(probe.test_examples, 8))
+    times: list[float] = []
+    start = time.perf_counter()
+    run_job(Job(task, mechanism, 0, probe, "probe"), on_step=lambda step: times.append(time.perf_counter()))
+    return (times[-1] - times[0]) / 2 if len(times) == 3 else time.perf_counter() - start
+
+
+def choose_demo_mechanisms(preset: QualityPreset, *, tasks: Sequence[str] = DEMO_TASKS,
+                           budget_s: float, max_per_task: int = 10,
+                           console: Console | None = None) -> dict[str, list[str]]:
+    """Per task, the registered mechanisms in :data:`PREFERRED_MECHANISMS` order that fit the task and
+    whose measured step time fits the task's share of ``budget_s`` (softmax is always kept)."""
+    registered = [m.name for m in attnlab.mechanisms()]
+    order = [n for n in PREFERRED_MECHANISMS if n in registered] + [n for n in registered
+                                                                    if n not in PREFERRED_MECHANISMS]
+    chosen: dict[str, list[str]] = {}
+    for task in tasks:
+        config = preset.tasks[task][0]
+        refusals = {r.mechanism: r.reason for r in validate([task], order, preset)}
+        remaining = budget_s / len(tasks)
+        picked: list[str] = []
+        for name in order:
+            if name in refusals:
+                if console is not None:
+                    console.print(f"  [dim]{task}: skip {name}: {refusals[name]}[/dim]")
+                continue
+            if len(picked) >= max_per_task:
+                break
+            estimate = _step_seconds(task, name, config) * config.steps * len(preset.tasks[task])
+            if picked and estimate > remaining:
+                if console is not None:
+                    console.print(f"  [dim]{task}: skip {name}: about {estimate:.0f} s of training, more than "
+                                  f"the {max(remaining, 0):.0f} s left of this task's budget[/dim]")
+                continue
+            picked.append(name)
+            remaining -= estimate
+        chosen[task] = picked
+    return chosen
+
+
+def run_demo(*, preset: str = "quick", out: str | Path | None = None, seeds: int = 1,
+             console: Console | None = None) -> int:
+    """The main job: the quality preset over the registered mechanisms on mqar, in-context regression and
+    digits, a CPU speed sweep when the speed benchmark is installed, the report and the leaderboard."""
+    console = console or _console()
+    started = time.perf_counter()
+    quality = get_preset(preset)
+    out = Path(out) if out is not None else Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (out / "results.jsonl").exists():
+        console.print(f"[red]{out} already holds results; the demo trains afresh into a new folder[/red]")
+        return 2
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    registered = [m.name for m in attnlab.mechanisms()]
+    console.rule(f"attnlab demo: preset {preset!r}, {len(registered)} registered mechanisms")
+    console.print("choosing mechanisms (fit to each task, measured step time within the budget) ...")
+    budget = DEMO_BUDGET_S.get(preset, 240.0)
+    chosen = choose_demo_mechanisms(quality, budget_s=budget * 0.8, console=console)
+    ran = sorted({n for names in chosen.values() for n in names}, key=registered.index)
+    for task, names in chosen.items():
+        console.print(f"  {task}: {', '.join(names)}")
+    if len(ran) < 8:
+        console.print(f"[yellow]only {len(ran)} mechanisms fit the demo ({len(registered)} registered); "
+                      f"the demo asks for at least 8[/yellow]")
+    records = run_quality(tasks=list(chosen), mechanisms=chosen, preset=quality, seeds=seeds, out_dir=out,
+                          progress=console.is_terminal, console=console)
+    speed_note = _speed_sweep(out, console, time_left=6 * 60 - (time.perf_counter() - started), preset=preset)
+    report, leaderboard = write_report(out, title=f"attnlab demo ({preset} preset)")
+    print_leaderboard(records, console)
+    console.print(f"mechanisms run ({len(ran)}): {', '.join(ran)}")
+    console.print(speed_note)
+    console.print(f"report: {report}\nleaderboard: {leaderboard}\n"
+                  f"total time {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def _speed_sweep(out: Path, console: Console, *, time_left: float, preset: str) -> str:
+    try:
+        from attnlab.bench.speed import run_speed_benchmark
+    except ImportError:
+        return "speed sweep: skipped (attnlab.bench.speed is not installed)"
+    if preset == "smoke":
+        return "speed sweep: skipped for the smoke preset"
+    if time_left < 30:
+        return f"speed sweep: skipped ({max(time_left, 0):.0f} s left of the 6-minute budget)"
+    console.rule("CPU speed-scaling sweep")
+    try:
+        run_speed_benchmark(preset="demo", out_dir=out)
+    except Exception as error:  # noqa: BLE001 - the quality results stand on their own
+        return f"speed sweep: failed ({type(error).__name__}: {error})"
+    return f"speed sweep: {out / 'speed.jsonl'} (in the report)"
+
+
+def add_commands(sub: Any, bench: Any) -> None:
+    """Register ``attnlab bench quality`` and ``attnlab report``; add ``--preset``/``--out`` to ``demo``."""
+    p = bench.add_parser("quality", help="train every (task, mechanism, seed) of a preset and record the metrics")
+    p.add_argument("--tasks", default="mqar,incontext_regression",
+                   help=f"comma list of tasks ({', '.join(TASKS)})")
+    p.add_argument("--mechanisms", default="softmax", help="comma list of registered mechanisms, or 'all'")
+    p.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the preset's)")
+    p.add_argument("--out", default=None, help="run folder (results.jsonl is appended; reruns resume)")
+    p.add_argument("--nproc", type=int, default=1, help="processes for DistributedDataParallel via torchrun")
+    p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--list-presets", action="store_true", help="print the presets and exit")
+    p.set_defaults(func=cmd_quality)
+
+    p = sub.add_parser("report", help="report.html and leaderboard.md of a run folder")
+    p.add_argument("run_dir", type=Path)
+    p.set_defaults(func=cmd_report)
+
+    demo = sub.choices.get("demo")
+    if demo is not None:
+        demo.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+        demo.add_argument("--out", default=None, help="run folder (default runs/demo-<time>)")
