@@ -98,3 +98,49 @@ def test_bad_options_raise_naming_the_argument(kwargs: dict, error: type, words:
     with pytest.raises(error) as info:
         agent_attention(q, q, q, **kwargs)
     assert words in str(info.value)
+
+
+@pytest.mark.parametrize("grid,N", [(None, 11), ((3, 4), 12), ((3, 4), 13)], ids=["seq", "grid", "grid+cls"])
+def test_agent_layer_is_the_documented_composition(grid, N: int) -> None:
+    """AgentAttention == agent_attention with the interpolated biases, + depthwise conv of V, then proj."""
+    from attnlab.nn import AgentAttention
+
+    torch.manual_seed(3)
+    layer = AgentAttention(16, 2, num_agents=4, grid=grid).double()
+    B = 2
+    x = rand(B, N, 16, seed=22)
+    q, k, v = (t.reshape(B, N, 2, 8).transpose(1, 2) for t in (x @ layer.qkv.weight.T).chunk(3, dim=-1))
+    if grid is None:
+        A = torch.stack([q[:, :, 0:3].mean(2), q[:, :, 2:6].mean(2), q[:, :, 5:9].mean(2), q[:, :, 8:11].mean(2)], 2)
+        b1 = F.interpolate(layer.an_bias, size=N, mode="linear")
+        b2 = F.interpolate(layer.na_bias, size=N, mode="linear").transpose(1, 2)
+        conv = F.conv1d(v.transpose(1, 2).reshape(B, N, 16).transpose(1, 2), layer.dwc.weight, layer.dwc.bias,
+                        padding=1, groups=16).transpose(1, 2)
+        prefix = 0
+    else:
+        prefix = N - 12
+        patches = q[:, :, prefix:].reshape(B, 2, 3, 4, 8)
+        blocks = [patches[:, :, r0:r1, c0:c1] for r0, r1 in ((0, 2), (1, 3)) for c0, c1 in ((0, 2), (2, 4))]
+        A = torch.stack([b.mean((2, 3)) for b in blocks], 2)
+        b1 = F.interpolate(layer.an_bias, size=(3, 4), mode="bilinear").reshape(2, 4, 12)
+        b1 = b1 + (layer.ah_bias + layer.aw_bias).reshape(2, 4, 12)
+        b2 = F.interpolate(layer.na_bias, size=(3, 4), mode="bilinear").reshape(2, 4, 12).transpose(1, 2)
+        b2 = b2 + (layer.ha_bias + layer.wa_bias).reshape(2, 12, 4)
+        if prefix:
+            b1, b2 = torch.cat([layer.ac_bias, b1], -1), torch.cat([layer.ca_bias, b2], -2)
+        image = v[:, :, prefix:].transpose(1, 2).reshape(B, 12, 16).transpose(1, 2).reshape(B, 16, 3, 4)
+        conv = F.conv2d(image, layer.dwc.weight, layer.dwc.bias, padding=1, groups=16).flatten(2).transpose(1, 2)
+    o = two_softmaxes(q, k, v, A, b1, b2).transpose(1, 2).reshape(B, N, 16)
+    o = torch.cat([o[:, :prefix], o[:, prefix:] + conv], 1)
+    torch.testing.assert_close(layer(x), layer.proj(o))
+
+
+def test_agent_layer_refuses_causal_and_too_many_agents() -> None:
+    from attnlab.nn import AgentAttention
+
+    with pytest.raises(NotImplementedError, match="no causal form"):
+        AgentAttention(16, 2, causal=True)
+    with pytest.raises(ValueError, match="num_agents=9 is larger than the sequence length N=5"):
+        AgentAttention(16, 2, num_agents=9)(rand(1, 5, 16, seed=23, dtype=torch.float32))
+    with pytest.raises(ValueError, match="perfect square"):
+        AgentAttention(16, 2, num_agents=5, grid=(4, 4))

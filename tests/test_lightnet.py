@@ -151,3 +151,65 @@ def test_bad_options_raise_naming_the_argument(kwargs: dict, error: type, words:
     with pytest.raises(error) as info:
         lightnet_attention(q, q, q, **kwargs)
     assert words in str(info.value)
+
+
+@pytest.mark.parametrize("grid", [None, (4, 5), (2, 3, 4)], ids=["1d", "2d", "3d"])
+def test_md_lrpe_scores_depend_only_on_the_per_axis_offset(grid) -> None:
+    """<phi(q)_s, phi(k)_t> = sum_j q_j k_j cos(theta_j (p_s,g(j) - p_t,g(j))) (spec section 2, MD-LRPE)."""
+    from attnlab.nn import lrpe_theta, md_lrpe, md_lrpe_angles
+
+    d, prefix = 7, 2
+    shape = (24,) if grid is None else grid
+    cells = 1
+    for n in shape:
+        cells *= n
+    N = cells + prefix
+    theta = lrpe_theta(3, d, len(shape)).double()
+    angles = md_lrpe_angles(theta, N, head_dim=d, shape=shape)  # (H, N, d)
+    q, k = rand(1, 3, 1, d, seed=32).expand(1, 3, N, d), rand(1, 3, 1, d, seed=33).expand(1, 3, N, d)
+    scores = torch.einsum("bhsd,bhtd->bhst", md_lrpe(q, angles), md_lrpe(k, angles))  # same q, k at every position
+    coords = torch.stack(torch.unravel_index(torch.arange(cells), shape), -1).double()  # (cells, m)
+    e = theta.shape[1]
+    for s, t in [(0, 5), (3, 3), (7, cells - 1), (cells - 1, 1)]:
+        offset = coords[s] - coords[t]
+        turn = torch.stack([theta[:, j % e] * offset[j // e] for j in range(d)], -1)  # (H, d)
+        expected = (q[0, :, 0] * k[0, :, 0] * torch.cos(turn)).sum(-1)
+        torch.testing.assert_close(scores[0, :, prefix + s, prefix + t], expected)
+    # prefix (CLS) tokens are not encoded: [x, 0]
+    plain = torch.cat([q, torch.zeros_like(q)], -1)
+    torch.testing.assert_close(md_lrpe(q, angles)[:, :, :prefix], plain[:, :, :prefix])
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_lightnet_layer_is_the_documented_composition(causal: bool) -> None:
+    """Explicit quadratic form with the relative LRPE factor cos(angle_t - angle_s), then gate, RMSNorm, W_o."""
+    from attnlab.nn import LightNetAttention, md_lrpe_angles
+
+    torch.manual_seed(1)
+    layer = LightNetAttention(16, 2, causal=causal, grid=(3, 4), chunk_size=4).double()
+    B, N = 2, 13
+    x = rand(B, N, 16, seed=34)
+    q = torch.nn.functional.silu(layer.q_proj(x)).reshape(B, N, 2, 8).transpose(1, 2)
+    k = layer.k_proj(x).reshape(B, N, 2, 8).transpose(1, 2)
+    v = layer.v_proj(x).reshape(B, N, 2, 8).transpose(1, 2)
+    angles = md_lrpe_angles(layer.theta.double(), N, head_dim=8, shape=(3, 4))  # (H, N, d)
+    allowed = torch.ones(N, N).tril().bool() if causal else torch.ones(N, N).bool()
+    w = torch.softmax(k[:, :, None].expand(B, 2, N, N, 8).masked_fill(~allowed[None, None, :, :, None],
+                                                                       float("-inf")), dim=3)  # (B, H, t, s, c)
+    rel = torch.cos(angles[:, :, None] - angles[:, None, :])  # (H, t, s, c)
+    o = torch.einsum("bhtc,bhtsc,htsc,bhse->bhte", q, w, rel, v).transpose(1, 2).reshape(B, N, 16)
+    o = o * torch.sigmoid(layer.gate(x))
+    o = o / torch.sqrt(o.square().mean(-1, keepdim=True) + 1e-5) * layer.norm.weight
+    torch.testing.assert_close(layer(x), layer.out_proj(o))
+
+
+def test_lightnet_layer_without_lrpe_is_permutation_equivariant_when_bidirectional() -> None:
+    from attnlab.nn import LightNetAttention
+
+    torch.manual_seed(2)
+    layer = LightNetAttention(16, 2, use_lrpe=False).double()
+    x = rand(1, 11, 16, seed=35)
+    perm = torch.randperm(11, generator=torch.Generator().manual_seed(36))
+    torch.testing.assert_close(layer(x[:, perm]), layer(x)[:, perm])
+    with_lrpe = LightNetAttention(16, 2).double()
+    assert not torch.allclose(with_lrpe(x[:, perm]), with_lrpe(x)[:, perm])

@@ -200,3 +200,34 @@ def test_decay_slopes_bad_arguments(kwargs: dict, error: type) -> None:
     heads = kwargs.pop("heads")
     with pytest.raises(error):
         lightning_decay_slopes(heads, **kwargs)
+
+
+def test_tnl_layer_is_the_documented_composition() -> None:
+    """TNLAttention == SiLU projections -> masked lightning form with the layer's decay -> LN -> gate -> W_o."""
+    from attnlab.nn import TNLAttention
+
+    torch.manual_seed(0)
+    layer = TNLAttention(32, 4, layer_idx=2, num_layers=4, chunk_size=8).double()
+    x = rand(2, 21, 32, seed=40)
+    rates = torch.tensor([2 ** (-2 * (h + 1)) for h in range(4)], dtype=torch.float64) * (1 - 2 / 3 + 1e-5)
+    torch.testing.assert_close(layer.decay.double(), rates)
+
+    def heads(t):
+        return torch.nn.functional.silu(t).reshape(2, 21, 4, 8).transpose(1, 2)
+
+    q, k, v = heads(layer.q_proj(x)), heads(layer.k_proj(x)), heads(layer.v_proj(x))
+    o = oracle(q, k, v, rates).transpose(1, 2).reshape(2, 21, 32)
+    o = torch.nn.functional.layer_norm(o, (32,), layer.norm.weight, layer.norm.bias, 1e-5)
+    gate = torch.sigmoid(x @ layer.gate[0].weight.T @ layer.gate[1].weight.T)
+    expected = (o * gate) @ layer.out_proj.weight.T
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_tnl_layer_is_causal_only_and_the_plain_op_fits_the_generic_layer() -> None:
+    import attnlab
+    from attnlab.nn import TNLAttention
+
+    with pytest.raises(NotImplementedError, match="causal only"):
+        TNLAttention(16, 2, causal=False)
+    layer = attnlab.nn.Attention(16, 2, mechanism="lightning", causal=True, decay=0.1)
+    assert layer(rand(1, 9, 16, seed=41, dtype=torch.float32)).shape == (1, 9, 16)

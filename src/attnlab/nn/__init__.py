@@ -4,6 +4,11 @@ from attnlab.nn.attention import Attention
 
 # Each mechanism issue adds its imports in its own block below (keeps parallel edits apart).
 # --- Mechanisms I: linear and recurrent family ---
+# isort: split
+from attnlab.nn.agent import AgentAttention
+from attnlab.nn.lightnet import LightNetAttention, lrpe_theta, md_lrpe, md_lrpe_angles
+from attnlab.nn.tnl import TNLAttention
+
 # --- Mechanisms II: local, sparse and biased ---
 # isort: split
 from attnlab.nn.dynamic_mask import DynamicMaskAttention
