@@ -1,0 +1,105 @@
+"""In-context linear regression patterns of one-layer multi-head softmax attention.
+
+He, Pan, Chen & Yang, "In-Context Linear Regression Demystified" (ICML 2025, arXiv 2503.12734),
+analysis spec A8. The model: ``y_hat = sum_h W_O^h sum_l softmax_l((W_Q^h z_q)^T (W_K^h z_l) / sqrt(d+1)) W_V^h z_l``
+with tokens ``z = [x; y]`` in ``R^{d+1}`` and the query ``z_q = [x_q; 0]``.
+
+Per head, in ``nn.Linear`` weight convention (``q = W_Q z``):
+
+- ``KQ^h = W_Q^{hT} W_K^h`` so that the score is ``z_q^T KQ^h z_l`` (the paper's ``W_Q W_K^T`` with
+  column-vector weights);
+- ``OV^h = (W_O^h W_V^h)^T`` in ``R^{d+1}``: how each input coordinate reaches the output.
+
+Emergent patterns: ``KQ^h ~ [[omega_h I_d, 0], [0, 0]]``, ``OV^h ~ [0, ..., 0, mu_h]``,
+``sum_h mu_h ~ 0``. The metrics (inferred definitions of the spec; the paper shows heatmaps):
+``diag_ratio``, ``homog``, ``omega``, ``last_entry_ratio``, ``mu``, ``zero_sum``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["kq_ov", "pattern_metrics", "icl_attention_forward", "dgd_predict", "gd_predict", "tf_reduced_predict",
+           "ridge_predict", "ridge_loss", "optimal_mu"]
+
+
+def kq_ov(w_q: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(KQ [H, d+1, d+1], OV [H, d+1])`` from per-head weights ``w_q, w_k, w_v [H, d+1, d+1]``
+    (``nn.Linear`` convention, out x in) and ``w_o [H, d+1]`` (head ``h``'s slice of the readout)."""
+    kq = w_q.transpose(-1, -2) @ w_k  # (H, d+1, d+1)
+    ov = (w_o[:, None, :] @ w_v)[:, 0]  # (H, d+1)
+    return kq, ov
+
+
+def pattern_metrics(kq: torch.Tensor, ov: torch.Tensor) -> dict[str, torch.Tensor | float]:
+    """The spec A8.3 metrics: per head ``diag_ratio = ||diag(KQ_xx)|| / ||KQ||_F`` (1 ideal),
+    ``homog = std(diag(KQ_xx)) / |mean(diag(KQ_xx))|`` (0 ideal), ``omega = mean(diag(KQ_xx))``,
+    ``last_entry_ratio = |OV[d]| / ||OV||`` (1 ideal), ``mu = OV[d]``; and over heads
+    ``zero_sum = |sum mu| / sum |mu|`` (0 ideal). ``std`` is the population std (inferred)."""
+    kq, ov = kq.double(), ov.double()
+    diag = torch.diagonal(kq[:, :-1, :-1], dim1=-2, dim2=-1)  # (H, d)
+    mu = ov[:, -1]
+    return {
+        "diag_ratio": diag.norm(dim=-1) / kq.flatten(1).norm(dim=-1),
+        "homog": diag.std(-1, correction=0) / diag.mean(-1).abs(),
+        "omega": diag.mean(-1),
+        "last_entry_ratio": mu.abs() / ov.norm(dim=-1),
+        "mu": mu,
+        "zero_sum": float(mu.sum().abs() / mu.abs().sum()),
+    }
+
+
+def icl_attention_forward(z: torch.Tensor, z_q: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor,
+                          w_v: torch.Tensor, w_o: torch.Tensor) -> torch.Tensor:
+    """The paper's one-layer model (spec A8.2) written out: ``z [B, L, d+1]``, ``z_q [B, d+1]``,
+    weights as in :func:`kq_ov`; returns ``y_hat [B]``. The query does not attend to itself."""
+    scale = z.shape[-1] ** -0.5
+    q = torch.einsum("hij,bj->bhi", w_q, z_q)  # (B, H, d+1)
+    k = torch.einsum("hij,blj->bhli", w_k, z)  # (B, H, L, d+1)
+    v = torch.einsum("hij,blj->bhli", w_v, z)  # (B, H, L, d+1)
+    a = torch.softmax(torch.einsum("bhi,bhli->bhl", q, k) * scale, -1)  # (B, H, L)
+    heads = torch.einsum("bhl,bhli->bhi", a, v)  # (B, H, d+1)
+    return torch.einsum("bhi,hi->b", heads, w_o)
+
+
+def gd_predict(x: torch.Tensor, y: torch.Tensor, x_q: torch.Tensor, omega: float, mu: float) -> torch.Tensor:
+    """One GD step from 0: ``(2 omega mu / L) sum_l y_l x_l^T x_q``; ``x [B, L, d]``, ``y [B, L]``, ``x_q [B, d]``."""
+    return 2 * omega * mu / x.shape[1] * torch.einsum("bl,bld,bd->b", y, x, x_q)
+
+
+def dgd_predict(x: torch.Tensor, y: torch.Tensor, x_q: torch.Tensor, omega: float, mu: float) -> torch.Tensor:
+    """Debiased GD: ``(2 omega mu / L) sum_l y_l (x_l - x_bar)^T x_q`` (what two sign-opposed heads compute)."""
+    centred = x - x.mean(1, keepdim=True)
+    return 2 * omega * mu / x.shape[1] * torch.einsum("bl,bld,bd->b", y, centred, x_q)
+
+
+def tf_reduced_predict(x: torch.Tensor, y: torch.Tensor, x_q: torch.Tensor, omega: torch.Tensor,
+                       mu: torch.Tensor) -> torch.Tensor:
+    """The pattern-reduced predictor ``sum_h mu_h sum_l y_l softmax_l(omega_h x_l^T x_q)``."""
+    scores = torch.einsum("h,bld,bd->bhl", omega.to(x.dtype), x, x_q)
+    return torch.einsum("h,bhl,bl->b", mu.to(x.dtype), torch.softmax(scores, -1), y)
+
+
+def optimal_mu(omega: torch.Tensor, *, d: int, L: int, noise: float) -> torch.Tensor:
+    """``mu*(omega) = (omega omega^T + (1 + sigma^2) L^-1 exp(d omega omega^T))^-1 omega`` (element-wise exp)."""
+    w = omega.double()
+    outer = torch.outer(w, w)
+    return torch.linalg.solve(outer + (1 + noise) / L * torch.exp(d * outer), w)
+
+
+def ridge_predict(x: torch.Tensor, y: torch.Tensor, x_q: torch.Tensor, *, lam: float) -> torch.Tensor:
+    """Bayes-optimal ridge ``beta = (X^T X + lam I)^-1 X^T y``, ``y_hat = x_q^T beta`` (``lam = sigma^2 d``
+    for ``beta ~ N(0, I / d)``)."""
+    d = x.shape[-1]
+    gram = x.transpose(1, 2) @ x + lam * torch.eye(d, dtype=x.dtype)
+    beta = torch.linalg.solve(gram, (x.transpose(1, 2) @ y[..., None]))[..., 0]
+    return (beta * x_q).sum(-1)
+
+
+def ridge_loss(noise: float, xi: float) -> float:
+    """Asymptotic ridge risk with ``xi = L / d`` as in the code:
+    ``0.5 (sigma^2 + (xi - 1)/xi + sqrt(4 sigma^2 + (sigma^2 + (1 - xi)/xi)^2))``."""
+    return 0.5 * (noise + (xi - 1) / xi + math.sqrt(4 * noise + (noise + (1 - xi) / xi) ** 2))
