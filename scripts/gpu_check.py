@@ -85,7 +85,6 @@ class Entry:
     reference: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     flops: Callable[[int, int, int, int], float] | None = None  # (B, H, N, D) -> forward flops
     lengths: tuple[int, ...] | None = None
-    note: str = ""
     results: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -255,24 +254,28 @@ def entries(shape: Shape, device: torch.device) -> list[Entry]:
 
         out.append(Entry("flashbias auto (causal ALiBi)", "FlashBias hi/lo cuDNN", flashbias_build, flashbias_ref))
     try:
-        from fla.ops.linear_attn import chunk_linear_attn
-        from fla.ops.simple_gla import chunk_simple_gla
+        import fla.ops.linear_attn  # noqa: F401
+        import fla.ops.simple_gla  # noqa: F401
 
-        from attnlab.ops import lightning_decay_slopes
+        from attnlab.bench.speed import _fla_linear_attn, _fla_simple_gla
 
-        g_gamma = -lightning_decay_slopes(shape.heads).float().to(device)
-        bthd = lambda x: x.transpose(1, 2)  # noqa: E731  (fla's [B, T, H, D] layout)
+        ctx = {"heads": shape.heads, "device": device}
+        lightning_ref = None
+        if "lightning" in names:
+            from attnlab.ops import lightning_decay_slopes
+
+            def lightning_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                decay = lightning_decay_slopes(shape.heads).to(q.device)
+                return attnlab.get("lightning").run_reference(q, k, v, causal=True, decay=decay)
+        linear_ref = None
+        if "linear" in names:
+            def linear_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                return attnlab.get("linear").run_reference(q, k, v, causal=True, feature_map="identity",
+                                                           normalize=False)
         out.append(Entry("fla chunk_simple_gla", "fla chunk_simple_gla",
-                         lambda q, k, v: (lambda a, b, c: lambda: chunk_simple_gla(a, b, c, g_gamma=g_gamma,
-                                                                                   scale=1.0)[0])(
-                             *(bthd(x) for x in (q, k, v))),
-                         lambda q, k, v: attnlab.get("lightning").run_reference(
-                             q, k, v, causal=True, decay=-g_gamma.double()) if "lightning" in names else None,
-                         note="output [B, T, H, D]"))
+                         lambda q, k, v: _fla_simple_gla(q, k, v, True, ctx), lightning_ref))
         out.append(Entry("fla chunk_linear_attn", "fla chunk_linear_attn",
-                         lambda q, k, v: (lambda a, b, c: lambda: chunk_linear_attn(a, b, c, scale=1.0,
-                                                                                    normalize=False)[0])(
-                             *(bthd(x) for x in (q, k, v)))))
+                         lambda q, k, v: _fla_linear_attn(q, k, v, True, ctx), linear_ref))
         say(f"fla found: {getattr(sys.modules.get('fla'), '__version__', '?')}")
     except Exception as error:
         say(f"fla not available ({_short(error)}): its rows are left out")
@@ -300,8 +303,6 @@ def time_entry(entry: Entry, N: int, shape: Shape, device: torch.device, *, quic
         with torch.no_grad():
             call = entry.build(q, k, v)
             out = first_output(call())
-        if entry.note:
-            out = out.transpose(1, 2)
         row["fwd_ms"] = time_callable(call, device=device, **timing).median_ms
         if entry.flops is not None:
             row["tflops_fwd"] = entry.flops(B, shape.heads, N, shape.dim) / (row["fwd_ms"] * 1e-3) / 1e12
@@ -319,6 +320,7 @@ def time_entry(entry: Entry, N: int, shape: Shape, device: torch.device, *, quic
     del q, k, v
     try:
         call = entry.build(qg, kg, vg)
+        leaves = [qg, kg, vg, *getattr(call, "leaves", [])]  # builders that re-lay the inputs list theirs
         ones: list[torch.Tensor] = []
 
         def fwd_bwd() -> None:
@@ -326,7 +328,8 @@ def time_entry(entry: Entry, N: int, shape: Shape, device: torch.device, *, quic
             if not ones:
                 ones.append(torch.ones_like(o))
             o.backward(ones[0])
-            qg.grad = kg.grad = vg.grad = None
+            for leaf in leaves:
+                leaf.grad = None
 
         fwd_bwd()
         row["fwdbwd_ms"] = time_callable(fwd_bwd, device=device, **timing).median_ms

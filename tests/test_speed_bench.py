@@ -275,3 +275,45 @@ def test_gpu_check_ratios_to_the_anchor_table(monkeypatch: pytest.MonkeyPatch) -
     assert row["fwdbwd_ratio"] == pytest.approx(row["fwdbwd_ms"] / 4.940)
     assert "rel_err" not in row  # above err_max_length: no reference computed
     assert "| softmax SDPA[flash] | 1024 | 1 |" in gpu_check.table([row])
+
+
+def test_fla_baselines_are_wired_in_fla_layout_and_decay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fla builders (GPU only in real runs) against a stand-in module with fla's calling convention:
+    [B, T, H, D] inputs, ``g_gamma`` = log of the per-step decay; the output must equal attnlab's lightning."""
+    import sys
+    import types
+
+    from attnlab.ops import lightning_attention_reference, lightning_decay_slopes
+
+    def chunk_simple_gla(q, k, v, g_gamma=None, scale=None, initial_state=None, output_final_state=False):
+        assert q.is_contiguous() and q.shape[2] == 3  # token-major [B, T, H, D]
+        out = lightning_attention_reference(*(x.transpose(1, 2) for x in (q, k, v)), decay=-g_gamma, scale=scale)
+        return out.transpose(1, 2), None
+
+    def chunk_linear_attn(q, k, v, scale=None, initial_state=None, output_final_state=False, normalize=True):
+        assert not normalize
+        out = lightning_attention_reference(*(x.transpose(1, 2) for x in (q, k, v)), decay=None, scale=scale)
+        return out.transpose(1, 2), None
+
+    fla = types.ModuleType("fla")
+    ops = types.ModuleType("fla.ops")
+    sg = types.ModuleType("fla.ops.simple_gla")
+    la = types.ModuleType("fla.ops.linear_attn")
+    sg.chunk_simple_gla, la.chunk_linear_attn = chunk_simple_gla, chunk_linear_attn
+    for name, module in (("fla", fla), ("fla.ops", ops), ("fla.ops.simple_gla", sg), ("fla.ops.linear_attn", la)):
+        monkeypatch.setitem(sys.modules, name, module)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 20, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    ctx = {"batch": 2, "heads": 3, "N": 20, "dim": 8, "device": torch.device("cpu"), "dtype": torch.float64}
+    expected = lightning_attention_reference(q, k, v, decay=lightning_decay_slopes(3).double(), scale=1.0)
+    got = speed._fla_simple_gla(q, k, v, True, ctx)()
+    assert torch.allclose(got, expected, atol=1e-10)
+    assert torch.allclose(speed._fla_linear_attn(q, k, v, True, ctx)(),
+                          lightning_attention_reference(q, k, v, decay=None, scale=1.0), atol=1e-10)
+    # forward + backward through the external path: gradients land on (and are cleared from) its leaves
+    spec = speed._cell_spec(mechanism="fla:chunk_simple_gla", impl="external", path="external", N=20,
+                            mode="fwdbwd", causal=True, batch=2, heads=3, dim=8, dtype="float32", device="cpu",
+                            seed=0)
+    call = speed.build_cell(spec)
+    call()
+    call()

@@ -476,30 +476,44 @@ class ExternalBaseline:
     note: str = ""
 
 
+def _token_major(*xs: torch.Tensor) -> list[torch.Tensor]:
+    """``[B, H, N, D]`` tensors as contiguous ``[B, N, H, D]`` leaves (fla's and NATTEN's layout), made
+    outside the timed call; gradients land on these leaves (listed as ``run.leaves``)."""
+    return [x.detach().transpose(1, 2).contiguous().requires_grad_(x.requires_grad) for x in xs]
+
+
 def _fla_simple_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                     ctx: Mapping[str, Any]) -> Callable[[], Any]:
+    """fla's ``chunk_simple_gla`` with attnlab's lightning decay: ``g_gamma = -s_h`` (log of lambda_h)."""
     from fla.ops.simple_gla import chunk_simple_gla
 
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # (B, N, H, D): fla's layout
-    decay = _lightning_options(ctx)["decay"]  # the same per-head rates as attnlab's lightning cell
+    qt, kt, vt = _token_major(q, k, v)  # (B, N, H, D)
+    decay = _lightning_options({**ctx, "device": q.device})["decay"]  # the lightning cell's per-head rates
     rates = decay if isinstance(decay, torch.Tensor) else torch.full((ctx["heads"],), float(decay))
-    g_gamma = -rates.float().to(q.device)  # log of the per-step decay lambda_h = exp(-s_h)
+    g_gamma = -rates.float().to(q.device)  # (H,)
+    if "g_gamma" in inspect.signature(chunk_simple_gla).parameters:
+        kwargs: dict[str, Any] = {"g_gamma": g_gamma}
+    else:  # older fla: a per-token log decay [B, N, H]
+        kwargs = {"g": g_gamma.expand(qt.shape[0], qt.shape[1], -1).contiguous()}
 
     def run() -> torch.Tensor:
-        return chunk_simple_gla(qt, kt, vt, g_gamma=g_gamma, scale=1.0)[0]
+        return chunk_simple_gla(qt, kt, vt, scale=1.0, **kwargs)[0].transpose(1, 2)  # (B, H, N, D)
 
+    run.leaves = [qt, kt, vt]
     return run
 
 
 def _fla_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                      ctx: Mapping[str, Any]) -> Callable[[], Any]:
+    """fla's ``chunk_linear_attn``, unnormalized, no feature map (= lightning without decay)."""
     from fla.ops.linear_attn import chunk_linear_attn
 
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    qt, kt, vt = _token_major(q, k, v)
 
     def run() -> torch.Tensor:
-        return chunk_linear_attn(qt, kt, vt, scale=1.0, normalize=False)[0]
+        return chunk_linear_attn(qt, kt, vt, scale=1.0, normalize=False)[0].transpose(1, 2)
 
+    run.leaves = [qt, kt, vt]
     return run
 
 
@@ -507,12 +521,13 @@ def _natten_na1d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
                  ctx: Mapping[str, Any]) -> Callable[[], Any]:
     from natten.functional import na1d
 
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # (B, N, H, D)
+    qt, kt, vt = _token_major(q, k, v)  # (B, N, H, D)
     kernel = _odd_at_most(ctx["N"] // 2, 127)
 
     def run() -> torch.Tensor:
-        return na1d(qt, kt, vt, kernel_size=kernel, is_causal=causal)
+        return na1d(qt, kt, vt, kernel_size=kernel, is_causal=causal).transpose(1, 2)
 
+    run.leaves = [qt, kt, vt]
     return run
 
 
@@ -605,7 +620,7 @@ def build_cell(spec: Mapping[str, Any], *, externals: Sequence[ExternalBaseline]
             raise KeyError(f"unknown external baseline {spec['mechanism']!r}")
         q, k, v = draw(B, H, N, D), draw(B, H, N, D), draw(B, H, N, D)
         call = ext.build(q, k, v, spec["causal"], ctx)
-        leaves = [q, k, v]
+        leaves = [q, k, v, *getattr(call, "leaves", [])]
     elif spec["path"] == "layer":
         record = attnlab.get(spec["mechanism"])
         layer_options = bench_options(record, ctx) if record.name in BENCH_OPTIONS else {}
