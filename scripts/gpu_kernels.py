@@ -125,7 +125,7 @@ def section_correctness() -> None:
     # (a) forward, bf16, anchor shapes (the float64 reference is the chunked form in float64)
     for N in LENGTHS:
         q, k, v = anchor_inputs(N, seed=N)
-        out = K.lightning_attention_triton(q, k, v, decay=rates())
+        out = K.lightning_attention_triton(q, k, v, decay=rates(), chunk_size=CHUNK)
         ref = reference64(q, k, v, rates())
         err = rel(out, ref)
         rows.append({"check": f"fwd bf16 B={TOKENS // N} N={N}", "rel_err": err, "limit": 3e-3, "ok": err < 3e-3})
@@ -139,7 +139,7 @@ def section_correctness() -> None:
         s0 = torch.randn(B, H, D, D, device=DEVICE, generator=gen).requires_grad_()
         decay = rates().clone().requires_grad_()
         out, sn = K.lightning_attention_triton(q, k, v, decay=decay, scale=D**-0.5, initial_state=s0,
-                                               return_state=True)
+                                               return_state=True, chunk_size=CHUNK)
         do = torch.randn(out.shape, device=DEVICE, generator=gen, dtype=torch.float32)
         dsn = torch.randn(sn.shape, device=DEVICE, generator=gen)
         grads = torch.autograd.grad((out.float() * do).sum() + (sn * dsn).sum(), (q, k, v, s0, decay))
@@ -157,8 +157,8 @@ def section_correctness() -> None:
         torch.cuda.empty_cache()
     # (c) segments forced against one segment: same function
     q, k, v = anchor_inputs(LENGTHS[-2], seed=5)
-    one = K.lightning_attention_triton(q, k, v, decay=rates(), segments=1)
-    many = K.lightning_attention_triton(q, k, v, decay=rates(), segments=16)
+    one = K.lightning_attention_triton(q, k, v, decay=rates(), segments=1, chunk_size=CHUNK)
+    many = K.lightning_attention_triton(q, k, v, decay=rates(), segments=16, chunk_size=CHUNK)
     err = rel(many, one)
     rows.append({"check": f"segments=16 vs 1, bf16 N={LENGTHS[-2]}", "rel_err": err, "limit": 3e-3,
                  "ok": err < 3e-3})
@@ -200,7 +200,7 @@ def time_length(N: int, fla, s: torch.Tensor, rows: list[dict], budget: float) -
     ref = reference64(q.detach(), k.detach(), v.detach(), s) if N <= LENGTHS[-2] else None
 
     def ours_f():
-        return K.lightning_attention_triton(q, k, v, decay=s)
+        return K.lightning_attention_triton(q, k, v, decay=s, chunk_size=CHUNK)
 
     def ours_fb():
         return torch.autograd.grad(ours_f(), (q, k, v), do)
@@ -228,10 +228,11 @@ def time_length(N: int, fla, s: torch.Tensor, rows: list[dict], budget: float) -
         def fla_lin_fb():
             return torch.autograd.grad(fla_lin_f(), (qt, kt, vt), dot)
 
-        time_impl("fla chunk_linear_attn (no decay)", N, fla_lin_f, fla_lin_fb, rows)
+        if FLA_LINEAR:
+            time_impl("fla chunk_linear_attn (no decay)", N, fla_lin_f, fla_lin_fb, rows)
 
     def ours_nodecay_f():
-        return K.lightning_attention_triton(q, k, v)
+        return K.lightning_attention_triton(q, k, v, chunk_size=CHUNK)
 
     def ours_nodecay_fb():
         return torch.autograd.grad(ours_nodecay_f(), (q, k, v), do)
@@ -262,58 +263,86 @@ def section_timings(budget: float) -> None:
         torch.cuda.empty_cache()
 
 
+# Launch variants compared in the same run; the best one (by fwd+bwd time at the first and the last
+# length, among those whose forward error stays under 2.5e-3) is used for the timings section.
+# "chunk_size" is passed to the call; every other key goes to attnlab.kernels.lightning.TUNING.
 VARIANTS = [
-    {},
-    {"segments_per_wave": 1},
-    {"segments_per_wave": 4},
-    {"precise": False},
-    {"block_v": 128},
-    {"block_v": 32},
-    {"num_warps": 4},
-    {"num_stages": 3},
+    {"precise": 2},
+    {"precise": 1},
+    {"precise": 0},
+    {"precise": 1, "num_warps": 4},
+    {"precise": 1, "block_v": 32, "num_warps": 4},
+    {"precise": 1, "block_v": 128},
+    {"precise": 1, "chunk_size": 128},
+    {"precise": 0, "block_v": 32, "num_warps": 4},
+    {"precise": 1, "num_stages": 3},
 ]
+SEGMENT_VARIANTS = [{"segments_per_wave": 1}, {"segments_per_wave": 4}, {"segments_per_wave": 8}]
+CHUNK = 64
+FLA_LINEAR = True
 
 
-def time_variants(N: int, base: dict, rows: list[dict], budget: float) -> None:
+def apply_variant(base: dict, variant: dict) -> None:
+    global CHUNK
+    K.TUNING.clear()
+    K.TUNING.update(base)
+    K.TUNING.update({key: value for key, value in variant.items() if key != "chunk_size"})
+    CHUNK = int(variant.get("chunk_size", 64))
+
+
+def time_variants(N: int, base: dict, variants: list[dict], rows: list[dict], budget: float) -> None:
     s = rates()
     q, k, v = anchor_inputs(N, requires_grad=True)
     do = torch.randn_like(q)
+    ref = reference64(q.detach()[:1], k.detach()[:1], v.detach()[:1], s) if N <= LENGTHS[-2] else None
 
     def fwd():
-        return K.lightning_attention_triton(q, k, v, decay=s)
+        return K.lightning_attention_triton(q, k, v, decay=s, chunk_size=CHUNK)
 
     def fwd_bwd():
         return torch.autograd.grad(fwd(), (q, k, v), do)
 
-    for variant in VARIANTS:
+    for variant in variants:
         if elapsed() > budget:
             log("time budget spent: stopping variants")
             return
-        if N == VARIANT_LENGTHS[0] and "segments_per_wave" in variant:
-            continue
-        K.TUNING.clear()
-        K.TUNING.update(base)
-        K.TUNING.update(variant)
+        apply_variant(base, variant)
         try:
+            err = rel(fwd()[:1], ref) if ref is not None else None
             t_f, t_fb = bench(fwd), bench(fwd_bwd)
         except Exception as error:
             log(f"variant {variant} failed: {error!r}")
             continue
-        rows.append({"N": N, "variant": variant or "default", "fwd_ms": t_f, "fwd_bwd_ms": t_fb})
+        rows.append({"N": N, "variant": variant, "fwd_ms": t_f, "fwd_bwd_ms": t_fb, "rel_err": err})
         log(rows[-1])
 
 
 def section_variants(budget: float) -> None:
+    """Measure the launch variants, then keep the best one in K.TUNING / CHUNK for what follows."""
     rows: list[dict] = []
     RESULTS["variants"] = rows
     base = dict(K.TUNING)
-    try:
-        for N in VARIANT_LENGTHS:
-            time_variants(N, base, rows, budget)
-            torch.cuda.empty_cache()
-    finally:
-        K.TUNING.clear()
-        K.TUNING.update(base)
+    for N in VARIANT_LENGTHS:
+        time_variants(N, base, VARIANTS, rows, budget)
+        torch.cuda.empty_cache()
+    first, last = VARIANT_LENGTHS[0], VARIANT_LENGTHS[-1]
+    scores = []
+    for variant in VARIANTS:
+        mine = {r["N"]: r for r in rows if r["variant"] == variant}
+        if first in mine and last in mine and (mine[first]["rel_err"] or 1.0) < 2.5e-3:
+            scores.append((mine[first]["fwd_bwd_ms"] + mine[last]["fwd_bwd_ms"], VARIANTS.index(variant)))
+    best = VARIANTS[min(scores)[1]] if scores else {}
+    segment_rows: list[dict] = []
+    time_variants(last, base, [{**best, **seg} for seg in SEGMENT_VARIANTS], segment_rows, budget)
+    rows.extend(segment_rows)
+    best_seg: dict = {}
+    at_last = [r for r in rows if r["N"] == last and (r["variant"] == best or r in segment_rows)]
+    if at_last:
+        best_seg = min(at_last, key=lambda r: r["fwd_bwd_ms"])["variant"]
+    chosen = {**best, **best_seg}
+    apply_variant(base, chosen)
+    RESULTS["chosen_variant"] = chosen
+    log(f"chosen variant: {chosen}")
 
 
 def phase_times(N: int) -> dict:
@@ -372,9 +401,11 @@ def print_tables() -> None:
               f"{r['peak_GiB']:.2f} | {e} |")
     if RESULTS.get("variants"):
         print("\n## variants (attnlab triton, per-head decay)")
-        print("| N | variant | fwd ms | fwd+bwd ms |\n|---|---|---|---|")
+        print("| N | variant | fwd ms | fwd+bwd ms | rel. err (fwd, b=0) |\n|---|---|---|---|---|")
         for r in RESULTS["variants"]:
-            print(f"| {r['N']} | {r['variant']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} |")
+            e = "–" if r["rel_err"] is None else f"{r['rel_err']:.2e}"
+            print(f"| {r['N']} | {r['variant']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {e} |")
+        print("chosen:", RESULTS.get("chosen_variant"))
     if RESULTS.get("phases"):
         print("\n## phases")
         for r in RESULTS["phases"]:
@@ -394,10 +425,12 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=400.0, help="seconds before later sections are skipped")
     parser.add_argument("--sections", default="1,2,3,4,5")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run under TRITON_INTERPRET=1")
+    parser.add_argument("--no-fla-linear", action="store_true", help="leave out fla chunk_linear_attn")
     args = parser.parse_args()
     out_dir = Path(args.out)
     sections = {int(x) for x in args.sections.split(",")}
-    global DEVICE, SMOKE, H, D, TOKENS, LENGTHS, VARIANT_LENGTHS, GRAD_CASES
+    global DEVICE, SMOKE, H, D, TOKENS, LENGTHS, VARIANT_LENGTHS, GRAD_CASES, FLA_LINEAR
+    FLA_LINEAR = not args.no_fla_linear
     if args.smoke:
         DEVICE, SMOKE, H, D, TOKENS, LENGTHS, VARIANT_LENGTHS = "cpu", True, 2, 16, 256, (64, 128, 256), (64, 256)
         GRAD_CASES = ((torch.bfloat16, 2, 64, 8e-3), (torch.float32, 1, 130, 1e-4))
@@ -412,8 +445,8 @@ def main() -> None:
                       "device": "cpu (smoke)" if SMOKE else torch.cuda.get_device_name(),
                       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     log(RESULTS["env"])
-    steps = [(1, section_ceilings, ()), (2, section_correctness, ()), (3, section_timings, (args.budget * 0.7,)),
-             (4, section_variants, (args.budget * 0.9,)), (5, section_phases, ())]
+    steps = [(1, section_ceilings, ()), (4, section_variants, (args.budget * 0.4,)), (2, section_correctness, ()),
+             (3, section_timings, (args.budget * 0.9,)), (5, section_phases, ())]
     for number, fn, fn_args in steps:
         if number not in sections:
             continue

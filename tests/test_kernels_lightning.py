@@ -162,7 +162,44 @@ def _worker_extras() -> dict[str, float]:
     qt, kt, vt = (torch.randn(1, 20, 2, 16, generator=gen, dtype=torch.float64).transpose(1, 2) for _ in range(3))
     ref = lightning_attention(qt, kt, vt, decay=0.2, impl="reference")
     extras["strided_inputs"] = _rel(lightning_attention_triton(qt, kt, vt, decay=0.2, chunk_size=16), ref)
+    extras.update(_linear_case(gen))
     return extras
+
+
+def _linear_case(gen: torch.Generator) -> dict[str, float]:
+    """linear_attention_triton (elu+1, normalized, GQA, initial state) vs the linear op's reference."""
+    import torch.nn.functional as F
+
+    from attnlab.kernels.lightning import linear_attention_triton
+    from attnlab.ops.linear import linear_attention
+
+    B, H, Hkv, N, D, Dv = 1, 4, 2, 37, 16, 24
+    q = torch.randn(B, H, N, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, Hkv, N, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, Hkv, N, Dv, generator=gen, dtype=torch.float64, requires_grad=True)
+    S0 = torch.rand(B, H, D, Dv, generator=gen, dtype=torch.float64)
+    z0 = torch.rand(B, H, D, generator=gen, dtype=torch.float64) + 0.5
+    errors = {}
+    for normalize in (True, False):
+        state = (S0, z0) if normalize else S0
+        out, final = linear_attention_triton(q, k, v, feature_map=lambda x: F.elu(x) + 1, normalize=normalize,
+                                             eps=1e-6, scale=0.5, chunk_size=16, initial_state=state,
+                                             return_state=True)
+        ref, ref_final = linear_attention(q, k, v, causal=True, feature_map="elu+1", normalize=normalize, eps=1e-6,
+                                          scale=0.5, initial_state=(S0, z0), return_state=True, impl="reference")
+        gout = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+        grads = torch.autograd.grad((out * gout).sum(), (q, k, v))
+        ref_grads = torch.autograd.grad((ref * gout).sum(), (q, k, v))
+        tag = "normalized" if normalize else "plain"
+        errors[f"linear_{tag}_out"] = _rel(out, ref)
+        if normalize:
+            errors[f"linear_{tag}_S"] = _rel(final[0], ref_final[0])
+            errors[f"linear_{tag}_z"] = _rel(final[1], ref_final[1])
+        else:
+            errors[f"linear_{tag}_S"] = _rel(final, ref_final[0])
+        for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
+            errors[f"linear_{tag}_{name}"] = _rel(g, r)
+    return errors
 
 
 def _worker() -> None:
@@ -211,6 +248,14 @@ def test_interpreter_extras(interpreter_results: dict) -> None:
     assert extras["runs_on_cpu_under_interpreter"] == 1.0
     for name in ("chunk_size_7", "two_pieces", "torch_compile", "strided_inputs"):
         assert extras[name] < 1e-11, (name, extras[name])
+
+
+def test_linear_attention_through_the_lightning_kernels(interpreter_results: dict) -> None:
+    extras = interpreter_results["extras"]
+    linear = {name: err for name, err in extras.items() if name.startswith("linear_")}
+    assert len(linear) == 11, linear
+    bad = {name: err for name, err in linear.items() if not err < 1e-11}
+    assert not bad, bad
 
 
 # ---- in this process (no interpreter): argument checks and device selection ----

@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 
 import torch
 
-__all__ = ["lightning_attention_triton", "triton_runs_on", "triton_available"]
+__all__ = ["lightning_attention_triton", "linear_attention_triton", "triton_runs_on", "triton_available"]
 
 try:  # triton is an optional dependency at import time: CPU-only users may not have it.
     import triton
@@ -170,15 +171,17 @@ if triton is not None:
                 scores = scores * intra_decay
                 if not SCALE_OUT:
                     scores = scores * scale
-                if PRECISE:
+                if PRECISE >= 2:
                     s_hi, s_lo = _split_hi_lo(scores, v.dtype)
                     out = _mma(s_hi, v, None, DOT_PRECISION, ACC, UPCAST)
                     out = _mma(s_lo, v, out, DOT_PRECISION, ACC, UPCAST)
+                else:
+                    out = _mma(scores.to(v.dtype), v, None, DOT_PRECISION, ACC, UPCAST)
+                if PRECISE >= 1:
                     st_hi, st_lo = _split_hi_lo(state, q.dtype)
                     inter = _mma(q, st_hi, None, DOT_PRECISION, ACC, UPCAST)
                     inter = _mma(q, st_lo, inter, DOT_PRECISION, ACC, UPCAST)
                 else:
-                    out = _mma(scores.to(v.dtype), v, None, DOT_PRECISION, ACC, UPCAST)
                     inter = _mma(q, state.to(q.dtype), None, DOT_PRECISION, ACC, UPCAST)
                 qd = q_decay
                 if S0_SHIFT:
@@ -189,31 +192,31 @@ if triton is not None:
                     out = out * scale
                 tl.store(o_base + rows[:, None] * so_n + offs_v[None, :], out.to(O.dtype.element_ty),
                          mask=valid[:, None] & mask_v[None, :])
-            # carry the state over the chunk: S <- lambda^m S + (lambda^(m-1-j) k_j)^T v_j
+            # carry the state over the chunk: S <- lambda^m S + K^T (lambda^(m-1-j) v_j); the decay
+            # (and the key-side scale) multiply the value rows, the smaller tile when BV <= DK
             if HAS_DECAY:
-                k_decay = tl.where(valid, tl.exp(-rate * tl.where(valid, (m - 1 - offs_t).to(ACC), 0.0)),
-                                   0.0)
                 state = state * tl.exp(-rate * (m.to(ACC) - first_shift))
-                kk = k.to(ACC) * k_decay[:, None]
+                v_decay = tl.where(valid, tl.exp(-rate * tl.where(valid, (m - 1 - offs_t).to(ACC), 0.0)), 0.0)
                 if not SCALE_OUT:
-                    kk = kk * scale
-                if PRECISE:
-                    kk_hi, kk_lo = _split_hi_lo(kk, v.dtype)
-                    state = _mma(tl.trans(kk_hi), v, state, DOT_PRECISION, ACC, UPCAST)
-                    state = _mma(tl.trans(kk_lo), v, state, DOT_PRECISION, ACC, UPCAST)
+                    v_decay = v_decay * scale
+                vv = v.to(ACC) * v_decay[:, None]                                     # (BT, BV)
+                if PRECISE >= 1:
+                    vv_hi, vv_lo = _split_hi_lo(vv, v.dtype)
+                    state = _mma(tl.trans(k), vv_hi, state, DOT_PRECISION, ACC, UPCAST)
+                    state = _mma(tl.trans(k), vv_lo, state, DOT_PRECISION, ACC, UPCAST)
                 else:
-                    state = _mma(tl.trans(kk.to(v.dtype)), v, state, DOT_PRECISION, ACC, UPCAST)
+                    state = _mma(tl.trans(k), vv.to(v.dtype), state, DOT_PRECISION, ACC, UPCAST)
             else:
                 if SCALE_OUT:
                     state = _mma(tl.trans(k), v, state, DOT_PRECISION, ACC, UPCAST)
                 else:
-                    kk = k.to(ACC) * scale
-                    if PRECISE:
-                        kk_hi, kk_lo = _split_hi_lo(kk, v.dtype)
-                        state = _mma(tl.trans(kk_hi), v, state, DOT_PRECISION, ACC, UPCAST)
-                        state = _mma(tl.trans(kk_lo), v, state, DOT_PRECISION, ACC, UPCAST)
+                    vv = v.to(ACC) * scale
+                    if PRECISE >= 1:
+                        vv_hi, vv_lo = _split_hi_lo(vv, v.dtype)
+                        state = _mma(tl.trans(k), vv_hi, state, DOT_PRECISION, ACC, UPCAST)
+                        state = _mma(tl.trans(k), vv_lo, state, DOT_PRECISION, ACC, UPCAST)
                     else:
-                        state = _mma(tl.trans(kk.to(v.dtype)), v, state, DOT_PRECISION, ACC, UPCAST)
+                        state = _mma(tl.trans(k), vv.to(v.dtype), state, DOT_PRECISION, ACC, UPCAST)
             first_shift = first_shift * 0.0
         if STORE_SN:
             sn_ptr = SN + i_b * sn_b + i_h * sn_h + i_s * sn_s
@@ -295,7 +298,11 @@ def _scan(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, heads: int, rate
     NV = -(-DV // BV)
     n_seg, seg_len = _plan_segments(B * H * NV, N, chunk, a.device, segments)
     precise = TUNING["precise"]
-    precise = (a.dtype in (torch.float16, torch.bfloat16)) if precise is None else bool(precise)
+    if a.dtype not in (torch.float16, torch.bfloat16):
+        precise = 0
+    elif precise is None:
+        precise = 2
+    precise = int(precise)
     num_warps = TUNING["num_warps"] or (8 if BK * BV >= 128 * 64 else 4)
     rate_arg = rate if rate is not None else torch.empty(1, device=a.device, dtype=acc)
     common = dict(
@@ -402,10 +409,10 @@ def _decay_rate_grad(q, dq, k, dk_per_q_head, s0, ds0, sn, dsn) -> torch.Tensor:
 
 class _LightningTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, rate, s0, scale, chunk, return_state, segments):
+    def forward(ctx, q, k, v, rate, s0, scale, chunk, return_state, segments, out_dtype):
         H = q.shape[1]
         o, sn = _scan(q, k, v, heads=H, rate=rate, scale=scale, s0=s0, reverse=False, s0_shift=False,
-                      scale_out=True, out_dtype=q.dtype, need_final=return_state, chunk=chunk,
+                      scale_out=True, out_dtype=out_dtype, need_final=return_state, chunk=chunk,
                       segments=segments)
         ctx.save_for_backward(q, k, v, rate, s0, sn)
         ctx.scale, ctx.chunk, ctx.segments = scale, chunk, segments
@@ -425,7 +432,7 @@ class _LightningTriton(torch.autograd.Function):
         need_s0 = s0 is not None and ctx.needs_input_grad[4]
         if do is None:
             do = torch.zeros(B, H, N, Dv, device=q.device, dtype=q.dtype)
-        do = do.contiguous()
+        do = do.to(q.dtype).contiguous()
         dsn_t = dsn.to(acc).transpose(-1, -2).contiguous() if dsn is not None else None
         s0_t = s0.to(acc).transpose(-1, -2).contiguous() if s0 is not None else None
         wide = acc if (groups > 1 or need_rate) else None
@@ -451,7 +458,7 @@ class _LightningTriton(torch.autograd.Function):
             dk = dk.view(B, Hkv, groups, N, D).sum(2)
             dv = dv.view(B, Hkv, groups, N, Dv).sum(2)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), drate,
-                ds0.to(s0.dtype) if (need_s0 and ds0 is not None) else None, None, None, None, None)
+                ds0.to(s0.dtype) if (need_s0 and ds0 is not None) else None, None, None, None, None, None)
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: object, scale: object,
@@ -576,4 +583,60 @@ def lightning_attention_triton(
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     chunk = chunk_size if chunk_size in (16, 32, 64, 128) else 64
     return _LightningTriton.apply(q, k, v, rate, initial_state, float(scale), chunk,
-                                  bool(return_state), segments)
+                                  bool(return_state), segments, q.dtype)
+
+
+@torch.compiler.disable
+def linear_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    feature_map: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    normalize: bool = True,
+    eps: float = 1e-6,
+    scale: float = 1.0,
+    chunk_size: int = 64,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None = None,
+    return_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, object]:
+    """Causal linear attention (``N == M``) by the lightning kernels with no decay.
+
+    "Transformers are RNNs" (Katharopoulos et al., arXiv 2006.16236), eqs. 6 and 18-20:
+    ``o_i = scale phi(q_i) S_i / (scale phi(q_i) . z_i + eps)``, ``S_i = sum_{j<=i} phi(k_j)^T v_j``,
+    ``z_i = sum_{j<=i} phi(k_j)``. Exact for any feature map: ``phi`` is applied here (in the
+    input dtype, so 16-bit inputs run on the 16-bit kernels), and the normalizer ``z`` is the
+    extra last column of the values ``[v, 1]``: numerator and denominator come out of one scan,
+    in float32, before the division.
+
+    Args:
+        q, k, v: ``[B, H, N, D]``, ``[B, H_kv, N, D]``, ``[B, H_kv, N, Dv]``.
+        feature_map: callable ``[..., D] -> [..., F]`` (None: identity).
+        normalize: divide by ``scale phi(q_i) . z_i + eps``; False gives ``scale phi(q_i) S_i``.
+        eps, scale, chunk_size: as in ``attnlab.ops.linear_attention``.
+        initial_state: ``(S0 [B, H, F, Dv], z0 [B, H, F])`` when normalizing, else ``S0`` (a tuple
+            whose z0 is ignored is accepted too).
+        return_state: also return the final ``(S, z)`` (``S`` alone when not normalizing), float32.
+    """
+    phi = feature_map if feature_map is not None else (lambda x: x)
+    fq, fk = phi(q), phi(k)
+    s0 = initial_state[0] if isinstance(initial_state, tuple | list) else initial_state
+    if not normalize:
+        return lightning_attention_triton(fq, fk, v, decay=None, scale=scale, chunk_size=chunk_size,
+                                          initial_state=s0, return_state=return_state)
+    ones = torch.ones(*v.shape[:-1], 1, device=v.device, dtype=v.dtype)
+    v1 = torch.cat([v, ones], dim=-1)                                           # (B, H_kv, N, Dv + 1)
+    if initial_state is not None:
+        if not isinstance(initial_state, tuple | list) or len(initial_state) != 2:
+            raise TypeError("initial_state must be the tuple (S0 [B, H, F, Dv], z0 [B, H, F]) when normalize=True")
+        s0 = torch.cat([initial_state[0], initial_state[1][..., None].to(initial_state[0].dtype)], dim=-1)
+    segments = None
+    rate = _check_inputs(fq, fk, v1, None, scale, chunk_size, s0)
+    chunk = chunk_size if chunk_size in (16, 32, 64, 128) else 64
+    result = _LightningTriton.apply(fq, fk, v1, rate, s0, float(scale), chunk, bool(return_state), segments,
+                                    _acc_dtype(q.dtype))
+    o1, state = (result if return_state else (result, None))
+    out = (o1[..., :-1] / (o1[..., -1:] + eps)).to(q.dtype)                     # (B, H, N, Dv)
+    if not return_state:
+        return out
+    return out, (state[..., :-1], state[..., -1])
