@@ -2,6 +2,10 @@
 
 # Each issue adds its imports in its own block below (keeps parallel edits apart).
 # --- Mechanisms I: associative-memory view ---
+# isort: split
+from attnlab.tasks.hebbian import HebbianCapacity, hebbian_capacity, predicted_cosine
+
+# isort: split
 # --- Quality benchmark tasks ---
 from attnlab.tasks.digits import DigitsConfig, DigitsSplit, load_digits_split
 from attnlab.tasks.incontext_regression import ICLBatch, ICLRegressionConfig, sample_linear_regression
