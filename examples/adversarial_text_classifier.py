@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnlab.nn import AdditiveAttentionPooling
 from attnlab.training import attention_adversarial_loss, attention_importance_correlation
 
 PAD = 0
@@ -79,18 +80,17 @@ class AttentionClassifier(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab, embed, padding_idx=PAD)
         self.encoder = nn.LSTM(embed, hidden, batch_first=True, bidirectional=True)
-        self.attention = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.Tanh(), nn.Linear(hidden, 1, bias=False))
+        self.attention = AdditiveAttentionPooling(2 * hidden)
         self.output = nn.Linear(2 * hidden, 1)
 
     def encode(self, embedded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states ``h [B, T, 2 hidden]`` and the pre-softmax attention scores ``ã [B, T]``."""
         h, _ = self.encoder(embedded)
-        return h, self.attention(h).squeeze(-1)
+        return h, self.attention.scores(h)
 
     def head(self, h: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``[B]`` and attention ``[B, T]`` from the (possibly perturbed) scores."""
-        attention = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-        context = torch.einsum("bt,bth->bh", attention, h)
+        context, attention = self.attention.pool(h, scores, key_padding_mask=mask)
         return self.output(context).squeeze(-1), attention
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

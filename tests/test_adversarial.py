@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from attnlab.nn import AdditiveAttentionPooling
 from attnlab.training import (
     attention_adversarial_loss,
     attention_adversarial_perturbation,
@@ -172,3 +173,28 @@ def test_example_data_and_a_short_run() -> None:
     for r in results.values():
         assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["attention_on_sentiment"] <= 1.0
 
+
+
+def test_additive_attention_pooling_is_the_papers_attention_layer() -> None:
+    torch.manual_seed(10)
+    layer = AdditiveAttentionPooling(8).double()
+    assert layer.score[0].out_features == 4 and layer.score[2].bias is None  # W1: 8 -> 4, w2 without bias
+    x = torch.randn(3, 5, 8, generator=seeded(11), dtype=torch.float64)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[0, 3:] = False
+    context, attention = layer(x, key_padding_mask=mask)
+    w1, b1, w2 = layer.score[0].weight, layer.score[0].bias, layer.score[2].weight
+    scores = (torch.tanh(x @ w1.T + b1) @ w2.T).squeeze(-1)
+    expected = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)
+    torch.testing.assert_close(attention, expected)
+    torch.testing.assert_close(context, torch.einsum("bt,btd->bd", expected, x))
+    labels = torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64)
+    readout = torch.randn(8, generator=seeded(12), dtype=torch.float64)
+
+    def loss_of(s: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(layer.pool(x, s, mask)[0] @ readout, labels)
+
+    result = attention_adversarial_loss(loss_of, layer.scores(x), mask=mask)
+    assert bool((result.perturbation[0, 3:] == 0).all()) and result.adversarial > result.clean
+    with pytest.raises(ValueError, match="scores must have shape"):
+        layer.pool(x, scores[:, :4])

@@ -15,6 +15,7 @@ from attnlab.nn.dynamic_mask import DynamicMaskAttention
 
 # isort: split
 # --- Mechanisms III: head routing, similarity forms, tensor attention ---
+from attnlab.nn.additive import AdditiveAttentionPooling
 from attnlab.nn.crosslmm import PooledVisualCrossAttention, merge_visual_tokens
 from attnlab.nn.csa import ClassSemanticsAttention
 from attnlab.nn.dcal import GlobalLocalCrossAttention, PairwiseCrossAttention, attention_rollout
