@@ -869,6 +869,7 @@ def _run(config: SpeedConfig, preset: str | SpeedConfig, out_dir: str | os.PathL
                      for mode in config.modes})
     for N, mode, causal in needed:
         baselines[(N, mode, causal)] = cell(BASELINE, "auto", "op", causal, baseline, N, mode)
+        say(_line({**baselines[(N, mode, causal)], "time_ratio": None}) + ("" if causal else "  (bidirectional)"))
     for name, impl, path_kind, causal, record in plan:
         for mode in config.modes:
             for N in config.lengths:
