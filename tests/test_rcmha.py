@@ -59,6 +59,8 @@ def test_depthwise_conv_is_conv1d_on_the_left_padded_sequence() -> None:
         seq = x[:, h].transpose(1, 2)  # (B, d, N)
         expected = F.conv1d(F.pad(seq, (2, 0)), conv.conv.weight, conv.conv.bias, groups=4)
         torch.testing.assert_close(y[:, h], expected.transpose(1, 2))
+        # the code's form: Conv1d with padding kernel_size - 1, the last kernel_size - 1 outputs cropped
+        torch.testing.assert_close(y[:, h], conv.conv(seq)[..., :-2].transpose(1, 2))
     x2 = x.clone()
     x2[:, :, 5:] += 1.0
     torch.testing.assert_close(conv(x2)[:, :, :5], y[:, :, :5])

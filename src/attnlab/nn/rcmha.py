@@ -8,6 +8,7 @@ arXiv 2308.03429, transcribed from hermansh-id/rcmha ``rcmha/attention.py``
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -23,7 +24,8 @@ class DepthwiseCausalConv(nn.Module):
 
     RCMHA (arXiv 2308.03429), ``SpatialDepthWiseConvolution``: ``Conv1d(d, d, kernel_size, groups=d,
     padding=kernel_size - 1)`` on each head's ``[d, N]`` sequence, then the last ``kernel_size - 1``
-    outputs are cropped, so output ``t`` sees inputs ``t - kernel_size + 1 .. t``.
+    outputs are cropped, so output ``t`` sees inputs ``t - kernel_size + 1 .. t``. The weights live in
+    that ``nn.Conv1d``; the forward computes the same sums over windows of the left-padded sequence.
 
     Shapes: ``x [B, H, N, d] -> [B, H, N, d]``.
     """
@@ -36,11 +38,11 @@ class DepthwiseCausalConv(nn.Module):
         self.conv = nn.Conv1d(head_dim, head_dim, kernel_size, padding=kernel_size - 1, groups=head_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, N, d = x.shape
-        y = self.conv(rearrange(x, "b h n d -> (b h) d n"))  # (B*H, d, N + kernel_size - 1)
-        if self.kernel_size > 1:
-            y = y[..., : -(self.kernel_size - 1)]
-        return rearrange(y, "(b h) d n -> b h n d", b=B)
+        # the cropped padded Conv1d, written as windows over the left-padded sequence (a grouped Conv1d
+        # runs one slow kernel per channel on CPU): y_t = bias + sum_s w[s] x[t - kernel_size + 1 + s]
+        windows = F.pad(x, (0, 0, self.kernel_size - 1, 0)).unfold(2, self.kernel_size, 1)  # (B, H, N, d, k)
+        weight = self.conv.weight[:, 0, :].to(x.dtype)  # (d, k)
+        return torch.einsum("bhndk,dk->bhnd", windows, weight) + self.conv.bias.to(x.dtype)
 
 
 class RCMHA(nn.Module):
