@@ -270,12 +270,13 @@ VARIANTS = [
     {"precise": 2},
     {"precise": 1},
     {"precise": 0},
-    {"precise": 1, "num_warps": 4},
-    {"precise": 1, "block_v": 32, "num_warps": 4},
+    {"precise": 2, "block_v": 128},
     {"precise": 1, "block_v": 128},
+    {"precise": 0, "block_v": 128},
+    {"precise": 1, "block_v": 32, "num_warps": 4},
     {"precise": 1, "chunk_size": 128},
-    {"precise": 0, "block_v": 32, "num_warps": 4},
-    {"precise": 1, "num_stages": 3},
+    {"precise": 1, "block_v": 128, "num_stages": 3},
+    {"precise": 1, "block_v": 128, "num_warps": 4},
 ]
 SEGMENT_VARIANTS = [{"segments_per_wave": 1}, {"segments_per_wave": 4}, {"segments_per_wave": 8}]
 CHUNK = 64
@@ -445,8 +446,8 @@ def main() -> None:
                       "device": "cpu (smoke)" if SMOKE else torch.cuda.get_device_name(),
                       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     log(RESULTS["env"])
-    steps = [(1, section_ceilings, ()), (4, section_variants, (args.budget * 0.4,)), (2, section_correctness, ()),
-             (3, section_timings, (args.budget * 0.9,)), (5, section_phases, ())]
+    steps = [(1, section_ceilings, ()), (4, section_variants, (args.budget * 0.38,)), (2, section_correctness, ()),
+             (3, section_timings, (args.budget * 0.95,)), (5, section_phases, ())]
     for number, fn, fn_args in steps:
         if number not in sections:
             continue
