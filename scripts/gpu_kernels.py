@@ -264,7 +264,7 @@ def section_timings(budget: float) -> None:
 
 
 # Launch variants compared in the same run; the best one (by fwd+bwd time at the first and the last
-# length, among those whose forward error stays under 2.5e-3) is used for the timings section.
+# length, among those whose forward error stays under 2.3e-3, which keeps the gradients under 3e-3) is used for the timings section.
 # "chunk_size" is passed to the call; every other key goes to attnlab.kernels.lightning.TUNING.
 VARIANTS = [
     {"precise": 2},
@@ -330,7 +330,7 @@ def section_variants(budget: float) -> None:
     scores = []
     for variant in VARIANTS:
         mine = {r["N"]: r for r in rows if r["variant"] == variant}
-        if first in mine and last in mine and (mine[first]["rel_err"] or 1.0) < 2.5e-3:
+        if first in mine and last in mine and (mine[first]["rel_err"] or 1.0) < 2.3e-3:
             scores.append((mine[first]["fwd_bwd_ms"] + mine[last]["fwd_bwd_ms"], VARIANTS.index(variant)))
     best = VARIANTS[min(scores)[1]] if scores else {}
     segment_rows: list[dict] = []
