@@ -264,7 +264,8 @@ def section_timings(budget: float) -> None:
 
 
 # Launch variants compared in the same run; the best one (by fwd+bwd time at the first and the last
-# length, among those whose forward error stays under 2.3e-3, which keeps the gradients under 3e-3) is used for the timings section.
+# length, among those whose forward error stays under 2.3e-3, which keeps the gradients under 3e-3)
+# is used for the timings section.
 # "chunk_size" is passed to the call; every other key goes to attnlab.kernels.lightning.TUNING.
 VARIANTS = [
     {"precise": 2},
