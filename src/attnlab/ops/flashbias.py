@@ -95,7 +95,8 @@ def flashbias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_
     Wu et al., "FlashBias: Fast Computation of Attention with Bias", arXiv 2505.12044, sec. 3
     (bias ``B = U W^T`` of rank R, not scaled). Fast path (the paper's SDPA recipe): one
     ``scaled_dot_product_attention`` call on ``[q * scale, q_bias]`` and ``[k, k_bias]`` with scale 1;
-    the feature dim ``D + R`` is zero-padded to a multiple of 8 (what the flash backends want).
+    the feature dim ``D + R`` is zero-padded to a multiple of 8 (what the flash backends want), and v
+    is zero-padded to that width when narrower (the fused kernels need one head dim; sliced off after).
 
     Args:
         q: ``[B, H, N, D]``; k: ``[B, H_kv, M, D]``; v: ``[B, H_kv, M, Dv]``.
@@ -128,11 +129,15 @@ def flashbias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_
     if pad:
         q_cat = F.pad(q_cat, (0, pad))
         k_cat = F.pad(k_cat, (0, pad))
+    Dv = v.shape[-1]
+    width = q_cat.shape[-1]
+    v_in = F.pad(v, (0, width - Dv)) if Dv < width else v  # fused CPU/GPU kernels want one head dim
     mask = None
     if causal and N != M:
         mask = attention_mask(N, M, causal=True, device=q.device)  # (N, M) boolean, end-aligned
-    return F.scaled_dot_product_attention(q_cat, k_cat, v, attn_mask=mask, is_causal=causal and mask is None,
-                                          scale=1.0, enable_gqa=Hkv != H)
+    out = F.scaled_dot_product_attention(q_cat, k_cat, v_in, attn_mask=mask, is_causal=causal and mask is None,
+                                         scale=1.0, enable_gqa=Hkv != H)  # (B, H, N, max(D + R + pad, Dv))
+    return out[..., :Dv] if v_in is not v else out
 
 
 def alibi_slopes(heads: int, *, dtype: torch.dtype = torch.float64,

@@ -8,7 +8,7 @@ selected key blocks plus a sliding window and sink tokens.
 
 Per query block (``block_size_q`` queries), over the candidate keys ``[0, T)`` with
 ``T = (last query position + 1) - sliding_window``, cut into ``ceil(T / block_size_k)`` key blocks,
-keep ``K = k_budget // block_size_k`` blocks:
+keep ``K = ceil(k_budget / block_size_k)`` blocks:
 
 1. if there are at most ``K`` blocks, keep them all;
 2. split the blocks into ``K`` equal groups (group ``j`` starts at ``floor(blocks * j / K)``);
@@ -63,8 +63,6 @@ def _check_options(k_budget: int, block_size_q: int, block_size_k: int, sliding_
     _positive("block_size_q", block_size_q, 1)
     _positive("block_size_k", block_size_k, 1)
     _positive("k_budget", k_budget, 1)
-    if k_budget < block_size_k:
-        raise ValueError(f"k_budget={k_budget} must be at least block_size_k={block_size_k} (one key block)")
     _positive("sliding_window", sliding_window, 0)
     _positive("sink_tokens", sink_tokens, 0)
     _positive("query_stride", query_stride, 1)
@@ -77,14 +75,14 @@ def hip_select_blocks(q: torch.Tensor, k: torch.Tensor, *, k_budget: int = 512, 
 
     Args:
         q: ``[B, H, N, D]``; k: ``[B, H_kv, M, D]`` (queries aligned to the end of the keys).
-        k_budget: keys selected per query block (``k_budget // block_size_k`` blocks).
+        k_budget: keys selected per query block (``ceil(k_budget / block_size_k)`` blocks).
         block_size_q, block_size_k: query / key block sizes.
         sliding_window: the last ``sliding_window`` keys of the block's last query are not candidates
             (the window covers them).
         query_stride: every ``query_stride``-th query of a block scores the representatives.
 
     Returns:
-        int64 ``[B, H, G, k_budget // block_size_k]`` (``G = ceil(N / block_size_q)``): sorted start
+        int64 ``[B, H, G, ceil(k_budget / block_size_k)]`` (``G = ceil(N / block_size_q)``): sorted start
         positions (in keys) of the selected key blocks of each query block, ``-1`` where fewer
         blocks exist.
     """
@@ -94,7 +92,7 @@ def hip_select_blocks(q: torch.Tensor, k: torch.Tensor, *, k_budget: int = 512, 
     check_causal_lengths(N, M)
     dtype = compute_dtype(q.dtype)
     kh = expand_kv(k, H).to(dtype)  # (B, H, M, D)
-    K = k_budget // block_size_k
+    K = -(-k_budget // block_size_k)  # key blocks kept (rounded up: k_budget >= M keeps every key)
     G = -(-N // block_size_q)
     result = torch.full((B, H, G, K), -1, dtype=torch.long, device=q.device)
     offsets = torch.arange(block_size_k, device=q.device)
@@ -176,7 +174,10 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_starts: to
     if bool(bad.any()) or bool((block_starts < -1).any()):
         raise ValueError(f"block_starts must hold multiples of block_size_k={block_size_k} below "
                          f"M={sizes.key_length}, or -1")
-    return block_starts
+    block_starts = block_starts.sort(dim=-1).values  # a block given twice counts once
+    repeated = torch.zeros_like(block_starts, dtype=torch.bool)
+    repeated[..., 1:] = block_starts[..., 1:] == block_starts[..., :-1]
+    return block_starts.masked_fill(repeated, -1)
 
 
 def hip_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, k_budget: int = 512,
