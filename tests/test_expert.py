@@ -74,6 +74,9 @@ def test_usage_statistics_sum_to_one_and_drive_pruning() -> None:
     assert layer.usage.argmax() == 3 and layer.usage[3] > 0.9
     assert layer.kept_heads(1) == [3]
     assert layer.kept_heads(min_usage=0.5) == [3]
+    assert layer.selections.tolist() == [0, 0, 0, 6 * 3 * 9]  # 6 batches of 3 x 9 tokens, all to head 3
+    assert layer.kept_heads() == [3]  # the unused heads go
+    assert layer.prune().heads == 1
     assert layer.aux_loss is not None and layer.aux_loss.requires_grad
     # deterministic: the same statistics give the same pruned weights; ties go to the lower index
     a, b = layer.prune(2), layer.prune(2)
@@ -100,6 +103,8 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="router='mean'"):
         ExpertAttention(16, 4, router="mean")
     layer = ExpertAttention(16, 4)
+    with pytest.raises(ValueError, match="no routing statistics"):
+        layer.prune()
     with pytest.raises(ValueError, match="keep=5"):
         layer.prune(5)
     with pytest.raises(ValueError, match="keep="):

@@ -39,7 +39,7 @@ class ExpertAttention(nn.Module):
       one expander shared by the heads (it replaces ``W_O``); ``ST`` is the straight-through gate:
       value 1 forward, gradient of ``g_{h*}`` backward (so pruning changes no output);
     - usage ``u_h``: exponential moving average (``usage_momentum``) of the fraction of routing
-      decisions that picked ``h`` in each training batch (sums to 1);
+      decisions that picked ``h`` in each training batch (sums to 1); ``selections`` counts them;
     - ``self.aux_loss = H * sum_h u_h * mean(g_h)`` after each training forward (weight it by 0.01).
 
     ``pool`` is chosen by ``router``: "sequence" (mean over the real tokens of each sequence, one
@@ -81,6 +81,7 @@ class ExpertAttention(nn.Module):
         self.expander = nn.Sequential(nn.Linear(head_dim, self.expander_hidden), nn.GELU(),
                                       nn.Linear(self.expander_hidden, dim))
         self.register_buffer("usage", torch.full((heads,), 1.0 / heads))
+        self.register_buffer("selections", torch.zeros(heads, dtype=torch.long))  # routing decisions per head
         self.aux_loss: torch.Tensor | None = None
 
     def pooled(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
@@ -124,6 +125,7 @@ class ExpertAttention(nn.Module):
             with torch.no_grad():
                 fraction = onehot.reshape(-1, self.heads).mean(dim=0).to(self.usage.dtype)
                 self.usage.mul_(self.usage_momentum).add_(fraction, alpha=1.0 - self.usage_momentum)
+                self.selections.add_(onehot.reshape(-1, self.heads).sum(dim=0).long())
             mean_gate = probs.reshape(-1, self.heads).mean(dim=0)
             self.aux_loss = self.heads * (self.usage.to(mean_gate.dtype) * mean_gate).sum()
         else:
@@ -134,10 +136,14 @@ class ExpertAttention(nn.Module):
         """The heads :meth:`prune` keeps, in their original order.
 
         ``keep`` an int: the ``keep`` most used heads (ties: lower index first); a sequence: those
-        heads; ``None``: the heads with ``usage >= min_usage`` and ``usage > 0``.
+        heads; ``None``: the heads training routed to at least once (``selections > 0``) whose usage
+        is at least ``min_usage``: the unused heads go.
         """
         if keep is None:
-            return [h for h in range(self.heads) if self.usage[h] > 0 and self.usage[h] >= min_usage]
+            if int(self.selections.sum()) == 0:
+                raise ValueError("keep=None prunes the heads training never routed to, but this layer has no "
+                                 "routing statistics yet: train it first or pass keep=")
+            return [h for h in range(self.heads) if self.selections[h] > 0 and self.usage[h] >= min_usage]
         if isinstance(keep, int):
             if not 0 <= keep <= self.heads:
                 raise ValueError(f"keep={keep} must be between 0 and heads={self.heads}")
@@ -172,6 +178,7 @@ class ExpertAttention(nn.Module):
         smaller.expander.load_state_dict(self.expander.state_dict())
         usage = self.usage[index]
         smaller.usage.copy_(usage / usage.sum() if usage.sum() > 0 else torch.full_like(usage, 1 / len(kept)))
+        smaller.selections.copy_(self.selections[index])
         return smaller
 
 

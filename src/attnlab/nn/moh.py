@@ -76,12 +76,14 @@ class MoHAttention(nn.Module):
             at least 1 when there are routed heads). ``k = 0`` needs ``shared_heads == heads``.
         causal: causal softmax attention.
         qkv_bias: biases in the q, k, v projection (the output projection has one, as in the code).
+        qk_norm: LayerNorm over each head's q and k (the DiT code's option).
 
     Shapes: ``x [B, N, dim] -> [B, N, dim]``.
     """
 
     def __init__(self, dim: int, heads: int, *, shared_heads: int | None = None,
-                 routed_heads_per_token: int | None = None, causal: bool = False, qkv_bias: bool = False) -> None:
+                 routed_heads_per_token: int | None = None, causal: bool = False, qkv_bias: bool = False,
+                 qk_norm: bool = False) -> None:
         super().__init__()
         if dim <= 0 or heads <= 0 or dim % heads != 0:
             raise ValueError(f"dim={dim} must be a positive multiple of heads={heads}")
@@ -99,6 +101,8 @@ class MoHAttention(nn.Module):
         self.head_dim = dim // heads
         self.shared_heads, self.routed_heads, self.routed_heads_per_token = shared, routed, k
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
         self.router_routed = nn.Linear(dim, routed, bias=False) if routed else None  # W_r ("wg")
         self.router_shared = nn.Linear(dim, shared, bias=False) if shared > 1 else None  # W_s ("wg_1")
@@ -136,7 +140,7 @@ class MoHAttention(nn.Module):
         """``x [B, N, dim] -> [B, N, dim]``; sets ``self.aux_loss`` in training mode."""
         routing = self.head_gates(x)
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)  # (B, H, N, d)
-        heads = softmax_attention(q, k, v, causal=self.causal)  # (B, H, N, d)
+        heads = softmax_attention(self.q_norm(q), self.k_norm(k), v, causal=self.causal)  # (B, H, N, d)
         gated = heads * rearrange(routing.gates, "b n h -> b h n 1").to(heads.dtype)  # (B, H, N, d)
         if self.training:
             if routing.router_probs is not None:
@@ -159,9 +163,10 @@ register(Mechanism(
     supports_causal=True,
     supports_bidirectional=True,
     complexity="O(N^2 d H) + O(N C H) routing",
-    defaults={"shared_heads": None, "routed_heads_per_token": None, "qkv_bias": False},
+    defaults={"shared_heads": None, "routed_heads_per_token": None, "qkv_bias": False, "qk_norm": False},
     check=CheckConfig(layer_configs=({"shared_heads": 2, "routed_heads_per_token": 1},
                                      {"shared_heads": 1, "routed_heads_per_token": 2},
                                      {"shared_heads": 0, "routed_heads_per_token": 2},
-                                     {"shared_heads": 4, "routed_heads_per_token": 0})),
+                                     {"shared_heads": 4, "routed_heads_per_token": 0},
+                                     {"shared_heads": 2, "routed_heads_per_token": 1, "qk_norm": True})),
 ))
