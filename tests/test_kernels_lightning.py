@@ -34,7 +34,11 @@ CASES = [
     ("B1-H2-N40-D32-Dv32-float16", 1, 2, 2, 40, 32, 32, 16, "tensor", True, None, "float16"),
     ("B1-H2-N40-D32-Dv32-bfloat16", 1, 2, 2, 40, 32, 32, 16, "tensor", True, 2, "bfloat16"),
 ]
-CASE_IDS = [case[0] for case in CASES]
+# cases run a second time with the fused dK/dV backward kernel (TUNING["fused_bwd"] = True)
+FUSED = ["B1-H2-N37-D16-Dv32-decayT-s0-seg1", "B2-H4-Hkv2-N70-D32-Dv16-gqa-seg3",
+         "B1-H2-Hkv1-N100-D16-Dv24-seg4-nodecay-s0", "B1-H2-N40-D32-Dv32-bfloat16"]
+RUNS = [(case, False) for case in CASES] + [(case, True) for case in CASES if case[0] in FUSED]
+RUN_IDS = [case[0] + ("/fused-bwd" if fused else "") for case, fused in RUNS]
 # relative-error bounds per dtype: float64 exact to rounding; float16/bfloat16 inputs are compared with
 # the float64 reference on the same (rounded) inputs. The interpreter truncates float32 -> bfloat16
 # (GPUs round to nearest), so the bfloat16 bound here is looser than the 3e-3 the GPU check uses.
@@ -203,9 +207,13 @@ def _linear_case(gen: torch.Generator) -> dict[str, float]:
 
 
 def _worker() -> None:
+    from attnlab.kernels.lightning import TUNING
+
     results = {}
-    for index, case in enumerate(CASES):
-        results[case[0]] = _run_case(case, seed=1000 + index)
+    for index, ((case, fused), run_id) in enumerate(zip(RUNS, RUN_IDS, strict=True)):
+        TUNING["fused_bwd"] = fused
+        results[run_id] = _run_case(case, seed=1000 + index)
+    TUNING["fused_bwd"] = False
     results["extras"] = _worker_extras()
     print("RESULTS " + json.dumps(results))
 
@@ -222,9 +230,10 @@ def interpreter_results() -> dict:
     return json.loads(line[len("RESULTS "):])
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_kernel_matches_references(interpreter_results: dict, case: tuple) -> None:
-    errors = interpreter_results[case[0]]
+@pytest.mark.parametrize(("case", "run_id"), [(case, run_id) for (case, _), run_id in zip(RUNS, RUN_IDS, strict=True)],
+                         ids=RUN_IDS)
+def test_kernel_matches_references(interpreter_results: dict, case: tuple, run_id: str) -> None:
+    errors = interpreter_results[run_id]
     tol = TOLERANCE[case[-1]]
     assert errors.pop("dtype_ok") == 1.0, "output must keep the input dtype, state float32/float64"
     bad = {name: err for name, err in errors.items() if not err <= tol}

@@ -224,6 +224,124 @@ if triton is not None:
                      mask=mask_k[:, None] & mask_v[None, :])
 
 
+    @triton.jit
+    def _dkdv_scan_kernel(
+        Q, K, V, DO, DK, DV, R0, RN, RATE,
+        sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_n,
+        sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n, r0_b, r0_h, r0_s, rn_b, rn_h, rn_s,
+        gq, gk, gv, H, N, seg_len, scale,
+        DQK: tl.constexpr, DVV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+        HAS_DECAY: tl.constexpr, HAS_R0: tl.constexpr, STORE_RN: tl.constexpr,
+        PRECISE: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        """dK and dV in one backward-in-time scan (one (segment, batch*head); BV covers all of Dv).
+
+        In scan order p = N-1-t (token t), with R the state of the backward recurrence
+        R_j = lambda R_{j+1} + scale q_j^T dO_j (R0 = dS_N, entering one step later):
+        dv_j = sum_{t>=j} lambda^(t-j) scale (k_j . q_t) dO_t + lambda^(..) k_j R,
+        dk_j = sum_{t>=j} lambda^(t-j) scale (v_j . dO_t) q_t + lambda^(..) v_j R^T.
+        """
+        i_s = tl.program_id(0)
+        i_bh = tl.program_id(1)
+        i_b = i_bh // H
+        i_h = i_bh % H
+        q_base = Q + i_b * sq_b + (i_h // gq) * sq_h
+        k_base = K + i_b * sk_b + (i_h // gk) * sk_h
+        v_base = V + i_b * sv_b + (i_h // gv) * sv_h
+        do_base = DO + i_b * sdo_b + i_h * sdo_h
+        dk_base = DK + i_b * sdk_b + i_h * sdk_h
+        dv_base = DV + i_b * sdv_b + i_h * sdv_h
+
+        offs_t = tl.arange(0, BT)
+        offs_k = tl.arange(0, BK)
+        offs_v = tl.arange(0, BV)
+        mask_k = offs_k < DQK
+        mask_v = offs_v < DVV
+        if HAS_DECAY:
+            rate = tl.load(RATE + i_h).to(ACC)
+        else:
+            rate = 0.0
+        diff = (offs_t[:, None] - offs_t[None, :]).to(ACC)
+        causal = offs_t[:, None] >= offs_t[None, :]
+        if HAS_DECAY:
+            intra_decay = tl.where(causal, tl.exp(-rate * tl.where(causal, diff, 0.0)), 0.0) * scale
+            row_decay = tl.exp(-rate * (offs_t + 1).to(ACC))
+        else:
+            intra_decay = tl.where(causal, 1.0, 0.0).to(ACC) * scale
+            row_decay = tl.full((BT,), 1.0, ACC)
+
+        state = tl.zeros((BK, BV), dtype=ACC)                                   # R: (DK, DV)
+        if HAS_R0:
+            r0_ptr = R0 + i_b * r0_b + i_h * r0_h + i_s * r0_s
+            state = tl.load(r0_ptr + offs_k[:, None] * DVV + offs_v[None, :],
+                            mask=mask_k[:, None] & mask_v[None, :], other=0.0).to(ACC)
+        first_shift = (i_s == 0).to(ACC)
+
+        seg_start = i_s * seg_len
+        seg_end = tl.minimum(seg_start + seg_len, N)
+        for p0 in range(seg_start, seg_end, BT):
+            pos = p0 + offs_t
+            valid = pos < seg_end
+            rows = N - 1 - pos
+            m = tl.minimum(seg_end - p0, BT)
+            qk_mask = valid[:, None] & mask_k[None, :]
+            vv_mask = valid[:, None] & mask_v[None, :]
+            q = tl.load(q_base + rows[:, None] * sq_n + offs_k[None, :], mask=qk_mask, other=0.0)
+            k = tl.load(k_base + rows[:, None] * sk_n + offs_k[None, :], mask=qk_mask, other=0.0)
+            v = tl.load(v_base + rows[:, None] * sv_n + offs_v[None, :], mask=vv_mask, other=0.0)
+            do = tl.load(do_base + rows[:, None] * sdo_n + offs_v[None, :], mask=vv_mask, other=0.0)
+            rd = row_decay
+            if HAS_DECAY:
+                rd = row_decay * tl.exp(rate * first_shift)
+            if PRECISE >= 1:
+                r_hi, r_lo = _split_hi_lo(state, q.dtype)
+            else:
+                r_hi = state.to(q.dtype)
+            # dv = (scale K Q^T * D) dO + diag(rd) K R
+            a1 = _mma(k, tl.trans(q), None, DOT_PRECISION, ACC, UPCAST) * intra_decay     # (BT, BT)
+            if PRECISE >= 2:
+                a_hi, a_lo = _split_hi_lo(a1, q.dtype)
+                dv = _mma(a_hi, do, None, DOT_PRECISION, ACC, UPCAST)
+                dv = _mma(a_lo, do, dv, DOT_PRECISION, ACC, UPCAST)
+            else:
+                dv = _mma(a1.to(q.dtype), do, None, DOT_PRECISION, ACC, UPCAST)
+            inter = _mma(k, r_hi, None, DOT_PRECISION, ACC, UPCAST)
+            if PRECISE >= 1:
+                inter = _mma(k, r_lo, inter, DOT_PRECISION, ACC, UPCAST)
+            dv = dv + inter * rd[:, None]
+            tl.store(dv_base + rows[:, None] * sdv_n + offs_v[None, :], dv.to(DV.dtype.element_ty), mask=vv_mask)
+            # dk = (scale V dO^T * D) Q + diag(rd) V R^T
+            a2 = _mma(v, tl.trans(do), None, DOT_PRECISION, ACC, UPCAST) * intra_decay    # (BT, BT)
+            if PRECISE >= 2:
+                a_hi, a_lo = _split_hi_lo(a2, q.dtype)
+                dk = _mma(a_hi, q, None, DOT_PRECISION, ACC, UPCAST)
+                dk = _mma(a_lo, q, dk, DOT_PRECISION, ACC, UPCAST)
+            else:
+                dk = _mma(a2.to(q.dtype), q, None, DOT_PRECISION, ACC, UPCAST)
+            inter = _mma(v, tl.trans(r_hi), None, DOT_PRECISION, ACC, UPCAST)
+            if PRECISE >= 1:
+                inter = _mma(v, tl.trans(r_lo), inter, DOT_PRECISION, ACC, UPCAST)
+            dk = dk + inter * rd[:, None]
+            tl.store(dk_base + rows[:, None] * sdk_n + offs_k[None, :], dk.to(DK.dtype.element_ty), mask=qk_mask)
+            # R <- lambda^m R + Q^T (scale lambda^(m-1-c) dO_c)
+            if HAS_DECAY:
+                state = state * tl.exp(-rate * (m.to(ACC) - first_shift))
+                w = tl.where(valid, tl.exp(-rate * tl.where(valid, (m - 1 - offs_t).to(ACC), 0.0)), 0.0) * scale
+            else:
+                w = tl.where(valid, 1.0, 0.0).to(ACC) * scale
+            ww = do.to(ACC) * w[:, None]                                               # (BT, DV)
+            if PRECISE >= 1:
+                w_hi, w_lo = _split_hi_lo(ww, q.dtype)
+                state = _mma(tl.trans(q), w_hi, state, DOT_PRECISION, ACC, UPCAST)
+                state = _mma(tl.trans(q), w_lo, state, DOT_PRECISION, ACC, UPCAST)
+            else:
+                state = _mma(tl.trans(q), ww.to(q.dtype), state, DOT_PRECISION, ACC, UPCAST)
+            first_shift = first_shift * 0.0
+        if STORE_RN:
+            rn_ptr = RN + i_b * rn_b + i_h * rn_h + i_s * rn_s
+            tl.store(rn_ptr + offs_k[:, None] * DVV + offs_v[None, :], state,
+                     mask=mask_k[:, None] & mask_v[None, :])
+
 # ----------------------------------------------------------------------------------------------
 # host side: launch configuration, segments, the scan as a function of tensors
 # ----------------------------------------------------------------------------------------------
@@ -237,6 +355,7 @@ TUNING: dict[str, object] = {
     "num_stages": 2,
     "segments_per_wave": 2,
     "precise": None,
+    "fused_bwd": False,
 }
 
 
@@ -282,6 +401,7 @@ def _plan_segments(programs: int, length: int, chunk: int, device: torch.device,
 def _scan(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, heads: int, rate: torch.Tensor | None,
           scale: float, s0: torch.Tensor | None, reverse: bool, s0_shift: bool, scale_out: bool,
           out_dtype: torch.dtype | None, need_final: bool, chunk: int, segments: int | None,
+          plan: tuple[int, int] | None = None, only_inits: bool = False,
           ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """out_p = [scale] * (a_p S_p), S_p = lambda S_{p-1} + [scale] b_p^T c_p, in scan order.
 
@@ -296,7 +416,7 @@ def _scan(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, heads: int, rate
     block_v = TUNING["block_v"]
     BV = max(16, min(_next_pow2(DV), int(block_v) if block_v else 64))
     NV = -(-DV // BV)
-    n_seg, seg_len = _plan_segments(B * H * NV, N, chunk, a.device, segments)
+    n_seg, seg_len = plan if plan is not None else _plan_segments(B * H * NV, N, chunk, a.device, segments)
     precise = TUNING["precise"]
     if a.dtype not in (torch.float16, torch.bfloat16):
         precise = 0
@@ -332,7 +452,7 @@ def _scan(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, heads: int, rate
             **common,
         )
 
-    out = torch.empty(B, H, N, DV, device=a.device, dtype=out_dtype or a.dtype)
+    out = None if only_inits else torch.empty(B, H, N, DV, device=a.device, dtype=out_dtype or a.dtype)
     if n_seg == 1:
         final = torch.empty(B, H, 1, DK, DV, device=a.device, dtype=acc) if need_final else None
         init = s0.to(acc).contiguous() if s0 is not None else None
@@ -345,9 +465,65 @@ def _scan(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, heads: int, rate
     launch(None, None, (0, 0, 0), local, False, False)
     inits, final = _segment_initial_states(local, s0, rate, seg_len, N - (n_seg - 1) * seg_len,
                                            s0_shift=s0_shift, need_final=need_final)
+    if only_inits:
+        return inits, final
     launch(out, inits, (inits.stride(0), inits.stride(1), inits.stride(2)), None, True,
            s0_shift and s0 is not None)
     return out, final
+
+
+def _dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, *, heads: int,
+          rate: torch.Tensor | None, scale: float, dsn: torch.Tensor | None, out_dtype: torch.dtype | None,
+          need_final: bool, chunk: int, segments: int | None,
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """dK, dV (per query head) and the backward state at the start, by :func:`_dkdv_scan_kernel`."""
+    B, _, N, D = q.shape
+    Dv = v.shape[-1]
+    H = heads
+    acc = _acc_dtype(q.dtype)
+    BK, BV = max(16, _next_pow2(D)), max(16, _next_pow2(Dv))
+    n_seg, seg_len = _plan_segments(B * H, N, chunk, q.device, segments)
+    dk = torch.empty(B, H, N, D, device=q.device, dtype=out_dtype or q.dtype)
+    dv = torch.empty(B, H, N, Dv, device=q.device, dtype=out_dtype or q.dtype)
+    final = None
+    dummy = torch.empty(1, device=q.device, dtype=acc)
+    rn = None
+    if n_seg == 1:
+        r0 = dsn.to(acc).contiguous() if dsn is not None else None
+        r0_strides = (r0.stride(0), r0.stride(1), 0) if r0 is not None else (0, 0, 0)
+        if need_final:
+            rn = torch.empty(B, H, 1, D, Dv, device=q.device, dtype=acc)
+    else:
+        # each segment's starting R from the states-only scan of (q, dO) backwards in time
+        r0, final = _scan(k, q, do, heads=H, rate=rate, scale=scale, s0=dsn, reverse=True, s0_shift=True,
+                          scale_out=False, out_dtype=None, need_final=need_final, chunk=chunk, segments=None,
+                          plan=(n_seg, seg_len), only_inits=True)
+        r0_strides = (r0.stride(0), r0.stride(1), r0.stride(2))
+    precise = TUNING["precise"]
+    precise = 0 if q.dtype not in (torch.float16, torch.bfloat16) else (2 if precise is None else int(precise))
+    rn_arg = rn if rn is not None else dummy
+    _dkdv_scan_kernel[(n_seg, B * H)](
+        q, k, v, do, dk, dv, r0 if r0 is not None else dummy, rn_arg, rate if rate is not None else dummy,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        *r0_strides,
+        rn_arg.stride(0) if rn is not None else 0, rn_arg.stride(1) if rn is not None else 0,
+        rn_arg.stride(2) if rn is not None else 0,
+        H // q.shape[1], H // k.shape[1], H // v.shape[1], H, N, seg_len, float(scale),
+        DQK=D, DVV=Dv, BT=chunk, BK=BK, BV=BV, HAS_DECAY=rate is not None, HAS_R0=r0 is not None,
+        STORE_RN=rn is not None, PRECISE=precise, DOT_PRECISION=_dot_precision(q.dtype), ACC=_tl_dtype(acc),
+        UPCAST=_interpreting() and q.dtype == torch.bfloat16,
+        num_warps=int(TUNING["num_warps"] or 8), num_stages=int(TUNING["num_stages"]),
+    )
+    if rn is not None:
+        final = rn[:, :, 0]
+    return dk, dv, final
+
+
+def _use_fused_backward(head_dim: int, value_dim: int) -> bool:
+    fused = TUNING["fused_bwd"]
+    return bool(fused) and head_dim <= 128 and value_dim <= 128
 
 
 def _segment_initial_states(local: torch.Tensor, s0: torch.Tensor | None, rate: torch.Tensor | None,
@@ -442,11 +618,15 @@ class _LightningTriton(torch.autograd.Function):
                       chunk=chunk, segments=segments)
         # dk_j = R_j v_j, dv_j = k_j R_j with R_j = sum_{t>=j} lambda^(t-j) scale q_t^T dO_t
         #                                           + lambda^(N-1-j) dS_N: backward-in-time scans
-        dk, _ = _scan(v, do, q, heads=H, rate=rate, scale=scale, s0=dsn_t, reverse=True, s0_shift=True,
-                      scale_out=False, out_dtype=wide, need_final=False, chunk=chunk, segments=segments)
-        dv, r0 = _scan(k, q, do, heads=H, rate=rate, scale=scale, s0=dsn, reverse=True, s0_shift=True,
-                       scale_out=False, out_dtype=wide, need_final=need_s0 or need_rate,
-                       chunk=chunk, segments=segments)
+        if _use_fused_backward(D, Dv):
+            dk, dv, r0 = _dkdv(q, k, v, do, heads=H, rate=rate, scale=scale, dsn=dsn, out_dtype=wide,
+                               need_final=need_s0 or need_rate, chunk=chunk, segments=segments)
+        else:
+            dk, _ = _scan(v, do, q, heads=H, rate=rate, scale=scale, s0=dsn_t, reverse=True, s0_shift=True,
+                          scale_out=False, out_dtype=wide, need_final=False, chunk=chunk, segments=segments)
+            dv, r0 = _scan(k, q, do, heads=H, rate=rate, scale=scale, s0=dsn, reverse=True, s0_shift=True,
+                           scale_out=False, out_dtype=wide, need_final=need_s0 or need_rate,
+                           chunk=chunk, segments=segments)
         ds0 = None
         if r0 is not None and s0 is not None:
             lam = torch.exp(-rate.to(acc)) if rate is not None else torch.ones(H, device=q.device, dtype=acc)
