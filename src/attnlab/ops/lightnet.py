@@ -152,15 +152,16 @@ def lightnet_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     C = chunk_size
     tril = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     outs = []
-    for start in range(0, N, C):
-        stop = min(start + C, N)
-        m = stop - start
-        qb, kb, vb, zb = qf[:, :, start:stop], kf[:, :, start:stop], vf[:, :, start:stop], z[:, :, start:stop]
+    # split once: slicing inside the loop would make the backward pass O(N^2 / C)
+    gains = gain.split(C, dim=2) if gain is not None else [None] * len(range(0, N, C))
+    for qb, kb, vb, zb, gb in zip(qf.split(C, dim=2), kf.split(C, dim=2), vf.split(C, dim=2), z.split(C, dim=2),
+                                  gains, strict=True):
+        m = qb.shape[2]
         # intra: w[t, s, c] = exp(k_s[c] - z_t[c]) for s <= t (always <= 1)
         logw = kb[:, :, None, :, :] - zb[:, :, :, None, :]  # (B, H, t, s, D)
         weights = torch.exp(logw.masked_fill(~tril[:m, :m, None], float("-inf")))
-        if gain is not None:
-            weights = weights * gain[:, :, None, start:stop]
+        if gb is not None:
+            weights = weights * gb[:, :, None]
         scores = torch.einsum("bhtd,bhtsd->bhts", qb, weights)  # (B, H, m, m)
         ob = torch.einsum("bhts,bhse->bhte", scores, vb)  # (B, H, m, Dv)
         if state is not None:  # inter: the state normalised at z_prev, rescaled to z_t (factor <= 1)
@@ -170,8 +171,8 @@ def lightnet_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         # the state after this block, normalised at its last z
         z_end = zb[:, :, -1]  # (B, H, D)
         write = torch.exp(kb - z_end[:, :, None])  # (B, H, m, D)
-        if gain is not None:
-            write = write * gain[:, :, start:stop]
+        if gb is not None:
+            write = write * gb
         S_new = torch.einsum("bhsd,bhse->bhde", write, vb)
         if state is not None:
             S_new = S_new + torch.exp(state[1] - z_end)[..., None] * state[0]
@@ -206,14 +207,16 @@ def lightnet_attention_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                               initial_state=initial_state)
     N, M = sizes.length, sizes.key_length
     written = M - N if causal else M
+    keys, values, queries = kf.unbind(2), vf.unbind(2), qf.unbind(2)  # unbind once: cheap backward
+    gains = gain.unbind(2) if gain is not None else [None] * M
     for j in range(written):
-        state = _write(state, kf[:, :, j], vf[:, :, j], None if gain is None else gain[:, :, j])
+        state = _write(state, keys[j], values[j], gains[j])
     outs = []
     for i in range(N):
         if causal:
             j = written + i
-            state = _write(state, kf[:, :, j], vf[:, :, j], None if gain is None else gain[:, :, j])
-        outs.append(torch.einsum("bhd,bhde->bhe", qf[:, :, i], state[0]))
+            state = _write(state, keys[j], values[j], gains[j])
+        outs.append(torch.einsum("bhd,bhde->bhe", queries[i], state[0]))
     out = torch.stack(outs, dim=2).to(q.dtype)
     return (out, state) if return_state else out
 

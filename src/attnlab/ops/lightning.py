@@ -192,9 +192,9 @@ def lightning_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     else:
         block_decay = torch.exp(-s[:, 0] * C)[None, :, None, None]  # (1, H, 1, 1): lambda^C
         states = []
-        for c in range(chunks):
+        for kv in block_kv.unbind(dim=2):  # one unbind: indexing in the loop would cost O(chunks^2) backward
             states.append(state)
-            state = block_decay * state + block_kv[:, :, c]
+            state = block_decay * state + kv
         before = torch.stack(states, dim=2)  # (B, H, c, D, Dv)
     q_decay = torch.exp(-s * (i + 1))  # (H, C): lambda^(i+1)
     out = out + torch.einsum("bhcid,hi,bhcde->bhcie", qc, q_decay, before)
@@ -222,8 +222,8 @@ def lightning_attention_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     H = q.shape[1]
     state = initial_state
     outs = []
-    for t in range(q.shape[2]):
-        o, state = _step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state, decay, scale, H)
+    for qt, kt, vt in zip(q.split(1, dim=2), k.split(1, dim=2), v.split(1, dim=2), strict=True):
+        o, state = _step(qt, kt, vt, state, decay, scale, H)
         outs.append(o)
     out = torch.cat(outs, dim=2)
     return (out, state) if return_state else out

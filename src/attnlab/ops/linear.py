@@ -245,17 +245,18 @@ def linear_attention_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         state = (fq.new_zeros(B, H, Fd, Dv), fq.new_zeros(B, H, Fd))
     written = M - N if causal else M
     S, z = state
+    keys, values, queries = fk.unbind(2), vf.unbind(2), fq.unbind(2)  # unbind once: cheap backward
     for j in range(written):
-        S = S + fk[:, :, j, :, None] * vf[:, :, j, None, :]
-        z = z + fk[:, :, j]
+        S = S + keys[j][..., None] * values[j][..., None, :]
+        z = z + keys[j]
     nums, dens = [], []
     for i in range(N):
         if causal:
             j = written + i
-            S = S + fk[:, :, j, :, None] * vf[:, :, j, None, :]
-            z = z + fk[:, :, j]
-        nums.append(torch.einsum("bhf,bhfe->bhe", fq[:, :, i], S))
-        dens.append(torch.einsum("bhf,bhf->bh", fq[:, :, i], z))
+            S = S + keys[j][..., None] * values[j][..., None, :]
+            z = z + keys[j]
+        nums.append(torch.einsum("bhf,bhfe->bhe", queries[i], S))
+        dens.append(torch.einsum("bhf,bhf->bh", queries[i], z))
     out = _read_out(torch.stack(nums, 2), torch.stack(dens, 2), normalize=normalize, scale=scale, eps=eps,
                     dtype=q.dtype)
     return (out, (S, z)) if return_state else out
