@@ -99,10 +99,10 @@ class AttentionClassifier(nn.Module):
 
 
 def train(method: str, train_data: SentimentData, *, vocab: int, epochs: int, batch: int = 32, xi: float = 1.0,
-          seed: int = 19950815) -> AttentionClassifier:
+          seed: int = 19950815, device: str = "cpu") -> AttentionClassifier:
     """Adam (amsgrad, lr 1e-3, weight decay 1e-5) as in the paper's config; ``method`` in vanilla/at/iat."""
     torch.manual_seed(seed)
-    model = AttentionClassifier(vocab)
+    model = AttentionClassifier(vocab).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5, amsgrad=True)
     order_generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
@@ -110,7 +110,7 @@ def train(method: str, train_data: SentimentData, *, vocab: int, epochs: int, ba
         order = torch.randperm(len(train_data.labels), generator=order_generator)
         for start in range(0, len(order), batch):
             rows = order[start:start + batch]
-            tokens, labels = train_data.tokens[rows], train_data.labels[rows]
+            tokens, labels = train_data.tokens[rows].to(device), train_data.labels[rows].to(device)
             mask = tokens != PAD
             h, scores = model.encode(model.embed(tokens))
 
@@ -131,10 +131,13 @@ def train(method: str, train_data: SentimentData, *, vocab: int, epochs: int, ba
 def evaluate(model: AttentionClassifier, data: SentimentData) -> dict[str, float]:
     """Accuracy, attention mass on the sentiment words, Pearson(attention, |∂ŷ/∂e_t|)."""
     model.eval()
+    device = next(model.parameters()).device
+    data = SentimentData(data.tokens.to(device), data.labels.to(device), data.sentiment.to(device))
     embedded = model.embed(data.tokens).detach().requires_grad_(True)
-    h, scores = model.encode(embedded)
-    logits, attention = model.head(h, scores, data.mask)
-    torch.sigmoid(logits).sum().backward()
+    with torch.backends.cudnn.flags(enabled=False):  # cuDNN's LSTM has no backward in eval mode
+        h, scores = model.encode(embedded)
+        logits, attention = model.head(h, scores, data.mask)
+        torch.sigmoid(logits).sum().backward()
     importance = embedded.grad.norm(dim=-1)  # (S, T)
     correlation = attention_importance_correlation(attention.detach(), importance, data.mask)
     return {
@@ -145,14 +148,14 @@ def evaluate(model: AttentionClassifier, data: SentimentData) -> dict[str, float
 
 
 def run(methods: list[str], *, train_size: int, test_size: int, epochs: int, xi: float = 1.0,
-        seed: int = 0) -> dict[str, dict[str, float]]:
+        seed: int = 0, device: str = "cpu") -> dict[str, dict[str, float]]:
     vocab = 200
     train_data = make_sentiment_data(train_size, vocab=vocab, seed=seed)
     test_data = make_sentiment_data(test_size, vocab=vocab, seed=seed + 1)
     results = {}
     for method in methods:
         start = time.perf_counter()
-        model = train(method, train_data, vocab=vocab, epochs=epochs, xi=xi)
+        model = train(method, train_data, vocab=vocab, epochs=epochs, xi=xi, device=device)
         results[method] = {**evaluate(model, test_data), "seconds": time.perf_counter() - start}
     return results
 
@@ -165,10 +168,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--xi", type=float, default=1.0, help="perturbation size")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     results = run(args.methods, train_size=args.train, test_size=args.test, epochs=args.epochs, xi=args.xi,
-                  seed=args.seed)
+                  seed=args.seed, device=args.device)
     print(f"{'method':8s} {'accuracy':>9s} {'attn on sentiment':>18s} {'pearson(attn, grad)':>20s} {'seconds':>8s}")
     for method, r in results.items():
         print(f"{method:8s} {r['accuracy']:9.3f} {r['attention_on_sentiment']:18.3f} "
