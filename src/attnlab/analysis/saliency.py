@@ -36,7 +36,7 @@ def pearson(a: torch.Tensor, b: torch.Tensor, *, dim: int | None = None) -> torc
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:
     """Average ranks (ties share the mean rank) along the last axis."""
-    order = x.argsort(-1, stable=True)
+    order = x.argsort(dim=-1, stable=True)
     ranks = torch.empty_like(x, dtype=torch.float64)
     ranks.scatter_(-1, order, torch.arange(x.shape[-1], dtype=torch.float64).expand_as(x).contiguous())
     flat_x, flat_r = x.reshape(-1, x.shape[-1]), ranks.reshape(-1, x.shape[-1])
