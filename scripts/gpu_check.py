@@ -298,7 +298,7 @@ def time_entry(entry: Entry, N: int, shape: Shape, device: torch.device, *, quic
     q, k, v = (torch.randn(B, shape.heads, N, shape.dim, generator=gen, device=device, dtype=shape.dtype)
                for _ in range(3))
     row: dict[str, Any] = {"label": entry.label, "N": N, "B": B, "anchor": entry.anchor}
-    timing = dict(warmup=1, repeats=3, max_repeats=5, min_seconds=0.0) if quick else {}
+    timing = dict(warmup=1, repeats=2, max_repeats=2, min_seconds=0.0) if quick else {}
     try:
         with torch.no_grad():
             call = entry.build(q, k, v)

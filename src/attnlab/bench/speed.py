@@ -117,8 +117,8 @@ class SpeedConfig:
 
 PRESETS: dict[str, SpeedConfig] = {
     # seconds, for tests: tiny sizes, no memory subprocesses
-    "smoke": SpeedConfig(lengths=(32, 64), heads=2, dim=16, modes=("fwd", "fwdbwd"), repeats=2, max_repeats=3,
-                         min_seconds=0.0, memory="none", max_cell_seconds=2.0, externals=()),
+    "smoke": SpeedConfig(lengths=(32, 64), heads=2, dim=16, modes=("fwd",), repeats=2, max_repeats=3,
+                         min_seconds=0.0, max_seconds=0.5, memory="none", max_cell_seconds=0.5, externals=()),
     # what the demo runs (~60 s on a 2-core CPU): two lengths, forward only, in-process memory
     "demo": SpeedConfig(lengths=(128, 512), heads=4, dim=32, modes=("fwd",), repeats=2, max_repeats=5,
                         min_seconds=0.05, max_seconds=1.0, memory="inline", max_cell_seconds=1.0, externals=()),
