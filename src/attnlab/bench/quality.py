@@ -509,6 +509,9 @@ def run_job(job: Job, *, device: torch.device | None = None,
     torch.manual_seed(job.seed)
     model = task.build(job.config, job.mechanism, task.causal_for(record))
     parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trunk = getattr(model, "trunk", None)
+    options = {k: v if isinstance(v, int | float | str | bool) or v is None else repr(v)
+               for k, v in getattr(trunk, "mixer_options", {}).items()}
     state_size = getattr(model, "state_size", None)
     start = time.perf_counter()
     outcome = task.run(job.config, model, job.seed, device, on_step)
@@ -525,6 +528,7 @@ def run_job(job: Job, *, device: torch.device | None = None,
         "parameters": parameters,
         "state_size": state_size,
         "family": record.family,
+        "mixer_options": options,
         "causal": task.causal_for(record),
         "steps": job.config.steps,
         "wall_time_s": round(wall, 3),
@@ -544,13 +548,17 @@ def pending_jobs(jobs: Sequence[Job], results_path: Path) -> list[Job]:
 def run_quality(*, tasks: Sequence[str], mechanisms: Sequence[str] | Mapping[str, Sequence[str]],
                 preset: str | QualityPreset = "quick",
                 seeds: int | None = None, out_dir: str | Path, nproc: int = 1, device: str | None = None,
-                progress: bool = True, console: Any = None) -> list[dict[str, Any]]:
+                threads: int | None = 1, progress: bool = True, console: Any = None) -> list[dict[str, Any]]:
     """Validate, then train every pending job and append its record to ``out_dir/results.jsonl``.
 
     ``mechanisms`` is one list for all tasks or a mapping task -> list. Returns the records of this
     run's jobs (already finished ones included, read from the file). Raises :class:`QualityError`
-    listing every refusal before anything trains.
+    listing every refusal before anything trains. ``threads``: intra-op CPU threads (default 1: these
+    models are small, and on a shared CPU more threads spin-wait against each other; ``None`` keeps
+    PyTorch's setting).
     """
+    if threads is not None:
+        torch.set_num_threads(threads)
     preset = get_preset(preset) if isinstance(preset, str) else preset
     seeds = preset.seeds if seeds is None else seeds
     if seeds < 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +16,7 @@ from rich.table import Table
 
 import attnlab
 from attnlab.bench.presets import PRESETS, QualityPreset, get_preset
-from attnlab.bench.quality import TASKS, Job, QualityError, run_job, run_quality, validate
+from attnlab.bench.quality import TASKS, QualityError, run_quality, validate
 from attnlab.bench.report import aggregate, write_report
 
 __all__ = ["add_commands", "run_demo", "DEMO_TASKS", "PREFERRED_MECHANISMS", "choose_demo_mechanisms"]
@@ -30,7 +31,7 @@ PREFERRED_MECHANISMS = (
 )
 
 # Wall-clock budgets of the demo's quality runs (seconds, whole demo), per preset.
-DEMO_BUDGET_S = {"smoke": 25.0, "quick": 240.0, "standard": 3600.0, "full": 36000.0}
+DEMO_BUDGET_S: dict[str, float | None] = {"smoke": None, "quick": 240.0, "standard": 3600.0, "full": 36000.0}
 
 
 def _console() -> Console:
@@ -72,9 +73,17 @@ def cmd_quality(args: argparse.Namespace) -> int:
         unknown = [t for t in tasks if t not in TASKS]
         if unknown:
             raise QualityError(f"unknown task(s) {', '.join(map(repr, unknown))} (tasks: {', '.join(TASKS)})")
+        if args.variants:
+            wanted = {v.strip() for v in args.variants.split(",") if v.strip()}
+            kept = {t: [c for c in cs if TASKS[t].label(c) in wanted] for t, cs in preset.tasks.items()}
+            preset = dataclasses.replace(preset, tasks={t: cs for t, cs in kept.items() if cs})
+            missing = [t for t in tasks if t not in preset.tasks]
+            if missing:
+                raise QualityError(f"--variants {args.variants!r} leaves no config for task(s) {', '.join(missing)}")
         mechanisms = _mechanism_list(args.mechanisms, tasks, preset)
         records = run_quality(tasks=tasks, mechanisms=mechanisms, preset=preset, seeds=args.seeds, out_dir=args.out,
-                              nproc=args.nproc, device=args.device, progress=not args.no_progress, console=console)
+                              nproc=args.nproc, device=args.device, threads=args.threads,
+                              progress=not args.no_progress, console=console)
     except (QualityError, KeyError) as error:
         console.print(f"[red]{error.args[0]}[/red]")
         return 2
@@ -114,38 +123,48 @@ def print_leaderboard(records: Sequence[dict[str, Any]], console: Console) -> No
 
 
 def _step_seconds(task: str, mechanism: str, config: Any) -> float:
-    """Seconds per training step of ``mechanism`` on ``task`` (two steps timed after one warm-up)."""
-    probe = dataclasses.replace(config, steps=3)
-    if hasattr(probe, "test_examples"):
-        probe = dataclasses.replace(probe, test_examples=min(probe.test_examples, 8))
-    times: list[float] = []
-    start = time.perf_counter()
-    run_job(Job(task, mechanism, 0, probe, "probe"), on_step=lambda step: times.append(time.perf_counter()))
-    return (times[-1] - times[0]) / 2 if len(times) == 3 else time.perf_counter() - start
+    """Seconds of one training step (forward + backward + AdamW) of ``mechanism`` on ``task`` at the
+    config's batch size, timed after one warm-up step on the task's probe inputs."""
+    spec = TASKS[task]
+    torch.manual_seed(0)
+    model = spec.build(config, mechanism, spec.causal_for(attnlab.get(mechanism)))
+    probe = spec.probe(config)
+    inputs = probe.repeat(config.batch_size // probe.shape[0], *([1] * (probe.ndim - 1)))
+    optimizer = torch.optim.AdamW(model.parameters())
+    seconds = math.inf
+    for _ in range(2):
+        start = time.perf_counter()
+        model(inputs).float().square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        seconds = time.perf_counter() - start
+    return seconds
 
 
 def choose_demo_mechanisms(preset: QualityPreset, *, tasks: Sequence[str] = DEMO_TASKS,
-                           budget_s: float, max_per_task: int = 10,
+                           budget_s: float | None, max_per_task: int = 10,
                            console: Console | None = None) -> dict[str, list[str]]:
     """Per task, the registered mechanisms in :data:`PREFERRED_MECHANISMS` order that fit the task and
-    whose measured step time fits the task's share of ``budget_s`` (softmax is always kept)."""
+    whose measured step time fits the task's share of ``budget_s`` (the first one is always kept).
+    ``budget_s=None`` skips the timing (the smoke preset: every run takes a fraction of a second)."""
     registered = [m.name for m in attnlab.mechanisms()]
     order = [n for n in PREFERRED_MECHANISMS if n in registered] + [n for n in registered
                                                                     if n not in PREFERRED_MECHANISMS]
     chosen: dict[str, list[str]] = {}
     for task in tasks:
         config = preset.tasks[task][0]
-        refusals = {r.mechanism: r.reason for r in validate([task], order, preset)}
-        remaining = budget_s / len(tasks)
+        remaining = math.inf if budget_s is None else budget_s / len(tasks)
         picked: list[str] = []
         for name in order:
-            if name in refusals:
-                if console is not None:
-                    console.print(f"  [dim]{task}: skip {name}: {refusals[name]}[/dim]")
-                continue
             if len(picked) >= max_per_task:
                 break
-            estimate = _step_seconds(task, name, config) * config.steps * len(preset.tasks[task])
+            refusals = validate([task], [name], preset)
+            if refusals:
+                if console is not None:
+                    console.print(f"  [dim]{task}: skip {name}: {refusals[0].reason}[/dim]")
+                continue
+            estimate = 0.0 if budget_s is None else (
+                _step_seconds(task, name, config) * config.steps * len(preset.tasks[task]))
             if picked and estimate > remaining:
                 if console is not None:
                     console.print(f"  [dim]{task}: skip {name}: about {estimate:.0f} s of training, more than "
@@ -168,12 +187,13 @@ def run_demo(*, preset: str = "quick", out: str | Path | None = None, seeds: int
     if (out / "results.jsonl").exists():
         console.print(f"[red]{out} already holds results; the demo trains afresh into a new folder[/red]")
         return 2
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    torch.set_num_threads(1)  # small models: one thread is faster than two spinning on a shared CPU
     registered = [m.name for m in attnlab.mechanisms()]
     console.rule(f"attnlab demo: preset {preset!r}, {len(registered)} registered mechanisms")
     console.print("choosing mechanisms (fit to each task, measured step time within the budget) ...")
     budget = DEMO_BUDGET_S.get(preset, 240.0)
-    chosen = choose_demo_mechanisms(quality, budget_s=budget * 0.8, console=console)
+    chosen = choose_demo_mechanisms(quality, budget_s=budget, max_per_task=8 if budget is None else 10,
+                                    console=console)
     ran = sorted({n for names in chosen.values() for n in names}, key=registered.index)
     for task, names in chosen.items():
         console.print(f"  {task}: {', '.join(names)}")
@@ -217,9 +237,12 @@ def add_commands(sub: Any, bench: Any) -> None:
     p.add_argument("--mechanisms", default="softmax", help="comma list of registered mechanisms, or 'all'")
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS))
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the preset's)")
+    p.add_argument("--variants", default=None,
+                   help="comma list of config labels to keep (as --list-presets shows them; default: all)")
     p.add_argument("--out", default=None, help="run folder (results.jsonl is appended; reruns resume)")
     p.add_argument("--nproc", type=int, default=1, help="processes for DistributedDataParallel via torchrun")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--threads", type=int, default=1, help="intra-op CPU threads per process (default 1)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--list-presets", action="store_true", help="print the presets and exit")
     p.set_defaults(func=cmd_quality)

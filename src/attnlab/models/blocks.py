@@ -6,6 +6,7 @@ that a comparison measures the mechanism and nothing else.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -14,8 +15,8 @@ from torch import nn
 from attnlab.nn.attention import Attention
 from attnlab.registry import Mechanism, get
 
-__all__ = ["MechanismMismatch", "mixer_refusal", "check_mixer", "build_mixer", "mixer_state_size", "Block",
-           "BlockStack", "count_parameters"]
+__all__ = ["MechanismMismatch", "mixer_refusal", "check_mixer", "build_mixer", "required_options", "mixer_state_size",
+           "Block", "BlockStack", "count_parameters"]
 
 
 class MechanismMismatch(ValueError):
@@ -48,13 +49,44 @@ def check_mixer(mechanism: str | Mechanism, *, causal: bool) -> Mechanism:
     return record
 
 
-def build_mixer(mechanism: str, dim: int, heads: int, *, causal: bool, **options: Any) -> nn.Module:
+SEQUENCE_LENGTH_OPTIONS = ("seq_len", "max_len", "length", "seq_length", "max_seq_len")
+
+
+def required_options(mechanism: str | Mechanism, *, seq_len: int | None = None) -> dict[str, Any]:
+    """Values for the keyword options the mechanism's op or layer requires (no default of their own).
+
+    A required sequence-length option (``seq_len``, ``max_len``, ...) gets the model's ``seq_len``;
+    any other required option takes the value the mechanism's own conformance config uses
+    (``check.options`` for ops, ``check.layer_configs[0]`` for layers), e.g. ``kernel_size`` of
+    neighborhood attention. Options that are still missing are left out (building then fails with
+    the mechanism's own message).
+    """
+    record = get(mechanism) if isinstance(mechanism, str) else mechanism
+    function = record.layer.__init__ if record.layer is not None else record.op
+    known = dict(record.check.layer_configs[0]) if record.layer is not None and record.check.layer_configs else {}
+    if record.layer is None:
+        known = dict(record.check.options)
+    filled: dict[str, Any] = {}
+    for parameter in inspect.signature(function).parameters.values():
+        if parameter.kind is not parameter.KEYWORD_ONLY or parameter.default is not parameter.empty:
+            continue
+        if parameter.name in SEQUENCE_LENGTH_OPTIONS and seq_len is not None:
+            filled[parameter.name] = seq_len
+        elif parameter.name in known and not isinstance(known[parameter.name], torch.Tensor):
+            filled[parameter.name] = known[parameter.name]
+    return filled
+
+
+def build_mixer(mechanism: str, dim: int, heads: int, *, causal: bool, seq_len: int | None = None,
+                **options: Any) -> nn.Module:
     """The mixer ``x [B, N, dim] -> [B, N, dim]`` of ``mechanism``.
 
     Ops go through :class:`attnlab.nn.Attention` (q/k/v/out projections around the op); mechanisms
     that register their own layer (role "mixer") are built as ``layer(dim, heads, causal=..., **options)``.
+    Options the mechanism requires and ``options`` does not give are filled by :func:`required_options`.
     """
     record = check_mixer(mechanism, causal=causal)
+    options = {**required_options(record, seq_len=seq_len), **options}
     if record.layer is not None:
         return record.layer(dim, heads, causal=causal, **options)
     return Attention(dim, heads, mechanism=record.name, causal=causal, **options)
@@ -96,12 +128,14 @@ class BlockStack(nn.Module):
 
     Attributes:
         mechanism, causal, heads, depth: what the stack was built with.
+        mixer_options: the options the mixers were built with (given and filled-in required ones).
+        seq_len: the sequence length the model runs at, for mechanisms that need it at build time.
         state_size: floats of recurrent state per sequence (all layers), or ``None`` where the
             mechanism does not define one.
     """
 
     def __init__(self, dim: int, depth: int, heads: int, *, mechanism: str, causal: bool, mlp_ratio: int = 4,
-                 norm: bool = True, **mechanism_options: Any) -> None:
+                 norm: bool = True, seq_len: int | None = None, **mechanism_options: Any) -> None:
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth={depth} must be at least 1")
@@ -109,11 +143,12 @@ class BlockStack(nn.Module):
             raise ValueError(f"dim={dim} must be a positive multiple of heads={heads}")
         self.mechanism, self.causal, self.heads, self.depth = mechanism, causal, heads, depth
         self.blocks = nn.ModuleList(
-            Block(build_mixer(mechanism, dim, heads, causal=causal, **mechanism_options), dim,
+            Block(build_mixer(mechanism, dim, heads, causal=causal, seq_len=seq_len, **mechanism_options), dim,
                   mlp_ratio=mlp_ratio, norm=norm)
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
+        self.mixer_options = {**required_options(mechanism, seq_len=seq_len), **mechanism_options}
         self.state_size = mixer_state_size(mechanism, heads=heads, head_dim=dim // heads, depth=depth)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, dim)

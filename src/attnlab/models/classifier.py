@@ -53,7 +53,7 @@ class SequenceClassifier(nn.Module):
         self.embed = nn.Embedding(vocab_size, dim) if vocab_size is not None else nn.Linear(input_dim, dim)
         self.position = nn.Embedding(max_len, dim) if positions else None
         self.trunk = BlockStack(dim, depth, heads, mechanism=mechanism, causal=causal, mlp_ratio=mlp_ratio,
-                                norm=norm, **mechanism_options)
+                                norm=norm, seq_len=max_len, **mechanism_options)
         self.head = nn.Linear(dim, num_classes)
 
     @property

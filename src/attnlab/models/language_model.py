@@ -42,7 +42,7 @@ class LanguageModel(nn.Module):
         self.embed = nn.Embedding(vocab_size, dim)
         self.position = nn.Embedding(max_len, dim)
         self.trunk = BlockStack(dim, depth, heads, mechanism=mechanism, causal=True, mlp_ratio=mlp_ratio,
-                                **mechanism_options)
+                                seq_len=max_len, **mechanism_options)
         self.head = nn.Linear(dim, vocab_size, bias=False)
 
     @property

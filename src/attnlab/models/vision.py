@@ -36,6 +36,7 @@ class VisionTransformer(nn.Module):
         self.embed = nn.Linear(channels * patch_size * patch_size, dim)
         self.position = nn.Parameter(torch.randn(self.num_patches, dim) * 0.02)
         self.trunk = BlockStack(dim, depth, heads, mechanism=mechanism, causal=False, mlp_ratio=mlp_ratio,
+                                seq_len=self.num_patches,
                                 **mechanism_options)
         self.head = nn.Linear(dim, num_classes)
 
