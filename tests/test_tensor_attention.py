@@ -153,6 +153,8 @@ def test_bad_inputs_raise_naming_the_argument() -> None:
         tensor_attention(q, k1, k2, v1, v2, scale=-1.0)
     with pytest.raises(ValueError, match="degree must be >= 0"):
         tensor_attention(q, k1, k2, v1, v2, impl="taylor", degree=-1)
+    with pytest.raises(TypeError, match="degree must be an int"):
+        tensor_attention(q, k1, k2, v1, v2, degree=2.5)
     with pytest.raises(ValueError, match="C\\(D \\+ degree, degree\\)"):
         tensor_attention(*five(N=2, D=64, E=2, seed=81), impl="taylor", degree=8)
     with pytest.raises(ValueError, match="M1=5 and M2=4"):

@@ -115,6 +115,13 @@ def _check_causal(sizes: TensorSizes) -> None:
     check_causal_lengths(sizes.length, sizes.key_length_1)
 
 
+def _check_degree(degree: int) -> None:
+    if isinstance(degree, bool) or not isinstance(degree, int):
+        raise TypeError(f"degree must be an int, got {type(degree).__name__}")
+    if degree < 0:
+        raise ValueError(f"degree must be >= 0, got degree={degree}")
+
+
 def _tensor_scale(scale: float | None, head_dim: int) -> float:
     return check_scale(scale, head_dim)
 
@@ -194,10 +201,7 @@ def tensor_attention_taylor(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor,
     """
     sizes = _check_inputs(q, k1, k2, v1, v2)
     scale = _tensor_scale(scale, sizes.head_dim)
-    if isinstance(degree, bool) or not isinstance(degree, int):
-        raise TypeError(f"degree must be an int, got {type(degree).__name__}")
-    if degree < 0:
-        raise ValueError(f"degree must be >= 0, got degree={degree}")
+    _check_degree(degree)
     rank = taylor_feature_rank(sizes.head_dim, degree)
     if rank > MAX_TAYLOR_RANK:
         raise ValueError(
@@ -259,6 +263,5 @@ def tensor_attention(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: to
     check_impl(impl, IMPLS)
     if impl == "taylor":
         return tensor_attention_taylor(q, k1, k2, v1, v2, causal=causal, scale=scale, degree=degree)
-    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 0:
-        raise ValueError(f"degree must be an int >= 0, got degree={degree!r}")
+    _check_degree(degree)
     return tensor_attention_reference(q, k1, k2, v1, v2, causal=causal, scale=scale)
