@@ -865,21 +865,19 @@ def _run(config: SpeedConfig, preset: str | SpeedConfig, out_dir: str | os.PathL
         return row
 
     # Softmax first at every (N, mode, causal) that the plan needs: the baseline of the ratios.
-    needed = sorted({(N, mode, causal) for (_, _, _, causal, _) in plan for N in config.lengths
-                     for mode in config.modes})
-    for N, mode, causal in needed:
-        baselines[(N, mode, causal)] = cell(BASELINE, "auto", "op", causal, baseline, N, mode)
-        say(_line({**baselines[(N, mode, causal)], "time_ratio": None}) + ("" if causal else "  (bidirectional)"))
-    for name, impl, path_kind, causal, record in plan:
+    # Shortest lengths first, so that an interrupted run has every mechanism at the short lengths.
+    causal_kinds = sorted({causal for (_, _, _, causal, _) in plan}, reverse=True)
+    for N in config.lengths:
         for mode in config.modes:
-            for N in config.lengths:
+            for causal in causal_kinds:
+                baselines[(N, mode, causal)] = cell(BASELINE, "auto", "op", causal, baseline, N, mode)
+            for name, impl, path_kind, causal, record in plan:
                 if name == BASELINE and impl == "auto" and path_kind == "op":
                     row = baselines[(N, mode, causal)]
                 else:
                     row = cell(name, impl, path_kind, causal, record, N, mode)
-                base = baselines[(N, mode, causal)]
                 row = dict(row)
-                _attach_ratios(row, base)
+                _attach_ratios(row, baselines[(N, mode, causal)])
                 rows.append(row)
                 say(_line(row))
     if not any(name == BASELINE and impl == "auto" and kind == "op" for name, impl, kind, _, _ in plan):
@@ -936,19 +934,23 @@ def _measure(spec: Mapping[str, Any], config: SpeedConfig, externals: Sequence[E
     result: dict[str, Any] = {"time_ms": timing.median_ms, "time_q25_ms": timing.q25_ms,
                               "time_q75_ms": timing.q75_ms, "spread": timing.spread, "repeats": timing.repeats}
     del fn
-    if device.type == "cuda":
-        result["peak_bytes"] = cuda_peak_memory(lambda: build_cell(spec, externals=externals), device)
-        result["memory_method"] = "torch.cuda.max_memory_allocated"
-    elif config.memory == "subprocess":
-        timeout = max(60.0, 20 * timing.median_ms / 1e3)
-        result["peak_bytes"] = cpu_peak_memory_subprocess(spec, timeout=timeout)
-        result["memory_method"] = "peak RSS of a fresh subprocess"
-    elif config.memory == "inline":
-        result["peak_bytes"] = cpu_peak_memory_inline(lambda: build_cell(spec, externals=externals))
-        result["memory_method"] = "peak RSS, same process (approximate)"
-    else:
-        result["peak_bytes"] = None
-        result["memory_method"] = "none"
+    result["peak_bytes"] = None
+    try:
+        if device.type == "cuda":
+            result["memory_method"] = "torch.cuda.max_memory_allocated"
+            result["peak_bytes"] = cuda_peak_memory(lambda: build_cell(spec, externals=externals), device)
+        elif config.memory == "subprocess":
+            result["memory_method"] = "peak RSS of a fresh subprocess"
+            # the child imports torch and attnlab first: slow on a loaded machine
+            timeout = max(600.0, 20 * timing.median_ms / 1e3)
+            result["peak_bytes"] = cpu_peak_memory_subprocess(spec, timeout=timeout)
+        elif config.memory == "inline":
+            result["memory_method"] = "peak RSS, same process (approximate)"
+            result["peak_bytes"] = cpu_peak_memory_inline(lambda: build_cell(spec, externals=externals))
+        else:
+            result["memory_method"] = "none"
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:  # the timing stands without it
+        result["memory_error"] = f"{type(error).__name__}: {str(error).strip()[:200]}"
     return result
 
 
