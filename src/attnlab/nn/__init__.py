@@ -1,5 +1,7 @@
 """``nn.Module`` layers: projections around an op, plus the mechanisms that own parameters."""
 
+from types import ModuleType as _ModuleType
+
 from attnlab.nn.attention import Attention
 
 # Each mechanism issue adds its imports in its own block below (keeps parallel edits apart).
@@ -37,4 +39,5 @@ from attnlab.nn.rcmha import RCMHA, DepthwiseCausalConv
 from attnlab.nn.segvg import TripleAlignmentAttention
 from attnlab.nn.tensor import TensorAttention
 
-__all__ = [name for name in dir() if not name.startswith("_") and name != "attention"]
+__all__ = [name for name, value in dict(globals()).items()
+           if not name.startswith("_") and not isinstance(value, _ModuleType)]

@@ -3,6 +3,8 @@
 Importing a module registers its mechanism (see :mod:`attnlab.registry`).
 """
 
+from types import ModuleType as _ModuleType
+
 from attnlab.ops.softmax import attention_mask, softmax_attention, softmax_attention_reference
 from attnlab.ops.softmax_backends import clear_softmax_backend_cache, softmax_backend_report
 
@@ -60,4 +62,5 @@ from attnlab.ops.sliding_window import (
 from attnlab.ops.rcmha import relative_attention, relative_scores, relative_scores_reference
 from attnlab.ops.tensor import column_kronecker, tensor_attention, tensor_attention_reference, tensor_attention_taylor
 
-__all__ = [name for name in dir() if not name.startswith("_") and name not in {"softmax", "validation"}]
+__all__ = [name for name, value in dict(globals()).items()
+           if not name.startswith("_") and not isinstance(value, _ModuleType)]

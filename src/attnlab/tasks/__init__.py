@@ -1,5 +1,7 @@
 """Synthetic and real tasks the benchmarks train on (each docstring shows a worked example)."""
 
+from types import ModuleType as _ModuleType
+
 # Each issue adds its imports in its own block below (keeps parallel edits apart).
 # --- Mechanisms I: associative-memory view ---
 # isort: split
@@ -14,4 +16,5 @@ from attnlab.tasks.mqar import MQARConfig, multiquery_ar
 from attnlab.tasks.needle import NeedleConfig, sample_needle
 from attnlab.tasks.wikitext import WikiTextConfig, load_wikitext_split
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+__all__ = [name for name, value in dict(globals()).items()
+           if not name.startswith("_") and not isinstance(value, _ModuleType)]
