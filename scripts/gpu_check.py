@@ -143,16 +143,21 @@ def check_op(record: attnlab.Mechanism, device: torch.device, causal: bool, seed
 
 def check_layer(record: attnlab.Mechanism, device: torch.device, seed: int) -> list[dict[str, Any]]:
     """A layer-only mechanism: float32 layer on ``device`` against the same weights in float64."""
+    import inspect
+
     causal = record.supports_causal and not record.supports_bidirectional
+    length = 64  # >= 49 agents of agent attention; a square grid (8 x 8) for 2-D layers
+    options = {name: length for name in ("seq_len", "max_len", "max_seq_len")
+               if name in inspect.signature(record.layer).parameters}
     torch.manual_seed(seed)
-    layer = record.layer(64, 4, causal=causal).to(device)
-    layer64 = record.layer(64, 4, causal=causal).to(device).double()
+    layer = record.layer(64, 4, causal=causal, **options).to(device)
+    layer64 = record.layer(64, 4, causal=causal, **options).to(device).double()
     layer64.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in layer.state_dict().items()})
     layer.eval()
     layer64.eval()
-    x = torch.randn(2, 24, 64, generator=torch.Generator().manual_seed(seed)).to(device)
+    x = torch.randn(2, length, 64, generator=torch.Generator().manual_seed(seed)).to(device)
     with torch.no_grad():
-        got, expected = layer(x), layer64(x.double())
+        got, expected = first_output(layer(x)), first_output(layer64(x.double()))
     return [{"name": record.name, "mode": "causal" if causal else "layer", "check": "float32 layer vs float64",
              "error": relative_error(got, expected), "tolerance": 1e-4}]
 
