@@ -268,18 +268,18 @@ def section_timings(budget: float) -> None:
 # is used for the timings section.
 # "chunk_size" is passed to the call; every other key goes to attnlab.kernels.lightning.TUNING.
 VARIANTS = [
-    {"precise": 2},
-    {"precise": 1},
-    {"precise": 0},
-    {"precise": 2, "block_v": 128},
-    {"precise": 1, "block_v": 128},
-    {"precise": 0, "block_v": 128},
-    {"precise": 1, "chunk_size": 128},
-    {"precise": 1, "block_v": 32, "num_warps": 4},
-    {"precise": 1, "fused_bwd": True},
-    {"precise": 2, "block_v": 128, "fused_bwd": True},
-    {"precise": 1, "block_v": 128, "fused_bwd": True},
+    {"precise": 7, "block_v": 128},
+    {"precise": 5, "block_v": 128},
+    {"precise": 7, "block_v": 128, "fused_bwd": True},
+    {"precise": 5, "block_v": 128, "fused_bwd": True},
     {"precise": 0, "block_v": 128, "fused_bwd": True},
+    {"precise": 3, "block_v": 128, "fused_bwd": True},
+    {"precise": 7},
+    {"precise": 5},
+    {"precise": 5, "fused_bwd": True},
+    {"precise": 5, "chunk_size": 128},
+    {"precise": 5, "block_v": 32, "num_warps": 4},
+    {"precise": 0},
 ]
 SEGMENT_VARIANTS = [{"segments_per_wave": 1}, {"segments_per_wave": 4}, {"segments_per_wave": 8}]
 CHUNK = 64

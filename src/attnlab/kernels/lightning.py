@@ -24,9 +24,10 @@ the forward scan of ``(dO, V, K)``; ``dk`` and ``dv`` are scans that run backwar
 (:func:`_decay_rate_grad`).
 
 All products accumulate in float32. For 16-bit inputs the float32 intermediates that feed a
-tensor-core product (the masked intra-chunk scores and the state) are split into a high and a low
-16-bit part (two products instead of one), which keeps the relative error near the 16-bit rounding
-of the output instead of doubling it; ``precise=False`` turns that off.
+tensor-core product (the masked intra-chunk scores, the state, the decayed values of the state
+update) can be split into a high and a low 16-bit part (two products instead of one), which keeps
+the relative error at the 16-bit rounding of the output; ``TUNING["precise"]`` picks which (bits,
+see :func:`_precision_bits`; docs/kernels.md has the measured trade-off).
 """
 
 from __future__ import annotations
@@ -171,13 +172,13 @@ if triton is not None:
                 scores = scores * intra_decay
                 if not SCALE_OUT:
                     scores = scores * scale
-                if PRECISE >= 2:
+                if PRECISE & 1:
                     s_hi, s_lo = _split_hi_lo(scores, v.dtype)
                     out = _mma(s_hi, v, None, DOT_PRECISION, ACC, UPCAST)
                     out = _mma(s_lo, v, out, DOT_PRECISION, ACC, UPCAST)
                 else:
                     out = _mma(scores.to(v.dtype), v, None, DOT_PRECISION, ACC, UPCAST)
-                if PRECISE >= 1:
+                if PRECISE & 2:
                     st_hi, st_lo = _split_hi_lo(state, q.dtype)
                     inter = _mma(q, st_hi, None, DOT_PRECISION, ACC, UPCAST)
                     inter = _mma(q, st_lo, inter, DOT_PRECISION, ACC, UPCAST)
@@ -200,7 +201,7 @@ if triton is not None:
                 if not SCALE_OUT:
                     v_decay = v_decay * scale
                 vv = v.to(ACC) * v_decay[:, None]                                     # (BT, BV)
-                if PRECISE >= 1:
+                if PRECISE & 4:
                     vv_hi, vv_lo = _split_hi_lo(vv, v.dtype)
                     state = _mma(tl.trans(k), vv_hi, state, DOT_PRECISION, ACC, UPCAST)
                     state = _mma(tl.trans(k), vv_lo, state, DOT_PRECISION, ACC, UPCAST)
@@ -211,7 +212,7 @@ if triton is not None:
                     state = _mma(tl.trans(k), v, state, DOT_PRECISION, ACC, UPCAST)
                 else:
                     vv = v.to(ACC) * scale
-                    if PRECISE >= 1:
+                    if PRECISE & 4:
                         vv_hi, vv_lo = _split_hi_lo(vv, v.dtype)
                         state = _mma(tl.trans(k), vv_hi, state, DOT_PRECISION, ACC, UPCAST)
                         state = _mma(tl.trans(k), vv_lo, state, DOT_PRECISION, ACC, UPCAST)
@@ -293,33 +294,33 @@ if triton is not None:
             rd = row_decay
             if HAS_DECAY:
                 rd = row_decay * tl.exp(rate * first_shift)
-            if PRECISE >= 1:
+            if PRECISE & 2:
                 r_hi, r_lo = _split_hi_lo(state, q.dtype)
             else:
                 r_hi = state.to(q.dtype)
             # dv = (scale K Q^T * D) dO + diag(rd) K R
             a1 = _mma(k, tl.trans(q), None, DOT_PRECISION, ACC, UPCAST) * intra_decay     # (BT, BT)
-            if PRECISE >= 2:
+            if PRECISE & 1:
                 a_hi, a_lo = _split_hi_lo(a1, q.dtype)
                 dv = _mma(a_hi, do, None, DOT_PRECISION, ACC, UPCAST)
                 dv = _mma(a_lo, do, dv, DOT_PRECISION, ACC, UPCAST)
             else:
                 dv = _mma(a1.to(q.dtype), do, None, DOT_PRECISION, ACC, UPCAST)
             inter = _mma(k, r_hi, None, DOT_PRECISION, ACC, UPCAST)
-            if PRECISE >= 1:
+            if PRECISE & 2:
                 inter = _mma(k, r_lo, inter, DOT_PRECISION, ACC, UPCAST)
             dv = dv + inter * rd[:, None]
             tl.store(dv_base + rows[:, None] * sdv_n + offs_v[None, :], dv.to(DV.dtype.element_ty), mask=vv_mask)
             # dk = (scale V dO^T * D) Q + diag(rd) V R^T
             a2 = _mma(v, tl.trans(do), None, DOT_PRECISION, ACC, UPCAST) * intra_decay    # (BT, BT)
-            if PRECISE >= 2:
+            if PRECISE & 1:
                 a_hi, a_lo = _split_hi_lo(a2, q.dtype)
                 dk = _mma(a_hi, q, None, DOT_PRECISION, ACC, UPCAST)
                 dk = _mma(a_lo, q, dk, DOT_PRECISION, ACC, UPCAST)
             else:
                 dk = _mma(a2.to(q.dtype), q, None, DOT_PRECISION, ACC, UPCAST)
             inter = _mma(v, tl.trans(r_hi), None, DOT_PRECISION, ACC, UPCAST)
-            if PRECISE >= 1:
+            if PRECISE & 2:
                 inter = _mma(v, tl.trans(r_lo), inter, DOT_PRECISION, ACC, UPCAST)
             dk = dk + inter * rd[:, None]
             tl.store(dk_base + rows[:, None] * sdk_n + offs_k[None, :], dk.to(DK.dtype.element_ty), mask=qk_mask)
@@ -330,7 +331,7 @@ if triton is not None:
             else:
                 w = tl.where(valid, 1.0, 0.0).to(ACC) * scale
             ww = do.to(ACC) * w[:, None]                                               # (BT, DV)
-            if PRECISE >= 1:
+            if PRECISE & 4:
                 w_hi, w_lo = _split_hi_lo(ww, q.dtype)
                 state = _mma(tl.trans(q), w_hi, state, DOT_PRECISION, ACC, UPCAST)
                 state = _mma(tl.trans(q), w_lo, state, DOT_PRECISION, ACC, UPCAST)
@@ -354,9 +355,18 @@ TUNING: dict[str, object] = {
     "num_warps": None,
     "num_stages": 2,
     "segments_per_wave": 2,
-    "precise": None,
+    "precise": None,  # bits of _precision_bits; None = 7 (all split)
     "fused_bwd": False,
 }
+
+
+def _precision_bits(dtype: torch.dtype) -> int:
+    """Which float32 intermediates are split into high + low 16-bit parts (bit 1: the masked scores,
+    bit 2: the state, bit 4: the decayed values of the state update); 16-bit inputs only."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return 0
+    bits = TUNING["precise"]
+    return 7 if bits is None else int(bits)
 
 
 def _next_pow2(x: int) -> int:
@@ -417,12 +427,7 @@ def _scan(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, heads: int, rate
     BV = max(16, min(_next_pow2(DV), int(block_v) if block_v else 64))
     NV = -(-DV // BV)
     n_seg, seg_len = plan if plan is not None else _plan_segments(B * H * NV, N, chunk, a.device, segments)
-    precise = TUNING["precise"]
-    if a.dtype not in (torch.float16, torch.bfloat16):
-        precise = 0
-    elif precise is None:
-        precise = 2
-    precise = int(precise)
+    precise = _precision_bits(a.dtype)
     num_warps = TUNING["num_warps"] or (8 if BK * BV >= 128 * 64 else 4)
     rate_arg = rate if rate is not None else torch.empty(1, device=a.device, dtype=acc)
     common = dict(
@@ -499,8 +504,7 @@ def _dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, *
                           scale_out=False, out_dtype=None, need_final=need_final, chunk=chunk, segments=None,
                           plan=(n_seg, seg_len), only_inits=True)
         r0_strides = (r0.stride(0), r0.stride(1), r0.stride(2))
-    precise = TUNING["precise"]
-    precise = 0 if q.dtype not in (torch.float16, torch.bfloat16) else (2 if precise is None else int(precise))
+    precise = _precision_bits(q.dtype)
     rn_arg = rn if rn is not None else dummy
     _dkdv_scan_kernel[(n_seg, B * H)](
         q, k, v, do, dk, dv, r0 if r0 is not None else dummy, rn_arg, rate if rate is not None else dummy,
