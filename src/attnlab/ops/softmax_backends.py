@@ -14,6 +14,7 @@ Only devices in :data:`AUTO_DEVICE_TYPES` (CUDA) are measured; on the CPU SDPA k
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import threading
@@ -90,10 +91,14 @@ _CACHE: dict[BackendKey, BackendChoice] = {}
 _LOCK = threading.Lock()
 
 
+@functools.cache
+def _cuda_label(index: int) -> str:
+    return f"cuda:{index} {torch.cuda.get_device_name(index)}"
+
+
 def _device_label(device: torch.device) -> str:
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return f"cuda:{index} {torch.cuda.get_device_name(index)}"
+        return _cuda_label(device.index if device.index is not None else torch.cuda.current_device())
     return str(device)
 
 
