@@ -175,7 +175,7 @@ def test_gather_equals_reference_forward_and_backward(options: dict) -> None:
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("options", CASES[:2] + CASES[3:])
+@pytest.mark.parametrize("options", [CASES[1], CASES[3], CASES[5]])
 def test_flex_forward_equals_reference(options: dict) -> None:
     g = torch.Generator().manual_seed(1)
     N = math.prod(options["shape"])

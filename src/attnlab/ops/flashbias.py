@@ -124,11 +124,10 @@ def flashbias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_
     if k_bias_heads == H and Hkv != H:  # per-query-head key factors: give every query head its own keys
         k, v, Hkv = expand_kv(k, H), expand_kv(v, H), H
     pad = (-(D + R)) % 8
-    q_cat = torch.cat([q * scale, q_bias.to(q.dtype).expand(B, H, N, R)], dim=-1)  # (B, H, N, D + R)
-    k_cat = torch.cat([k, k_bias.to(k.dtype).expand(B, Hkv, M, R)], dim=-1)  # (B, H_kv, M, D + R)
-    if pad:
-        q_cat = F.pad(q_cat, (0, pad))
-        k_cat = F.pad(k_cat, (0, pad))
+    zeros = q.new_zeros(()).expand(B, max(H, Hkv), max(N, M), pad)  # no memory: padding by broadcast
+    q_cat = torch.cat([q * scale, q_bias.to(q.dtype).expand(B, H, N, R), zeros[:, :H, :N]], dim=-1)
+    k_cat = torch.cat([k, k_bias.to(k.dtype).expand(B, Hkv, M, R), zeros[:, :Hkv, :M]], dim=-1)
+    # q_cat (B, H, N, D + R + pad), k_cat (B, H_kv, M, D + R + pad): one allocation each
     Dv = v.shape[-1]
     width = q_cat.shape[-1]
     v_in = F.pad(v, (0, width - Dv)) if Dv < width else v  # fused CPU/GPU kernels want one head dim
