@@ -11,8 +11,8 @@ Worked example (``vocab_size=20, num_pairs=2, seq_len=16, random_non_queries=Fal
 from ``1 .. vocab/2 - 1``, values from ``vocab/2 .. vocab - 1``; gaps 0 and 4)::
 
     position:  0    1    2    3    4    5    6    7    8    9   10   11   12   13   14   15
-    inputs:    7   14    8   10    7    0    0    0    8    0    0    0    0    0    0    0
-    labels: -100 -100 -100 -100   14 -100 -100 -100   10 -100 -100 -100 -100 -100 -100 -100
+    inputs:    7   14    8   10    7    0    0    0    0    0    0    0    8    0    0    0
+    labels: -100 -100 -100 -100   14 -100 -100 -100 -100 -100 -100 -100   10 -100 -100 -100
 
 The label of position t is the token the model must predict after reading inputs[..t]: at the query
 ``7`` (position 4) the answer is its value ``14``. With ``random_non_queries=True`` the zeros become
