@@ -48,7 +48,7 @@ def loops(q, k1, k2, v1, v2, *, scale: float, causal: bool = False) -> torch.Ten
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-@pytest.mark.parametrize("impl", ["reference", "taylor"])
+@pytest.mark.parametrize("impl", ["reference", "chunked", "taylor"])
 def test_matches_explicit_loops(causal: bool, impl: str) -> None:
     q, k1, k2, v1, v2 = five(B=1, H=2, N=4, D=3, E=2, seed=3, bound=0.6)
     expected = loops(q, k1, k2, v1, v2, scale=0.8, causal=causal)
@@ -59,7 +59,7 @@ def test_matches_explicit_loops(causal: bool, impl: str) -> None:
 def test_cross_lengths_match_explicit_loops() -> None:
     q, k1, k2, v1, v2 = five(B=1, H=1, N=3, D=2, E=3, M1=4, M2=5, seed=11)
     expected = loops(q, k1, k2, v1, v2, scale=1.0)
-    for impl in ("reference", "taylor"):
+    for impl in ("reference", "chunked", "taylor"):
         out = tensor_attention(q, k1, k2, v1, v2, impl=impl, degree=14)
         torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
 
@@ -107,16 +107,16 @@ def test_float32_and_bfloat16_keep_the_dtype() -> None:
     q, k1, k2, v1, v2 = five(N=6, D=4, E=4, seed=50)
     exact = tensor_attention(q, k1, k2, v1, v2)
     for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
-        for impl in ("reference", "taylor"):
+        for impl in ("reference", "chunked", "taylor"):
             low = [x.to(dtype) for x in (q, k1, k2, v1, v2)]
             out = tensor_attention(*low, impl=impl, degree=10)
             assert out.dtype == dtype
             assert float((out.double() - exact).norm() / exact.norm()) < tolerance
 
 
-def test_gradients_of_both_paths() -> None:
+def test_gradients_of_every_path() -> None:
     inputs = [x.requires_grad_() for x in five(B=1, H=1, N=3, D=2, E=2, seed=60)]
-    for impl in ("reference", "taylor"):
+    for impl in ("reference", "chunked", "taylor"):
         for causal in (False, True):
             assert torch.autograd.gradcheck(
                 lambda *t, impl=impl, causal=causal: tensor_attention(*t, impl=impl, causal=causal, degree=4), inputs)
@@ -128,7 +128,7 @@ def test_causal_does_not_look_ahead() -> None:
     changed = [x.clone() for x in (q, k1, k2, v1, v2)]
     for x in changed:
         x[:, :, t + 1:] = torch.randn(x[:, :, t + 1:].shape, generator=seeded(71), dtype=torch.float64)
-    for impl in ("reference", "taylor"):
+    for impl in ("reference", "chunked", "taylor"):
         before = tensor_attention(q, k1, k2, v1, v2, causal=True, impl=impl)
         after = tensor_attention(*changed, causal=True, impl=impl)
         torch.testing.assert_close(before[:, :, : t + 1], after[:, :, : t + 1])
@@ -183,3 +183,23 @@ def test_registered_as_a_layer_with_its_paper() -> None:
     record = attnlab.get("tensor")
     assert record.layer is TensorAttention and record.op is None and record.role == "mixer"
     assert record.arxiv == "2310.04064" and "Kronecker" in record.paper
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_chunked_equals_reference_in_value_and_gradient(causal: bool) -> None:
+    from attnlab.ops import tensor_attention_chunked, tensor_attention_reference
+
+    inputs = five(N=9, D=3, E=2, seed=100, bound=1.0)
+    weights = torch.randn(2, 2, 9, 2, generator=seeded(101), dtype=torch.float64)
+    grads = []
+    for run in (lambda *t: tensor_attention_reference(*t, causal=causal),
+                lambda *t: tensor_attention_chunked(*t, causal=causal, chunk_size=4)):
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        out = run(*leaves)
+        (out * weights).sum().backward()
+        grads.append((out.detach(), [x.grad for x in leaves]))
+    torch.testing.assert_close(grads[1][0], grads[0][0])
+    for a, b in zip(grads[1][1], grads[0][1], strict=True):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        tensor_attention_chunked(*inputs, chunk_size=0)

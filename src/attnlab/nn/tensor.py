@@ -30,14 +30,16 @@ class TensorAttention(nn.Module):
         heads: heads H.
         causal: (inferred) query ``i`` sees key pairs with ``max(j1, j2) <= i``.
         scale: score scale; ``None`` gives ``d ** -0.5`` (the paper's definition uses 1).
-        impl: "auto"/"reference" (exact, O(N^3 d) time and O(N^3) memory per head) or "taylor"
-            (the polynomial method, O(N r d) with ``r = C(d + degree, degree)``).
+        impl: "auto"/"chunked" (exact, O(N^3 d) time, memory bounded by query blocks), "reference"
+            (exact, O(N^3) memory per head) or "taylor" (the polynomial method, O(N r d) with
+            ``r = C(d + degree, degree)``).
         degree: Taylor degree for ``impl="taylor"``.
         bias: biases in the projections.
     """
 
     def __init__(self, dim: int, heads: int, *, causal: bool = False, scale: float | None = None,
-                 impl: Literal["auto", "reference", "taylor"] = "auto", degree: int = 8, bias: bool = False) -> None:
+                 impl: Literal["auto", "reference", "chunked", "taylor"] = "auto", degree: int = 8,
+                 bias: bool = False) -> None:
         super().__init__()
         if dim <= 0 or heads <= 0 or dim % heads != 0:
             raise ValueError(f"dim={dim} must be a positive multiple of heads={heads}")
@@ -70,7 +72,8 @@ register(Mechanism(
     supports_bidirectional=True,
     complexity="O(N^3 d) exact; O(N C(d+g,g) d) Taylor",
     defaults={"scale": None, "impl": "auto", "degree": 8, "bias": False},
-    impls=("taylor",),
-    check=CheckConfig(length=7, head_dim=4, heads=2, layer_configs=({}, {"impl": "taylor", "degree": 4})),
+    impls=("chunked", "taylor"),
+    check=CheckConfig(length=7, head_dim=4, heads=2,
+                      layer_configs=({}, {"impl": "reference"}, {"impl": "taylor", "degree": 4})),
     role="mixer",
 ))

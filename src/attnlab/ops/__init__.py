@@ -60,7 +60,13 @@ from attnlab.ops.sliding_window import (
 # isort: split
 # --- Mechanisms III: head routing, similarity forms, tensor attention ---
 from attnlab.ops.rcmha import relative_attention, relative_scores, relative_scores_reference
-from attnlab.ops.tensor import column_kronecker, tensor_attention, tensor_attention_reference, tensor_attention_taylor
+from attnlab.ops.tensor import (
+    column_kronecker,
+    tensor_attention,
+    tensor_attention_chunked,
+    tensor_attention_reference,
+    tensor_attention_taylor,
+)
 
 __all__ = [name for name, value in dict(globals()).items()
            if not name.startswith("_") and not isinstance(value, _ModuleType)]

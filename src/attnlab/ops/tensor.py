@@ -9,10 +9,12 @@ Kronecker Computation", arXiv 2310.04064 (ICLR 2024). With the column-wise Krone
 i.e. ``S[i, (j1, j2)] = sum_l Q[i, l] K1[j1, l] K2[j2, l]`` and
 ``out_i = sum_{j1, j2} softmax_{(j1, j2)}(S_i) (V1[j1] ⊙ V2[j2])``.
 
-Two implementations:
+Three implementations:
 
 - ``impl="reference"``: the definition with the ``N x M1 x M2`` score tensor materialised,
   O(N M1 M2 d) time (the naive O(n^3) algorithm of the paper).
+- ``impl="chunked"`` (= ``"auto"``): the same exact computation over blocks of queries, with
+  activation checkpointing, so that memory stays bounded in training too.
 - ``impl="taylor"``: the polynomial method. ``exp(x)`` is replaced by its degree-``g`` Taylor
   polynomial and, with ``(q . (a ⊙ b))^t = sum_{|alpha| = t} t!/alpha! q^alpha a^alpha b^alpha``,
   ``exp(S) ≈ U1 (U2 ⊘ U3)^T`` with monomial features ``U1 = q^alpha / alpha!``, ``U2 = k1^alpha``,
@@ -38,18 +40,20 @@ from typing import Literal, NamedTuple
 
 import torch
 from einops import rearrange
+from torch.utils.checkpoint import checkpoint
 
 from attnlab.ops.validation import check_causal_lengths, check_impl, check_scale, check_tensor, compute_dtype
 
 __all__ = [
     "tensor_attention",
     "tensor_attention_reference",
+    "tensor_attention_chunked",
     "tensor_attention_taylor",
     "column_kronecker",
     "taylor_feature_rank",
 ]
 
-IMPLS = ("auto", "reference", "taylor")
+IMPLS = ("auto", "reference", "chunked", "taylor")
 MAX_TAYLOR_RANK = 1 << 20
 
 
@@ -160,6 +164,52 @@ def tensor_attention_reference(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tens
     return out.to(q.dtype)
 
 
+def _pair_block(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor,
+                allowed: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Exact tensor attention of a block of queries ``[B, H, c, D]`` (``allowed [c, M, M]`` or ``None``)."""
+    scores = torch.einsum("bhil,bhal,bhcl->bhiac", q, k1, k2) * scale  # (B, H, c, M1, M2)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores.flatten(-2), dim=-1).view_as(scores)
+    return torch.einsum("bhiac,bhae,bhce->bhie", probs, v1, v2)  # (B, H, c, E)
+
+
+def tensor_attention_chunked(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor,
+                             v2: torch.Tensor, *, causal: bool = False, scale: float | None = 1.0,
+                             chunk_size: int | None = None) -> torch.Tensor:
+    """Exact tensor attention over blocks of queries: O(N M1 M2 d) time, bounded memory.
+
+    The same formula as :func:`tensor_attention_reference` (Alman & Song, arXiv 2310.04064), computed
+    ``chunk_size`` queries at a time (default: blocks of about 2^24 scores); in training each block
+    is recomputed in the backward pass (activation checkpointing), so memory stays
+    ``O(chunk_size M1 M2)`` per batch-head instead of ``O(N M1 M2)``. Shapes as in :func:`tensor_attention`.
+    """
+    sizes = _check_inputs(q, k1, k2, v1, v2)
+    scale = _tensor_scale(scale, sizes.head_dim)
+    if causal:
+        _check_causal(sizes)
+    B, H, N = sizes.batch, sizes.heads, sizes.length
+    if chunk_size is None:
+        chunk_size = max(1, (1 << 24) // (B * H * sizes.key_length_1 * sizes.key_length_2))
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int, got chunk_size={chunk_size!r}")
+    dtype = compute_dtype(q.dtype)
+    qf, k1f, k2f, v1f, v2f = (x.to(dtype) for x in (q, k1, k2, v1, v2))
+    allowed = pair_causal_mask(N, sizes.key_length_1, device=q.device) if causal else None  # (N, M, M)
+    recompute = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k1, k2, v1, v2))
+    blocks = []
+    for start in range(0, N, chunk_size):
+        rows = slice(start, min(start + chunk_size, N))
+        block_mask = None if allowed is None else allowed[rows]
+        if recompute:
+            block = checkpoint(_pair_block, qf[:, :, rows], k1f, k2f, v1f, v2f, block_mask, scale,
+                               use_reentrant=False)
+        else:
+            block = _pair_block(qf[:, :, rows], k1f, k2f, v1f, v2f, block_mask, scale)
+        blocks.append(block)
+    return torch.cat(blocks, dim=2).to(q.dtype)  # (B, H, N, E)
+
+
 @lru_cache(maxsize=32)
 def _multi_indices(dim: int, degree: int) -> tuple[tuple[int, ...], ...]:
     """All ``alpha`` in ``N^dim`` with ``|alpha| <= degree``, by total degree."""
@@ -237,7 +287,7 @@ def tensor_attention_taylor(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor,
 
 def tensor_attention(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor,
                      *, causal: bool = False, scale: float | None = 1.0, degree: int = 8,
-                     impl: Literal["auto", "reference", "taylor"] = "auto") -> torch.Tensor:
+                     impl: Literal["auto", "reference", "chunked", "taylor"] = "auto") -> torch.Tensor:
     """Third-order tensor attention: query ``i`` attends to every key pair ``(j1, j2)``.
 
     Alman & Song, "How to Capture Higher-order Correlations? Generalizing Matrix Softmax Attention
@@ -253,9 +303,10 @@ def tensor_attention(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: to
         scale: multiplies the scores; default 1 as in the paper's definition (the theory setting
             divides by ``d``: pass ``1 / D``); ``None`` gives ``D ** -0.5``.
         degree: Taylor degree of ``impl="taylor"`` (features ``C(D + degree, degree)``).
-        impl: "reference" (exact, O(N M1 M2 D)), "taylor" (approximate, O(N r E) with
-            ``r = C(D + degree, degree)``; accurate for bounded entries) or "auto" (= "reference",
-            the exact one).
+        impl: "reference" (exact, O(N M1 M2 D), all scores materialised), "chunked" (exact, the
+            same cost over blocks of queries with bounded memory), "taylor" (approximate,
+            O(N r E) with ``r = C(D + degree, degree)``; accurate for bounded entries) or "auto"
+            (= "chunked", exact).
 
     Returns:
         ``[B, H, N, E]`` in the dtype of q.
@@ -264,4 +315,6 @@ def tensor_attention(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: to
     if impl == "taylor":
         return tensor_attention_taylor(q, k1, k2, v1, v2, causal=causal, scale=scale, degree=degree)
     _check_degree(degree)
-    return tensor_attention_reference(q, k1, k2, v1, v2, causal=causal, scale=scale)
+    if impl == "reference":
+        return tensor_attention_reference(q, k1, k2, v1, v2, causal=causal, scale=scale)
+    return tensor_attention_chunked(q, k1, k2, v1, v2, causal=causal, scale=scale)
