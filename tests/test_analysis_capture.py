@@ -178,3 +178,39 @@ def test_capture_and_intervene_on_attnlab_layers(causal):
     torch.testing.assert_close(zeroed, x)  # both attention blocks contribute nothing
     assert all(not block.attn.hooks for block in model.blocks)
     torch.testing.assert_close(model(x), plain, rtol=0, atol=0)
+
+
+def test_capture_mask_and_importance_on_attnlab_language_model():
+    from attnlab.analysis.importance import lm_loss_importance
+    from attnlab.analysis.interventions import mask_heads
+    from attnlab.models import LanguageModel
+
+    torch.manual_seed(0)
+    model = LanguageModel(50, 32, 2, 4, max_len=16).eval()
+    tokens = torch.randint(50, (2, 12))
+    with torch.no_grad():
+        plain = model(tokens)
+    record = capture(model, tokens)
+    assert record.num_layers == 2 and record.num_heads == 4 and record.probs[1].shape == (2, 4, 12, 12)
+    assert torch.triu(record.probs[0], diagonal=1).abs().max() == 0
+    torch.testing.assert_close(record.output, plain, rtol=1e-5, atol=1e-5)  # explicit softmax vs the op
+    with mask_heads(model, [(1, 3)], mode="uniform_attention", phase="all"):
+        masked = capture(model, tokens, what=("probs",))
+    uniform = torch.tril(torch.ones(12, 12)) / torch.arange(1, 13)[:, None]
+    torch.testing.assert_close(masked.probs[1][:, 3], uniform.expand(2, 12, 12))
+    full, delta = lm_loss_importance(model, tokens)
+    assert delta.shape == (2, 4) and delta.abs().min() > 0
+    with torch.no_grad():
+        assert torch.equal(model(tokens), plain)
+
+
+def test_non_softmax_mechanism_refuses_probability_hooks():
+    from attnlab.models import LanguageModel
+
+    torch.manual_seed(1)
+    model = LanguageModel(50, 32, 2, 4, max_len=16, mechanism="lightning").eval()
+    tokens = torch.randint(50, (1, 10))
+    record = capture(model, tokens, what=("head_outputs", "hidden"))
+    assert record.head_outputs[1].shape == (1, 4, 10, 8)
+    with pytest.raises(NotImplementedError, match="lightning"):
+        capture(model, tokens, what=("probs",))

@@ -102,11 +102,15 @@ def classification_importance(model: nn.Module, inputs: Any, labels: torch.Tenso
 
 
 def lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> float:
-    """Mean next-token cross-entropy of a causal LM on ``input_ids [B, N]``."""
-    kwargs = {"input_ids": input_ids}
-    if attention_mask is not None:
-        kwargs["attention_mask"] = attention_mask
-    logits = _logits(model(**kwargs)).float()
+    """Mean next-token cross-entropy of a causal LM on ``input_ids [B, N]`` (a transformers causal LM,
+    or a model mapping tokens ``[B, N]`` to logits ``[B, N, vocab]`` such as attnlab's LanguageModel)."""
+    if hasattr(getattr(model, "config", None), "_attn_implementation"):  # a transformers model
+        kwargs = {"input_ids": input_ids}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        logits = _logits(model(**kwargs)).float()
+    else:  # attnlab's LanguageModel: tokens [B, N] -> logits [B, N, vocab]
+        logits = _logits(model(input_ids)).float()
     target = input_ids[:, 1:]
     loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),
                                        reduction="none").view_as(target)
