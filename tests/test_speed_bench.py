@@ -138,7 +138,10 @@ def test_run_skips_cells_by_estimate_and_records_why(tmp_path: Path) -> None:
     by_cell = {(r["impl"], r["N"]): r for r in rows}
     assert by_cell[("auto", 32)]["status"] == "ok" and by_cell[("reference", 32)]["status"] == "ok"
     skipped = by_cell[("reference", 4096)]
-    assert skipped["status"] == "skipped" and "GiB > limit 0.05 GiB" in skipped["reason"]
+    assert skipped["status"] == "skipped" and "GiB" in skipped["reason"] and "> limit 0.05 GiB" in skipped["reason"]
+    # the formula's worst case was checked by a short probe before skipping, and the reason says so
+    assert skipped["estimate_basis"] in skipped["reason"]
+    assert skipped["estimate_basis"].startswith(("probe at N=256", "analytic"))
     assert skipped["estimate_bytes"] > 0.05 * 2**30  # the dense [1, 2, 4096, 4096] scores alone are 128 MiB
     assert any("skipped: estimated" in line for line in lines)
     # a time limit: the second length is predicted over it from the first measurement

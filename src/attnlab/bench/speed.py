@@ -834,14 +834,18 @@ def _run(config: SpeedConfig, preset: str | SpeedConfig, out_dir: str | os.PathL
         exponent = complexity_exponent(record, impl) if record else 1.0
         dtype_bytes = torch.finfo(_DTYPES[config.dtype]).bits // 8
         mem_estimate = predict_next(s.memory_lengths, s.memory, N, default_exponent=exponent) if s.memory else None
+        basis = f"extrapolated from N={s.memory_lengths[-1]}" if s.memory else "analytic"
         if mem_estimate is None:
             mem_estimate = estimate_cell(batch=spec["batch"], heads=config.heads, length=N, dim=config.dim,
                                          dtype_bytes=dtype_bytes, mode=mode, exponent=exponent)
+            if mem_estimate > limit:  # the formula is a worst case: measure a short probe before skipping
+                mem_estimate, basis = _probe_estimate(spec, exponent, externals, fallback=(mem_estimate, basis))
         time_estimate = predict_next(s.lengths, s.times, N, default_exponent=exponent)
         row["estimate_bytes"] = int(mem_estimate)
+        row["estimate_basis"] = basis
         row["estimate_ms"] = time_estimate
         if mem_estimate > limit:
-            row.update(status="skipped", reason=f"estimated peak {mem_estimate / 2**30:.2f} GiB > limit "
+            row.update(status="skipped", reason=f"estimated peak {mem_estimate / 2**30:.2f} GiB ({basis}) > limit "
                                                  f"{limit / 2**30:.2f} GiB")
         elif (time_estimate is not None and time_estimate > config.max_cell_seconds * 1e3
               and not (name == BASELINE and impl == "auto")):  # the baseline of the ratios always runs
@@ -897,6 +901,24 @@ def _run(config: SpeedConfig, preset: str | SpeedConfig, out_dir: str | os.PathL
         for written in write_speed_report(out):
             say(f"wrote {written}")
     return rows
+
+
+def _probe_estimate(spec: Mapping[str, Any], exponent: float, externals: Sequence[ExternalBaseline], *,
+                    fallback: tuple[float, str]) -> tuple[float, str]:
+    """Peak memory of the cell at a short probe length, extrapolated to ``spec["N"]`` as ``N^exponent``."""
+    probe_n = max(16, min(spec["N"] // 8, 256))
+    probe = {**spec, "N": probe_n, "batch": spec["batch"]}
+    try:
+        if spec["device"].startswith("cuda"):
+            peak = cuda_peak_memory(lambda: build_cell(probe, externals=externals), spec["device"])
+        else:
+            peak = cpu_peak_memory_inline(lambda: build_cell(probe, externals=externals))
+    except Exception:  # the probe itself fails: keep the formula
+        return fallback
+    if peak <= 0:
+        return fallback
+    basis = f"probe at N={probe_n} measured {peak / 2**20:.1f} MiB, scaled as N^{exponent:g}"
+    return peak * (spec["N"] / probe_n) ** exponent, basis
 
 
 def _attach_ratios(row: dict[str, Any], base: Mapping[str, Any]) -> None:
