@@ -196,7 +196,7 @@ def run_demo(*, preset: str = "quick", out: str | Path | None = None, seeds: int
                                     console=console)
     ran = sorted({n for names in chosen.values() for n in names}, key=registered.index)
     for task, names in chosen.items():
-        console.print(f"  {task}: {', '.join(names)}")
+        console.print(f"  {task} runs: {', '.join(names)}")
     if len(ran) < 8:
         console.print(f"[yellow]only {len(ran)} mechanisms fit the demo ({len(registered)} registered); "
                       f"the demo asks for at least 8[/yellow]")
