@@ -198,3 +198,10 @@ def test_additive_attention_pooling_is_the_papers_attention_layer() -> None:
     assert bool((result.perturbation[0, 3:] == 0).all()) and result.adversarial > result.clean
     with pytest.raises(ValueError, match="scores must have shape"):
         layer.pool(x, scores[:, :4])
+
+
+@pytest.mark.slow
+def test_example_learns_the_task() -> None:
+    # measured with the defaults: accuracy 0.984 (vanilla), 0.985 (at), 0.965 (iat)
+    results = load_example().main(["--methods", "vanilla", "at", "iat"])
+    assert all(r["accuracy"] > 0.9 for r in results.values()), results
