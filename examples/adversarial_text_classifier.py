@@ -11,9 +11,14 @@ The sentiment words are the ground-truth important words, so the script also rep
 attention lands on them and the correlation of attention with gradient word importance
 (``|∂ŷ/∂e_t|``), the paper's interpretability measure.
 
-Example (a few minutes on a CPU with the defaults; use --train 600 --epochs 2 for a quick look)::
+Example (several CPU minutes with the defaults, about 15 s with ``--device cuda`` on an H200; use
+``--train 600 --epochs 2`` for a quick look)::
 
     python examples/adversarial_text_classifier.py --methods vanilla at iat
+
+With the defaults (3000 training and 1000 test sentences, 4 epochs) one run printed, identically on
+CPU and GPU: accuracy 0.984 / 0.985 / 0.965, attention mass on the sentiment words 0.895 / 0.362 /
+0.862, Pearson(attention, gradient importance) 0.708 / 0.448 / 0.743 for vanilla / at / iat.
 """
 
 from __future__ import annotations
