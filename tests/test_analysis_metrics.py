@@ -228,3 +228,27 @@ def test_ridge_risk_formula_matches_monte_carlo():
     y_q = (x_q * beta).sum(-1) + noise ** 0.5 * torch.randn(n, generator=g, dtype=torch.float64)
     risk = (rp.ridge_predict(x, y, x_q, lam=noise * d) - y_q).pow(2).mean().item()
     assert risk == pytest.approx(rp.ridge_loss(noise, d / L), rel=0.08)
+
+
+def test_icl_weights_from_the_benchmark_classifier_reproduce_its_scores_and_output():
+    from attnlab.models import SequenceClassifier
+
+    torch.manual_seed(4)
+    d, L, H = 3, 6, 2
+    model = SequenceClassifier(1, H * (d + 1), 1, H, max_len=L + 1, input_dim=d + 1, pooling="last",
+                               mlp_ratio=0, norm=False, positions=False).double()
+    with torch.no_grad():
+        model.embed.bias.zero_()
+    z = torch.randn(2, L + 1, d + 1, dtype=torch.float64)
+    z[:, -1, -1] = 0  # the query token [x_q; 0]
+    w_q, w_k, w_v, w_o = rp.icl_weights_from_classifier(model)
+    kq, ov = rp.kq_ov(w_q, w_k, w_v, w_o)
+    record = capture(model, z, what=("scores", "probs"))
+    scores = torch.einsum("bi,hij,blj->bhl", z[:, -1], kq, z) * (d + 1) ** -0.5
+    torch.testing.assert_close(record.scores[0][:, :, -1], scores)
+    per_head = torch.einsum("bhl,blj,hj->b", record.probs[0][:, :, -1], z, ov)
+    residual = z[:, -1] @ (model.head.weight @ model.embed.weight).T  # w_head E z_q
+    torch.testing.assert_close(record.output[:, 0], per_head + residual[:, 0] + model.head.bias)
+    assert set(rp.pattern_metrics(kq, ov)) == {"diag_ratio", "homog", "omega", "last_entry_ratio", "mu", "zero_sum"}
+    with pytest.raises(ValueError, match="SequenceClassifier"):
+        rp.icl_weights_from_classifier(nn.Linear(3, 3))

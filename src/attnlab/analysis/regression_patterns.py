@@ -21,17 +21,51 @@ import math
 
 import torch
 
-__all__ = ["kq_ov", "pattern_metrics", "icl_attention_forward", "dgd_predict", "gd_predict", "tf_reduced_predict",
-           "ridge_predict", "ridge_loss", "optimal_mu"]
+__all__ = ["kq_ov", "icl_weights_from_classifier", "pattern_metrics", "icl_attention_forward", "dgd_predict",
+           "gd_predict", "tf_reduced_predict", "ridge_predict", "ridge_loss", "optimal_mu"]
 
 
 def kq_ov(w_q: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor
           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(KQ [H, d+1, d+1], OV [H, d+1])`` from per-head weights ``w_q, w_k, w_v [H, d+1, d+1]``
-    (``nn.Linear`` convention, out x in) and ``w_o [H, d+1]`` (head ``h``'s slice of the readout)."""
+    """``(KQ [H, d+1, d+1], OV [H, d+1])`` from per-head weights ``w_q, w_k, w_v [H, e, d+1]``
+    (``nn.Linear`` convention, out x in; ``e`` the head dim, ``d+1`` in the paper) and ``w_o [H, e]``
+    (head ``h``'s slice of the read-out)."""
     kq = w_q.transpose(-1, -2) @ w_k  # (H, d+1, d+1)
     ov = (w_o[:, None, :] @ w_v)[:, 0]  # (H, d+1)
     return kq, ov
+
+
+def icl_weights_from_classifier(model: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+    """Per-head ``(w_q, w_k, w_v, w_o)`` in token coordinates for the in-context regression model of
+    the quality benchmark (``attnlab.models.SequenceClassifier`` with a linear input embedding, one
+    block whose mixer is :class:`attnlab.nn.Attention`, read-out at the last token).
+
+    With the embedding ``e = E z (+ b)``, head ``h``'s effective maps are ``W_Q^h E``, ``W_K^h E``,
+    ``W_V^h E`` (``[d+1, d+1]`` when the head dim is ``d+1``), and its read-out is
+    ``w_o^h = w_head W_out[:, h]``. The embedding bias and the residual path ``w_head E z_q`` are
+    affine / per-query terms outside the per-head patterns and are left out (inferred adapter: the
+    paper's model has neither).
+    """
+    from attnlab.nn.attention import Attention
+
+    embed = getattr(model, "embed", None)
+    blocks = getattr(getattr(model, "trunk", None), "blocks", None)
+    if not isinstance(embed, torch.nn.Linear) or blocks is None or len(blocks) != 1 \
+            or not isinstance(getattr(blocks[0], "mixer", None), Attention):
+        raise ValueError("expected a SequenceClassifier with input_dim= (linear embedding), depth 1 and an "
+                         "attnlab.nn.Attention mixer (the in-context regression model of the quality benchmark)")
+    attn = blocks[0].mixer
+    H, hd, kv = attn.heads, attn.head_dim, attn.kv_heads
+    E = embed.weight.detach()  # (dim, d+1)
+    w_q = attn.to_q.weight.detach().view(H, hd, -1) @ E  # (H, hd, d+1)
+    w_kv = attn.to_kv.weight.detach().view(2, kv, hd, -1) @ E  # (2, H_kv, hd, d+1)
+    w_k = w_kv[0].repeat_interleave(H // kv, dim=0)
+    w_v = w_kv[1].repeat_interleave(H // kv, dim=0)
+    readout = model.head.weight.detach()  # (1, dim)
+    if readout.shape[0] != 1:
+        raise ValueError(f"expected one output (regression), got {readout.shape[0]}")
+    w_o = (readout @ attn.to_out.weight.detach()).view(H, hd)  # (H, hd)
+    return w_q, w_k, w_v, w_o
 
 
 def pattern_metrics(kq: torch.Tensor, ov: torch.Tensor) -> dict[str, torch.Tensor | float]:
