@@ -24,6 +24,7 @@ stride 1, dilation 1: NATTEN's inward shift is FreeSwim's ``d_u, d_b, d_l, d_r``
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -195,7 +196,18 @@ def _grid_for(N: int, M: int, shape: Axes | None, kernel_size: Axes, stride: Axe
 
 
 def _gather_blocks(grid: _Grid, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per block of consecutive queries: the union of their neighbours ``[G, S]`` and the mask ``[G, Bq, S]``."""
+    """Per block of consecutive queries: the union of their neighbours ``[G, S]`` and the mask ``[G, Bq, S]``.
+
+    Cached per grid and device (the lists depend on nothing else; every layer and step reuses them).
+    """
+    return _gather_blocks_cached(grid.shape, grid.kernel, grid.stride, grid.dilation, grid.causal, str(device))
+
+
+@functools.lru_cache(maxsize=16)
+def _gather_blocks_cached(shape: tuple, kernel: tuple, stride: tuple, dilation: tuple, causal: tuple,
+                          device_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    grid = _Grid(shape, kernel, stride, dilation, causal)
+    device = torch.device(device_name)
     N = grid.length
     per_query = math.prod(grid.kernel)
     Bq = min(N, max(32, min(128, per_query)) if len(grid.shape) == 1 else 64)
