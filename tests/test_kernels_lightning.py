@@ -213,7 +213,7 @@ def _worker() -> None:
     for index, ((case, fused), run_id) in enumerate(zip(RUNS, RUN_IDS, strict=True)):
         TUNING["fused_bwd"] = fused
         results[run_id] = _run_case(case, seed=1000 + index)
-    TUNING["fused_bwd"] = False
+    TUNING["fused_bwd"] = None
     results["extras"] = _worker_extras()
     print("RESULTS " + json.dumps(results))
 
@@ -274,6 +274,20 @@ def _qkv(B=1, H=2, N=8, D=16, Dv=16, dtype=torch.float32):
     gen = torch.Generator().manual_seed(3)
     return (torch.randn(B, H, N, D, generator=gen, dtype=dtype), torch.randn(B, H, N, D, generator=gen, dtype=dtype),
             torch.randn(B, H, N, Dv, generator=gen, dtype=dtype))
+
+
+@pytest.mark.parametrize(("programs", "n_chunks"), [(1024, 16), (256, 64), (64, 256), (16, 1024), (2, 3), (200, 1)])
+def test_segment_plan_fills_the_device_without_needless_splits(programs: int, n_chunks: int) -> None:
+    from attnlab.kernels.lightning import _fewest_steps
+
+    sms = 132
+    n = _fewest_steps(programs, n_chunks, sms)
+    assert 1 <= n <= n_chunks
+    if programs >= sms:
+        assert n == 1, "a full wave of programs needs no split (the split costs a states-only pass)"
+    elif n_chunks >= 64:
+        assert programs * n >= sms, "long sequences with few programs must fill every multiprocessor"
+        assert -(-n_chunks // n) <= n_chunks // 2
 
 
 def test_triton_runs_on_cpu_only_under_interpreter() -> None:

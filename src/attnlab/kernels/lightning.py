@@ -32,6 +32,7 @@ see :func:`_precision_bits`; docs/kernels.md has the measured trade-off).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -347,26 +348,48 @@ if triton is not None:
 # host side: launch configuration, segments, the scan as a function of tensors
 # ----------------------------------------------------------------------------------------------
 
-#: Launch settings that ``scripts/gpu_kernels.py`` may override to compare variants.
-#: block_v None picks min(next_pow2(Dv), 64); segments_per_wave is the number of programs per
-#: multiprocessor that the segment split aims for on long sequences with few heads.
+#: Launch settings; None means the default measured best on an H200 (docs/kernels.md, run of
+#: 2026-11-28 20:31 UTC), and ``scripts/gpu_kernels.py`` overrides them to compare variants.
+#: block_v: value columns per program (None: 128 for 16-bit inputs with D <= 128, else 64, and 32
+#: for D > 128). precise: bits of :func:`_precision_bits` (None: 5 for the forward and the
+#: backward, 7 in the backward when the decay rates need a gradient). fused_bwd: dK and dV in one
+#: backward scan (None: for 16-bit inputs with D, Dv <= 128). segments_per_wave: None picks the
+#: number of sequence segments by :func:`_fewest_steps`; an int aims at that many programs per
+#: multiprocessor (the rule of the measured runs, which used 4).
 TUNING: dict[str, object] = {
     "block_v": None,
     "num_warps": None,
     "num_stages": 2,
-    "segments_per_wave": 2,
-    "precise": None,  # bits of _precision_bits; None = 7 (all split)
-    "fused_bwd": False,
+    "segments_per_wave": None,
+    "precise": None,
+    "fused_bwd": None,
 }
 
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 
-def _precision_bits(dtype: torch.dtype) -> int:
+
+def _precision_bits(dtype: torch.dtype, override: int | None = None) -> int:
     """Which float32 intermediates are split into high + low 16-bit parts (bit 1: the masked scores,
     bit 2: the state, bit 4: the decayed values of the state update); 16-bit inputs only."""
-    if dtype not in (torch.float16, torch.bfloat16):
+    if dtype not in _SIXTEEN_BIT:
         return 0
+    if override is not None:
+        return int(override)
     bits = TUNING["precise"]
-    return 7 if bits is None else int(bits)
+    return 5 if bits is None else int(bits)
+
+
+def _block_v(dtype: torch.dtype, block_k: int, value_dim: int) -> int:
+    chosen = TUNING["block_v"]
+    if chosen:
+        width = int(chosen)
+    elif block_k > 128:
+        width = 32
+    elif dtype in _SIXTEEN_BIT:
+        width = 128
+    else:
+        width = 64
+    return max(16, min(_next_pow2(value_dim), width))
 
 
 def _next_pow2(x: int) -> int:
@@ -401,17 +424,43 @@ def _plan_segments(programs: int, length: int, chunk: int, device: torch.device,
     """Return ``(n_seg, seg_len)``: how many parallel segments the sequence is cut into."""
     n_chunks = -(-length // chunk)
     if segments is None:
-        target = int(TUNING["segments_per_wave"]) * _multiprocessors(device)
-        segments = max(1, -(-target // programs)) if programs < target else 1
+        per_wave = TUNING["segments_per_wave"]
+        sms = _multiprocessors(device)
+        if per_wave is not None:
+            target = int(per_wave) * sms
+            segments = max(1, -(-target // programs)) if programs < target else 1
+        else:
+            segments = _fewest_steps(programs, n_chunks, sms)
     segments = max(1, min(int(segments), n_chunks))
     seg_len = -(-n_chunks // segments) * chunk
     return -(-length // seg_len), seg_len
 
 
+@functools.lru_cache(maxsize=256)
+def _fewest_steps(programs: int, n_chunks: int, multiprocessors: int) -> int:
+    """Segments per sequence that minimise the sequential chunk steps per multiprocessor.
+
+    One program runs per multiprocessor at a time (255 registers x 256 threads), and its chunk
+    loop is latency-bound, so the time goes as (waves of programs) x (chunks per segment). Cutting
+    the sequence costs a states-only pass and a small scan, about 35 % more (fitted to the run
+    of 2026-11-28). Ties go to about four programs per multiprocessor (the best measured).
+    """
+    best: tuple[float, int, int] | None = None
+    for n in range(1, n_chunks + 1):
+        waves = -(-programs * n // multiprocessors)
+        cost = waves * -(-n_chunks // n) * (1.35 if n > 1 else 1.0)
+        key = (round(cost, 6), abs(programs * n - 4 * multiprocessors), n)
+        if best is None or key < best:
+            best = key
+        if programs * n > 16 * multiprocessors:
+            break
+    return best[2]
+
+
 def _scan(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, heads: int, rate: torch.Tensor | None,
           scale: float, s0: torch.Tensor | None, reverse: bool, s0_shift: bool, scale_out: bool,
           out_dtype: torch.dtype | None, need_final: bool, chunk: int, segments: int | None,
-          plan: tuple[int, int] | None = None, only_inits: bool = False,
+          plan: tuple[int, int] | None = None, only_inits: bool = False, bits: int | None = None,
           ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """out_p = [scale] * (a_p S_p), S_p = lambda S_{p-1} + [scale] b_p^T c_p, in scan order.
 
@@ -423,11 +472,10 @@ def _scan(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, heads: int, rate
     H = heads
     acc = _acc_dtype(a.dtype)
     BK = max(16, _next_pow2(DK))
-    block_v = TUNING["block_v"]
-    BV = max(16, min(_next_pow2(DV), int(block_v) if block_v else 64))
+    BV = _block_v(a.dtype, BK, DV)
     NV = -(-DV // BV)
     n_seg, seg_len = plan if plan is not None else _plan_segments(B * H * NV, N, chunk, a.device, segments)
-    precise = _precision_bits(a.dtype)
+    precise = _precision_bits(a.dtype, bits)
     num_warps = TUNING["num_warps"] or (8 if BK * BV >= 128 * 64 else 4)
     rate_arg = rate if rate is not None else torch.empty(1, device=a.device, dtype=acc)
     common = dict(
@@ -479,7 +527,7 @@ def _scan(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, heads: int, rate
 
 def _dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, *, heads: int,
           rate: torch.Tensor | None, scale: float, dsn: torch.Tensor | None, out_dtype: torch.dtype | None,
-          need_final: bool, chunk: int, segments: int | None,
+          need_final: bool, chunk: int, segments: int | None, bits: int | None = None,
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """dK, dV (per query head) and the backward state at the start, by :func:`_dkdv_scan_kernel`."""
     B, _, N, D = q.shape
@@ -502,9 +550,9 @@ def _dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, *
         # each segment's starting R from the states-only scan of (q, dO) backwards in time
         r0, final = _scan(k, q, do, heads=H, rate=rate, scale=scale, s0=dsn, reverse=True, s0_shift=True,
                           scale_out=False, out_dtype=None, need_final=need_final, chunk=chunk, segments=None,
-                          plan=(n_seg, seg_len), only_inits=True)
+                          plan=(n_seg, seg_len), only_inits=True, bits=bits)
         r0_strides = (r0.stride(0), r0.stride(1), r0.stride(2))
-    precise = _precision_bits(q.dtype)
+    precise = _precision_bits(q.dtype, bits)
     rn_arg = rn if rn is not None else dummy
     _dkdv_scan_kernel[(n_seg, B * H)](
         q, k, v, do, dk, dv, r0 if r0 is not None else dummy, rn_arg, rate if rate is not None else dummy,
@@ -525,8 +573,10 @@ def _dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, *
     return dk, dv, final
 
 
-def _use_fused_backward(head_dim: int, value_dim: int) -> bool:
+def _use_fused_backward(dtype: torch.dtype, head_dim: int, value_dim: int) -> bool:
     fused = TUNING["fused_bwd"]
+    if fused is None:  # float32 tiles of 128 x 128 overflow the shared memory (measured)
+        return dtype in _SIXTEEN_BIT and head_dim <= 128 and value_dim <= 128
     return bool(fused) and head_dim <= 128 and value_dim <= 128
 
 
@@ -616,21 +666,25 @@ class _LightningTriton(torch.autograd.Function):
         dsn_t = dsn.to(acc).transpose(-1, -2).contiguous() if dsn is not None else None
         s0_t = s0.to(acc).transpose(-1, -2).contiguous() if s0 is not None else None
         wide = acc if (groups > 1 or need_rate) else None
+        # the decay gradient is a difference of two large position-weighted sums: it needs every
+        # intermediate split (measured: bits 5 gave it a 0.75 relative error at N = 16384 in bf16)
+        bits = 7 if need_rate else None
         # dq_t = scale dO_t S_t^T: the forward scan of (dO, V, K) from S0^T
         dq, _ = _scan(do, v, k, heads=H, rate=rate, scale=scale, s0=s0_t, reverse=False, s0_shift=False,
                       scale_out=True, out_dtype=acc if need_rate else None, need_final=False,
-                      chunk=chunk, segments=segments)
+                      chunk=chunk, segments=segments, bits=bits)
         # dk_j = R_j v_j, dv_j = k_j R_j with R_j = sum_{t>=j} lambda^(t-j) scale q_t^T dO_t
         #                                           + lambda^(N-1-j) dS_N: backward-in-time scans
-        if _use_fused_backward(D, Dv):
+        if _use_fused_backward(q.dtype, D, Dv):
             dk, dv, r0 = _dkdv(q, k, v, do, heads=H, rate=rate, scale=scale, dsn=dsn, out_dtype=wide,
-                               need_final=need_s0 or need_rate, chunk=chunk, segments=segments)
+                               need_final=need_s0 or need_rate, chunk=chunk, segments=segments, bits=bits)
         else:
             dk, _ = _scan(v, do, q, heads=H, rate=rate, scale=scale, s0=dsn_t, reverse=True, s0_shift=True,
-                          scale_out=False, out_dtype=wide, need_final=False, chunk=chunk, segments=segments)
+                          scale_out=False, out_dtype=wide, need_final=False, chunk=chunk, segments=segments,
+                          bits=bits)
             dv, r0 = _scan(k, q, do, heads=H, rate=rate, scale=scale, s0=dsn, reverse=True, s0_shift=True,
                            scale_out=False, out_dtype=wide, need_final=need_s0 or need_rate,
-                           chunk=chunk, segments=segments)
+                           chunk=chunk, segments=segments, bits=bits)
         ds0 = None
         if r0 is not None and s0 is not None:
             lam = torch.exp(-rate.to(acc)) if rate is not None else torch.ones(H, device=q.device, dtype=acc)
