@@ -690,9 +690,11 @@ def _resolve(preset: str | SpeedConfig, overrides: Mapping[str, Any]) -> SpeedCo
         if name in fields:
             fields[name] = tuple(fields[name])
     config = replace(config, **fields)
-    if config.device is None or (config.device == "cuda" and not torch.cuda.is_available()):
-        config = replace(config, device="cuda" if torch.cuda.is_available() else "cpu",
-                         memory=config.memory if torch.cuda.is_available() or config.memory != "cuda" else "subprocess")
+    if config.device is not None and config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={config.device!r} but no CUDA device is available (the 'gpu' preset needs one; "
+                         f"use --preset cpu here)")
+    if config.device is None:
+        config = replace(config, device="cuda" if torch.cuda.is_available() else "cpu")
     bad_modes = [m for m in config.modes if m not in MODES]
     if bad_modes:
         raise ValueError(f"modes={list(config.modes)}: {bad_modes} not in {list(MODES)}")
