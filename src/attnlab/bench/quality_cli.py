@@ -30,10 +30,6 @@ PREFERRED_MECHANISMS = (
     "neighborhood", "linear", "retnet", "gla", "mamba2", "cosformer", "hebbian", "tensor",
 )
 
-# Wall-clock budgets of the demo's quality runs (seconds, whole demo), per preset.
-DEMO_BUDGET_S: dict[str, float | None] = {"smoke": None, "quick": 240.0, "standard": 3600.0, "full": 36000.0}
-
-
 def _console() -> Console:
     from attnlab.cli import console
 
@@ -122,9 +118,10 @@ def print_leaderboard(records: Sequence[dict[str, Any]], console: Console) -> No
                           f"{group[0].extras['baseline_debiased_gd_one_step']:.4f}")
 
 
-def _step_seconds(task: str, mechanism: str, config: Any) -> float:
+def _step_seconds(task: str, mechanism: str, config: Any, *, give_up_after: float = math.inf) -> float:
     """Seconds of one training step (forward + backward + AdamW) of ``mechanism`` on ``task`` at the
-    config's batch size, timed after one warm-up step on the task's probe inputs."""
+    config's batch size, timed after one warm-up step on the task's probe inputs. A warm-up slower than
+    ``give_up_after`` seconds is returned as is (no second step)."""
     spec = TASKS[task]
     torch.manual_seed(0)
     model = spec.build(config, mechanism, spec.causal_for(attnlab.get(mechanism)))
@@ -138,22 +135,25 @@ def _step_seconds(task: str, mechanism: str, config: Any) -> float:
         optimizer.step()
         optimizer.zero_grad()
         seconds = time.perf_counter() - start
+        if seconds > give_up_after:
+            break
     return seconds
 
 
-def choose_demo_mechanisms(preset: QualityPreset, *, tasks: Sequence[str] = DEMO_TASKS,
-                           budget_s: float | None, max_per_task: int = 10,
+def choose_demo_mechanisms(preset: QualityPreset, *, tasks: Sequence[str] = DEMO_TASKS, max_per_task: int = 8,
+                           max_slowdown: float | None = 4.0,
                            console: Console | None = None) -> dict[str, list[str]]:
-    """Per task, the registered mechanisms in :data:`PREFERRED_MECHANISMS` order that fit the task and
-    whose measured step time fits the task's share of ``budget_s`` (the first one is always kept).
-    ``budget_s=None`` skips the timing (the smoke preset: every run takes a fraction of a second)."""
+    """Per task, up to ``max_per_task`` registered mechanisms, in :data:`PREFERRED_MECHANISMS` order
+    (then registry order), that fit the task and train at most ``max_slowdown`` times slower per step
+    than the first one picked (softmax), both measured here and now: a ratio, so the choice does not
+    depend on how busy the machine is. ``max_slowdown=None`` skips the timing (the smoke preset)."""
     registered = [m.name for m in attnlab.mechanisms()]
     order = [n for n in PREFERRED_MECHANISMS if n in registered] + [n for n in registered
                                                                     if n not in PREFERRED_MECHANISMS]
     chosen: dict[str, list[str]] = {}
     for task in tasks:
         config = preset.tasks[task][0]
-        remaining = math.inf if budget_s is None else budget_s / len(tasks)
+        baseline: float | None = None
         picked: list[str] = []
         for name in order:
             if len(picked) >= max_per_task:
@@ -163,15 +163,17 @@ def choose_demo_mechanisms(preset: QualityPreset, *, tasks: Sequence[str] = DEMO
                 if console is not None:
                     console.print(f"  [dim]{task}: skip {name}: {refusals[0].reason}[/dim]")
                 continue
-            estimate = 0.0 if budget_s is None else (
-                _step_seconds(task, name, config) * config.steps * len(preset.tasks[task]))
-            if picked and estimate > remaining:
-                if console is not None:
-                    console.print(f"  [dim]{task}: skip {name}: about {estimate:.0f} s of training, more than "
-                                  f"the {max(remaining, 0):.0f} s left of this task's budget[/dim]")
-                continue
+            if max_slowdown is not None:
+                limit = math.inf if baseline is None else 2 * max_slowdown * baseline
+                seconds = _step_seconds(task, name, config, give_up_after=limit)
+                if baseline is None:
+                    baseline = seconds
+                elif seconds > max_slowdown * baseline:
+                    if console is not None:
+                        console.print(f"  [dim]{task}: skip {name}: a training step takes {seconds / baseline:.1f}x "
+                                      f"as long as {picked[0]}'s (limit {max_slowdown:g}x)[/dim]")
+                    continue
             picked.append(name)
-            remaining -= estimate
         chosen[task] = picked
     return chosen
 
@@ -190,10 +192,8 @@ def run_demo(*, preset: str = "quick", out: str | Path | None = None, seeds: int
     torch.set_num_threads(1)  # small models: one thread is faster than two spinning on a shared CPU
     registered = [m.name for m in attnlab.mechanisms()]
     console.rule(f"attnlab demo: preset {preset!r}, {len(registered)} registered mechanisms")
-    console.print("choosing mechanisms (fit to each task, measured step time within the budget) ...")
-    budget = DEMO_BUDGET_S.get(preset, 240.0)
-    chosen = choose_demo_mechanisms(quality, budget_s=budget, max_per_task=8 if budget is None else 10,
-                                    console=console)
+    console.print("choosing mechanisms (fit to each task; step time at most 4x the first one's) ...")
+    chosen = choose_demo_mechanisms(quality, max_slowdown=None if preset == "smoke" else 4.0, console=console)
     ran = sorted({n for names in chosen.values() for n in names}, key=registered.index)
     for task, names in chosen.items():
         console.print(f"  {task} runs: {', '.join(names)}")
