@@ -852,16 +852,26 @@ def linear_attention_triton(
         feature_map: callable ``[..., D] -> [..., F]`` (None: identity).
         normalize: divide by ``scale phi(q_i) . z_i + eps``; False gives ``scale phi(q_i) S_i``.
         eps, scale, chunk_size: as in ``attnlab.ops.linear_attention``.
-        initial_state: ``(S0 [B, H, F, Dv], z0 [B, H, F])`` when normalizing, else ``S0`` (a tuple
-            whose z0 is ignored is accepted too).
-        return_state: also return the final ``(S, z)`` (``S`` alone when not normalizing), float32.
+        initial_state: ``(S0 [B, H, F, Dv], z0 [B, H, F])`` (when not normalizing, ``S0`` alone is
+            accepted too).
+        return_state: also return the final ``(S, z)`` (float32; float64 for float64 inputs), as
+            ``attnlab.ops.linear_attention`` does.
     """
     phi = feature_map if feature_map is not None else (lambda x: x)
     fq, fk = phi(q), phi(k)
     s0 = initial_state[0] if isinstance(initial_state, tuple | list) else initial_state
     if not normalize:
-        return lightning_attention_triton(fq, fk, v, decay=None, scale=scale, chunk_size=chunk_size,
-                                          initial_state=s0, return_state=return_state)
+        result = lightning_attention_triton(fq, fk, v, decay=None, scale=scale, chunk_size=chunk_size,
+                                            initial_state=s0, return_state=return_state)
+        if not return_state:
+            return result
+        out, state = result
+        heads = q.shape[1]
+        z = fk.to(state.dtype).sum(2)                                               # (B, H_kv, F)
+        z = z.repeat_interleave(heads // z.shape[1], dim=1) if z.shape[1] != heads else z
+        if isinstance(initial_state, tuple | list) and len(initial_state) == 2:
+            z = z + initial_state[1].to(z.dtype)
+        return out, (state, z)
     ones = torch.ones(*v.shape[:-1], 1, device=v.device, dtype=v.dtype)
     v1 = torch.cat([v, ones], dim=-1)                                           # (B, H_kv, N, Dv + 1)
     if initial_state is not None:
