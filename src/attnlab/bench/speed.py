@@ -369,12 +369,12 @@ def estimate_cell(*, batch: int, heads: int, length: int, dim: int, dtype_bytes:
     return io + scores
 
 
-def scaling_exponents(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, str], dict[str, Any]]:
-    """Fitted exponents of time and peak memory in N per (mechanism, impl, mode), from result rows."""
-    groups: dict[tuple[str, str, str], list[Mapping[str, Any]]] = {}
+def scaling_exponents(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, str, bool], dict[str, Any]]:
+    """Fitted exponents of time and peak memory in N per (mechanism, impl, mode, causal), from result rows."""
+    groups: dict[tuple[str, str, str, bool], list[Mapping[str, Any]]] = {}
     for row in rows:
         if row.get("kind") == "speed" and row.get("status") == "ok":
-            groups.setdefault((row["mechanism"], row["impl"], row["mode"]), []).append(row)
+            groups.setdefault((row["mechanism"], row["impl"], row["mode"], bool(row["causal"])), []).append(row)
     out = {}
     for key, items in sorted(groups.items()):
         items = sorted(items, key=lambda r: r["N"])
@@ -893,10 +893,12 @@ def _run(config: SpeedConfig, preset: str | SpeedConfig, out_dir: str | os.PathL
             rows.insert(0, row)
             say(_line(row))
     say(f"speed benchmark: {len(rows)} cells in {time.perf_counter() - start:.1f} s -> {path}")
-    for (name, impl, mode), fit in scaling_exponents(rows).items():
+    for (name, impl, mode, causal), fit in scaling_exponents(rows).items():
         t = "-" if fit["time"] is None else f"{fit['time']:.2f}"
         m = "-" if fit["memory"] is None else f"{fit['memory']:.2f}"
-        say(f"  exponent in N  {name:>24s} {impl:>9s} {mode:>6s}: time {t}, memory {m}  (N = {fit['lengths']})")
+        kind = "causal" if causal else "bidir."
+        say(f"  exponent in N  {name:>24s} {impl:>9s} {mode:>6s} {kind}: time {t}, memory {m}  "
+            f"(N = {fit['lengths']})")
     if write_report:
         from attnlab.bench.speed_report import write_speed_report
 

@@ -20,7 +20,7 @@ from attnlab.bench.speed import BASELINE, KEY_FIELDS, RESULTS_FILE, scaling_expo
 
 __all__ = ["load_speed_rows", "speed_tables_markdown", "speed_plots", "render_speed_section", "write_speed_report"]
 
-Series = tuple[str, str, str]  # (mechanism, impl, mode)
+Series = tuple[str, str, str, bool]  # (mechanism, impl, mode, causal)
 
 
 def load_speed_rows(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -47,8 +47,9 @@ def _setting(row: Mapping[str, Any]) -> tuple[Any, ...]:
 def _series(rows: Iterable[Mapping[str, Any]]) -> dict[Series, dict[int, Mapping[str, Any]]]:
     out: dict[Series, dict[int, Mapping[str, Any]]] = {}
     for row in rows:
-        out.setdefault((row["mechanism"], row["impl"], row["mode"]), {})[row["N"]] = row
-    return dict(sorted(out.items(), key=lambda kv: (kv[0][2], kv[0][0] != BASELINE, kv[0][0], kv[0][1])))
+        out.setdefault((row["mechanism"], row["impl"], row["mode"], bool(row["causal"])), {})[row["N"]] = row
+    return dict(sorted(out.items(), key=lambda kv: (kv[0][2], kv[0][0] != BASELINE, kv[0][0], kv[0][1],
+                                                    not kv[0][3])))
 
 
 def _fmt_ms(ms: float) -> str:
@@ -101,11 +102,10 @@ def speed_tables_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
         header = ["mechanism", "impl", "mode", "causal", *[f"N={n}" for n in lengths], f"{what} exponent"]
         lines = [f"**{'Time per call' if what == 'time' else 'Peak memory'} ({unit})**", "",
                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for (name, impl, mode), cells in series.items():
-            fit = fits.get((name, impl, mode), {}).get(what)
-            any_row = next(iter(cells.values()))
+        for (name, impl, mode, causal), cells in series.items():
+            fit = fits.get((name, impl, mode, causal), {}).get(what)
             lines.append("| " + " | ".join([
-                name, impl, mode, "yes" if any_row.get("causal") else "no",
+                name, impl, mode, "yes" if causal else "no",
                 *[_cell_text(cells.get(n), what) for n in lengths],
                 "-" if fit is None else f"{fit:.2f}",
             ]) + " |")
@@ -132,15 +132,19 @@ def speed_plots(rows: Sequence[Mapping[str, Any]]) -> dict[str, bytes]:
                                     ("memory", "peak_bytes", 2**-20, "peak memory (MiB)")):
         fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 4.8), squeeze=False)
         for ax, mode in zip(axes[0], modes, strict=True):
-            for (name, impl, m), cells in series.items():
+            for (name, impl, m, causal), cells in series.items():
                 if m != mode:
                     continue
                 points = sorted((n, r[key] * scale) for n, r in cells.items() if r.get("status") == "ok" and r.get(key))
                 if not points:
                     continue
                 style = {"linewidth": 2.5, "color": "black"} if name == BASELINE and impl == "auto" else {}
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3,
-                        label=name if impl in ("auto", "layer", "external") else f"{name} ({impl})", **style)
+                label = name if impl in ("auto", "layer", "external") else f"{name} ({impl})"
+                if name == BASELINE and not causal:
+                    label += " (bidirectional)"
+                    style = {"linewidth": 2.5, "color": "gray"}
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=label,
+                        **style)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("sequence length N")
