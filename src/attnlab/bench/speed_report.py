@@ -128,17 +128,25 @@ def speed_plots(rows: Sequence[Mapping[str, Any]]) -> dict[str, bytes]:
     modes = sorted({r["mode"] for r in rows}) or ["fwd"]
     series = _series(rows)
     out: dict[str, bytes] = {}
-    for what, key, scale, label in (("time", "time_ms", 1.0, "time per call (ms)"),
-                                    ("memory", "peak_bytes", 2**-20, "peak memory (MiB)")):
+    colors = plt.get_cmap("tab20").colors
+    styles = ("-", "--", ":", "-.")
+    # one colour and line style per (mechanism, impl), the same in every panel
+    names = list(dict.fromkeys((name, impl) for (name, impl, _, _) in series))
+    for what, key, scale, axis_label in (("time", "time_ms", 1.0, "time per call (ms)"),
+                                         ("memory", "peak_bytes", 2**-20, "peak memory (MiB)")):
         fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 4.8), squeeze=False)
         for ax, mode in zip(axes[0], modes, strict=True):
             for (name, impl, m, causal), cells in series.items():
                 if m != mode:
                     continue
+                index = names.index((name, impl))
                 points = sorted((n, r[key] * scale) for n, r in cells.items() if r.get("status") == "ok" and r.get(key))
                 if not points:
                     continue
-                style = {"linewidth": 2.5, "color": "black"} if name == BASELINE and impl == "auto" else {}
+                style: dict[str, Any] = {"color": colors[index % len(colors)],
+                                         "linestyle": styles[(index // len(colors)) % len(styles)]}
+                if name == BASELINE and impl == "auto":
+                    style = {"linewidth": 2.5, "color": "black"}
                 label = name if impl in ("auto", "layer", "external") else f"{name} ({impl})"
                 if name == BASELINE and not causal:
                     label += " (bidirectional)"
@@ -148,7 +156,7 @@ def speed_plots(rows: Sequence[Mapping[str, Any]]) -> dict[str, bytes]:
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("sequence length N")
-            ax.set_ylabel(label)
+            ax.set_ylabel(axis_label)
             ax.set_title(f"{what} vs N, {'forward' if mode == 'fwd' else 'forward + backward'}")
             ax.grid(True, which="both", alpha=0.3)
             if ax.lines:
