@@ -202,19 +202,19 @@ def render_speed_section(run_dir: str | os.PathLike[str]) -> tuple[str, str]:
     """``(html_fragment, markdown)`` for the speed results in ``run_dir/speed.jsonl``.
 
     The HTML holds the two log-log plots (time and peak memory versus N, embedded PNG) and the
-    ratio tables; the Markdown holds the tables. An empty folder gives a short note in both.
+    ratio tables; the Markdown holds the tables. Neither has a heading (the caller's report gives
+    the section its title). An empty folder gives a short note in both.
     """
     rows = load_speed_rows(run_dir)
-    markdown = "## Speed and memory\n\n" + speed_tables_markdown(rows)
+    markdown = speed_tables_markdown(rows)
     if not rows:
-        return "<section class=\"speed\"><h2>Speed and memory</h2><p>no speed results</p></section>", markdown
+        return "<section class=\"speed\"><p>no speed results</p></section>", markdown
     images = "".join(
         f'<img alt="{what} versus N (log-log)" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
         for what, png in speed_plots(rows).items()
     )
     body = _markdown_table_to_html(speed_tables_markdown(rows))
-    fragment = (f'<section class="speed"><h2>Speed and memory</h2>\n<div class="plots">{images}</div>\n'
-                f'{body}\n</section>')
+    fragment = f'<section class="speed">\n<div class="plots">{images}</div>\n{body}\n</section>'
     return fragment, markdown
 
 
@@ -223,11 +223,12 @@ def write_speed_report(run_dir: str | os.PathLike[str]) -> list[Path]:
     run_dir = Path(run_dir)
     fragment, markdown = render_speed_section(run_dir)
     written = [run_dir / "speed.md", run_dir / "speed.html"]
-    written[0].write_text(markdown, encoding="utf-8")
+    written[0].write_text("# Speed and memory\n\n" + markdown, encoding="utf-8")
     style = ("body{font-family:sans-serif;margin:2em}table.speed{border-collapse:collapse;font-size:13px}"
              "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{max-width:48%;margin:4px}")
     written[1].write_text(f"<!doctype html><html><head><meta charset=\"utf-8\"><title>attnlab speed</title>"
-                          f"<style>{style}</style></head><body>{fragment}</body></html>", encoding="utf-8")
+                          f"<style>{style}</style></head><body><h1>Speed and memory</h1>{fragment}</body></html>",
+                          encoding="utf-8")
     rows = load_speed_rows(run_dir)
     if rows:
         for what, png in speed_plots(rows).items():
