@@ -2,12 +2,14 @@
 
 - ``smoke``: tiny everything, for the tests (seconds).
 - ``quick``: what ``attnlab demo`` runs on a 2-core CPU in a few minutes. It shrinks zoology's MQAR
-  (vocabulary 8192 -> 256, length 64 -> 32, 8 -> 4 pairs, 2500 -> 250 steps) because the 8192-way
-  output layer dominates CPU time, cuts in-context regression to 300 steps (batch 128) and the digits
+  (vocabulary 8192 -> 128, length 64 -> 32, 8 -> 4 pairs, batch 64 -> 32, 2500 -> 400 steps; width 64
+  kept) because the 8192-way output layer dominates CPU time (softmax still reaches 0.97 accuracy:
+  measured 0.973 on seed 0), cuts in-context regression to 300 steps (batch 64, lr 3e-3) and the digits
   ViT to 150 steps; the ranking it shows is indicative, not the paper's.
 - ``standard``: zoology's MQAR settings (vocabulary 8192; length 64 with 8 pairs and 256 with 16
   pairs; widths 64 and 128; 2500 steps, batch 64, AdamW 3e-3, cosine), the in-context regression
-  paper setting (d=5, L=40, noise variance 0.1, Adam 1e-3, batch 256; 4 heads and 1 head), Match3 and
+  paper setting (d=5, L=40, noise variance 0.1, Adam 1e-3, batch 256; 4 heads and 1 head; 5000 steps with
+  a cosine schedule where the paper trains 500k), Match3 and
   Match2 at length 16, needle at length 128, digits and byte-level Wikipedia.
 - ``full``: longer sequences, more pairs and more seeds; meant for a GPU or a long CPU run.
 """
@@ -67,13 +69,13 @@ SMOKE = QualityPreset(
 
 QUICK = QualityPreset(
     name="quick",
-    description="the demo on a 2-core CPU: MQAR shrunk to vocabulary 256, length 32, 4 pairs, 250 steps; "
-                "in-context regression 300 steps; digits 150 steps",
+    description="the demo on a 2-core CPU: MQAR shrunk to vocabulary 128, length 32, 4 pairs, batch 32, "
+                "400 steps; in-context regression 300 steps (batch 64); digits 150 steps",
     seeds=1,
     tasks={
-        "mqar": [MQARConfig(vocab_size=256, seq_len=32, num_pairs=4, dim=64, heads=4, steps=250, batch_size=64,
+        "mqar": [MQARConfig(vocab_size=128, seq_len=32, num_pairs=4, dim=64, heads=4, steps=400, batch_size=32,
                             lr=3e-3, test_examples=500)],
-        "incontext_regression": [ICLRegressionConfig(heads=4, steps=300, batch_size=128, lr=3e-3,
+        "incontext_regression": [ICLRegressionConfig(heads=4, steps=300, batch_size=64, lr=3e-3,
                                                      test_examples=2000)],
         "match3": [MatchConfig(order=3, length=16, modulus=185, dim=32, heads=4, steps=300, batch_size=64,
                                test_examples=1000)],
@@ -93,8 +95,8 @@ STANDARD = QualityPreset(
     tasks={
         "mqar": [MQARConfig(seq_len=length, num_pairs=pairs, dim=width)
                  for length, pairs in ((64, 8), (256, 16)) for width in (64, 128)],
-        "incontext_regression": [ICLRegressionConfig(heads=4, steps=20000),
-                                 ICLRegressionConfig(heads=1, steps=20000)],
+        "incontext_regression": [ICLRegressionConfig(heads=4, steps=5000),
+                                 ICLRegressionConfig(heads=1, steps=5000)],
         "match3": [MatchConfig(order=3, length=16, modulus=185, dim=32, depth=1, heads=4, steps=3000)],
         "match2": [MatchConfig(order=2, length=16, modulus=24, dim=32, depth=1, heads=4, steps=3000)],
         "needle": [NeedleConfig()],

@@ -141,7 +141,7 @@ def _step_seconds(task: str, mechanism: str, config: Any, *, give_up_after: floa
 
 
 def choose_demo_mechanisms(preset: QualityPreset, *, tasks: Sequence[str] = DEMO_TASKS, max_per_task: int = 8,
-                           max_slowdown: float | None = 4.0,
+                           max_slowdown: float | None = 3.0,
                            console: Console | None = None) -> dict[str, list[str]]:
     """Per task, up to ``max_per_task`` registered mechanisms, in :data:`PREFERRED_MECHANISMS` order
     (then registry order), that fit the task and train at most ``max_slowdown`` times slower per step
@@ -183,7 +183,7 @@ def run_demo(*, preset: str = "quick", out: str | Path | None = None, seeds: int
     """The main job: the quality preset over the registered mechanisms on mqar, in-context regression and
     digits, a CPU speed sweep when the speed benchmark is installed, the report and the leaderboard."""
     console = console or _console()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     quality = get_preset(preset)
     out = Path(out) if out is not None else Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     if (out / "results.jsonl").exists():
@@ -192,8 +192,8 @@ def run_demo(*, preset: str = "quick", out: str | Path | None = None, seeds: int
     torch.set_num_threads(1)  # small models: one thread is faster than two spinning on a shared CPU
     registered = [m.name for m in attnlab.mechanisms()]
     console.rule(f"attnlab demo: preset {preset!r}, {len(registered)} registered mechanisms")
-    console.print("choosing mechanisms (fit to each task; step time at most 4x the first one's) ...")
-    chosen = choose_demo_mechanisms(quality, max_slowdown=None if preset == "smoke" else 4.0, console=console)
+    console.print("choosing mechanisms (fit to each task; step time at most 3x the first one's) ...")
+    chosen = choose_demo_mechanisms(quality, max_slowdown=None if preset == "smoke" else 3.0, console=console)
     ran = sorted({n for names in chosen.values() for n in names}, key=registered.index)
     for task, names in chosen.items():
         console.print(f"  {task} runs: {', '.join(names)}")
@@ -202,13 +202,16 @@ def run_demo(*, preset: str = "quick", out: str | Path | None = None, seeds: int
                       f"the demo asks for at least 8[/yellow]")
     records = run_quality(tasks=list(chosen), mechanisms=chosen, preset=quality, seeds=seeds, out_dir=out,
                           progress=console.is_terminal, console=console)
-    speed_note = _speed_sweep(out, console, time_left=6 * 60 - (time.perf_counter() - started), preset=preset)
+    # The 6-minute budget is for an otherwise idle 2-core machine, where this single-threaded process's
+    # CPU time is its wall time; on a shared machine the wall clock runs slower than the work done.
+    speed_note = _speed_sweep(out, console, time_left=6 * 60 - (time.process_time() - cpu_started), preset=preset)
     report, leaderboard = write_report(out, title=f"attnlab demo ({preset} preset)")
     print_leaderboard(records, console)
     console.print(f"mechanisms run ({len(ran)}): {', '.join(ran)}")
     console.print(speed_note)
     console.print(f"report: {report}\nleaderboard: {leaderboard}\n"
-                  f"total time {time.perf_counter() - started:.0f} s")
+                  f"total time {time.perf_counter() - started:.0f} s wall, "
+                  f"{time.process_time() - cpu_started:.0f} s CPU (the two differ when the machine is shared)")
     return 0
 
 

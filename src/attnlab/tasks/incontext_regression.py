@@ -45,7 +45,7 @@ class ICLRegressionConfig:
     noise_variance: float = 0.1
     beta_scale: str = "1/d"
     heads: int = 4
-    steps: int = 20000
+    steps: int = 5000
     batch_size: int = 256
     lr: float = 1e-3
     test_examples: int = 10000
