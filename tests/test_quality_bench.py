@@ -131,3 +131,15 @@ def test_results_file_helpers_are_generic(tmp_path: Path) -> None:
     assert result_key(records[0], ("op", "shape")) == ("softmax", "[1, 2]")
     assert result_key({"task": "a", "config": {"b": 1, "a": 2}}, RESULT_KEY) == \
         result_key({"config": {"a": 2, "b": 1}, "task": "a"}, RESULT_KEY)
+
+
+def test_every_task_runs_at_smoke_size_and_scores_in_range(tmp_path: Path) -> None:
+    tasks = ["match3", "needle", "wikitext", "digits"]
+    records = run_quality(tasks=tasks, mechanisms=["softmax"], preset="smoke", out_dir=tmp_path, progress=False)
+    by_task = {r["task"]: r for r in records}
+    assert set(by_task) == set(tasks)
+    for task in ("match3", "needle", "digits"):
+        assert 0.0 <= by_task[task]["value"] <= 1.0 and by_task[task]["metric"] == "accuracy"
+    assert 0.3 < by_task["match3"]["metrics"]["positive_rate"] < 0.9
+    # an untrained byte model is near log2(256) = 8 bits per byte; 8 steps cannot reach 0
+    assert 3.0 < by_task["wikitext"]["value"] < 9.0 and by_task["wikitext"]["higher_is_better"] is False
