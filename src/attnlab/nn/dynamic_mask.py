@@ -98,11 +98,11 @@ register(Mechanism(
     complexity="O(N w d + N M)",
     defaults={"window_size": 2048, "causal": True, "scale": None, "impl": "auto"},
     impls=("gather",),
-    # key_bias has the key length, so the op checks run at N = M = 13 (gradcheck too); a fixed random
+    # key_bias has the key length, so the op checks run at N = M = 8 (gradcheck too); a fixed random
     # bias [1, 1, M] broadcasts over batch and heads. The layer checks use A != 0 (with the paper's
     # A = 0 no gradient reaches dt_proj at initialisation).
-    check=CheckConfig(length=13, key_length=13, gradcheck_length=13,
-                      options={"key_bias": _check_key_bias(13, 0), "window_size": 5},
+    check=CheckConfig(length=8, key_length=8, gradcheck_length=8,
+                      options={"key_bias": _check_key_bias(8, 0), "window_size": 3},
                       bf16_options={"key_bias": _check_key_bias(512, 1), "window_size": 64},
-                      layer_configs=({"window_size": 5, "a_init": 0.5},)),
+                      layer_configs=({"window_size": 3, "a_init": 0.5},)),
 ))

@@ -296,7 +296,7 @@ def _check_factors_fixed(length: int, rank: int, seed: int) -> tuple[torch.Tenso
     return q_bias, k_bias
 
 
-_CHECK_QB, _CHECK_KB = _check_factors_fixed(13, 3, 0)
+_CHECK_QB, _CHECK_KB = _check_factors_fixed(8, 3, 0)
 _BF16_QB, _BF16_KB = _check_factors_fixed(512, 3, 1)
 
 register(Mechanism(
@@ -314,9 +314,9 @@ register(Mechanism(
     complexity="O(N M (d + R))",
     defaults={"causal": False, "scale": None, "impl": "auto"},
     impls=("sdpa",),
-    # The factors have the length of the sequence, so every check runs at N = M = 13 (gradcheck too);
+    # The factors have the length of the sequence, so every check runs at N = M = 8 (gradcheck too);
     # cross-attention lengths (M != N) are tested in tests/test_flashbias.py.
-    check=CheckConfig(length=13, key_length=13, gradcheck_length=13,
+    check=CheckConfig(length=8, key_length=8, gradcheck_length=8,
                       options={"q_bias": _CHECK_QB, "k_bias": _CHECK_KB},
                       bf16_options={"q_bias": _BF16_QB, "k_bias": _BF16_KB}),
     role="cross",
