@@ -262,8 +262,9 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         scale: default ``D ** -0.5``.
         impl: "reference" (dense masked softmax, ``O(N^2)`` memory); "gather" (each block of
             queries gathers the union of its neighbours: ``O(N * K)`` memory, differentiable, CPU
-            and GPU); "flex" (``torch.nn.attention.flex_attention`` with a block mask; on CPU it has
-            no backward); "auto": "flex" on CUDA, "gather" elsewhere.
+            and GPU); "flex" (``torch.nn.attention.flex_attention`` with a block mask, called eagerly:
+            on CPU it has no backward; wrap it in ``torch.compile`` yourself for fused GPU kernels);
+            "auto" = "gather" (never "flex", so a gradient always works).
 
     Returns:
         ``[B, H, N, Dv]`` in the dtype of q.
@@ -276,7 +277,7 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     grid = _grid_for(sizes.length, sizes.key_length, shape, kernel_size, stride, dilation, causal)
     scale = check_scale(scale, sizes.head_dim)
     if impl == "auto":
-        impl = "flex" if q.device.type == "cuda" else "gather"
+        impl = "gather"
     if impl == "flex":
         needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
         if needs_grad and q.device.type == "cpu":
