@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from attnlab.nn import Attention
 from attnlab.ops import hip_attention, hip_select_blocks, softmax_attention
 
 
@@ -108,3 +109,18 @@ def test_causal_only_and_bad_options() -> None:
         hip_attention(q, k, v, k_budget=0)
     with pytest.raises(ValueError, match="block_starts"):
         hip_attention(q, k, v, block_starts=torch.zeros(2, 4, 5, 1, dtype=torch.long), block_size_q=2)
+
+
+def test_drop_in_for_softmax_in_a_trained_layer() -> None:
+    """Training-free: a softmax layer's weights run HiP unchanged; a full budget reproduces the layer."""
+    torch.manual_seed(0)
+    dense = Attention(32, 4, mechanism="softmax", causal=True).double()
+    sparse = Attention(32, 4, mechanism="hip", causal=True, k_budget=64, block_size_q=8,
+                                  sliding_window=8, sink_tokens=2).double()
+    sparse.load_state_dict(dense.state_dict())
+    x = torch.randn(2, 64, 32, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), dense(x), rtol=1e-10, atol=1e-10)
+        sparse.options["k_budget"] = 16  # a real budget: close to, not equal to, the dense layer
+        error = float((sparse(x) - dense(x)).norm() / dense(x).norm())
+    assert 0 < error < 0.5
