@@ -134,6 +134,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
+        def tick(task: Any, test: Any) -> None:
+            progress.advance(task)
+            console.print(f"  needle {test.task}, {test.length} tokens, depth {test.depth}: "
+                          f"ROUGE-1 recall {test.recall:.0f}: {test.response[:60]!r}")
+
         if "distance" in metrics:
             t0 = time.time()
             values = torch.stack([dist.mean_attention_distance(probs[layer]) for layer in range(L)])  # (L, H)
@@ -215,7 +220,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             result = detect_retrieval_heads(model, tokenizer, text_for_haystack(text()), lengths=lengths,
                                             depths=depths, tasks=tasks, buffer=args.buffer,
                                             max_new_tokens=args.max_new_tokens,
-                                            progress=lambda test: progress.advance(task))
+                                            progress=lambda test: tick(task, test))
             scores = result.scores
             heatmaps["retrieval score"] = scores
             tables["NIAH detection tests"] = [
@@ -236,7 +241,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                 experiment = masking_experiment(model, tokenizer, text_for_haystack(text()), scores, k=args.mask_k,
                                                 lengths=mask_lengths, depths=mask_depths, tasks=tasks, seed=args.seed,
                                                 buffer=args.buffer, max_new_tokens=args.max_new_tokens,
-                                                progress=lambda test: progress.advance(task))
+                                                progress=lambda test: tick(task, test))
                 entry["masking"] = experiment
                 tables[f"needle accuracy (ROUGE-1 recall) with heads masked, k = {args.mask_k}"] = [
                     {"masked": name, "accuracy": experiment[f"accuracy_{name}"],
