@@ -167,7 +167,28 @@ def _worker_extras() -> dict[str, float]:
     ref = lightning_attention(qt, kt, vt, decay=0.2, impl="reference")
     extras["strided_inputs"] = _rel(lightning_attention_triton(qt, kt, vt, decay=0.2, chunk_size=16), ref)
     extras.update(_linear_case(gen))
+    extras.update(_op_dispatch_case(gen))
     return extras
+
+
+def _op_dispatch_case(gen: torch.Generator) -> dict[str, float]:
+    """The public ops reach the kernels with impl="triton" (the path "auto" takes on CUDA)."""
+    import attnlab.kernels.lightning as kernels
+    from attnlab.ops import lightning_attention, linear_attention
+
+    calls = []
+    apply = kernels._LightningTriton.apply
+    kernels._LightningTriton.apply = lambda *args: (calls.append(1), apply(*args))[1]
+    try:
+        q, k, v = (torch.randn(1, 2, 29, 16, generator=gen, dtype=torch.float32) for _ in range(3))
+        ref = lightning_attention(q.double(), k.double(), v.double(), decay=0.3, impl="reference")
+        out = {"op_lightning_triton": _rel(lightning_attention(q, k, v, decay=0.3, impl="triton"), ref)}
+        ref = linear_attention(q.double(), k.double(), v.double(), causal=True, impl="reference")
+        out["op_linear_triton"] = _rel(linear_attention(q, k, v, causal=True, impl="triton"), ref)
+    finally:
+        kernels._LightningTriton.apply = apply
+    out["op_kernel_calls"] = float(len(calls))
+    return out
 
 
 def _linear_case(gen: torch.Generator) -> dict[str, float]:
@@ -254,6 +275,8 @@ def test_interpreter_extras(interpreter_results: dict) -> None:
     assert extras["runs_on_cpu_under_interpreter"] == 1.0
     for name in ("chunk_size_7", "two_pieces", "torch_compile", "strided_inputs"):
         assert extras[name] < 1e-11, (name, extras[name])
+    assert extras["op_kernel_calls"] == 2.0, "the ops' impl='triton' did not run the kernels"
+    assert extras["op_lightning_triton"] < 2e-5 and extras["op_linear_triton"] < 2e-5, extras
 
 
 def test_linear_attention_through_the_lightning_kernels(interpreter_results: dict) -> None:

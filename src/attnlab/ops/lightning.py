@@ -35,7 +35,7 @@ __all__ = [
     "lightning_decay_slopes",
 ]
 
-IMPLS = ("auto", "reference", "chunked", "recurrent")
+IMPLS = ("auto", "reference", "chunked", "recurrent", "triton")
 
 Decay = float | torch.Tensor | None
 
@@ -266,7 +266,7 @@ def lightning_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, decay: Decay = None,
                         scale: float | None = 1.0, chunk_size: int = 64, initial_state: torch.Tensor | None = None,
                         return_state: bool = False,
-                        impl: Literal["auto", "reference", "chunked", "recurrent"] = "auto",
+                        impl: Literal["auto", "reference", "chunked", "recurrent", "triton"] = "auto",
                         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Lightning attention (causal only): ``o_t = scale * sum_{j<=t} lambda_h^(t-j) (q_t . k_j) v_j``.
 
@@ -283,7 +283,9 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, de
         chunk_size: block length of the chunked form (the repo's Triton kernel uses 64).
         initial_state: ``S0 [B, H, D, Dv]``; the first step is ``S_0 = lambda S0 + k_0^T v_0``.
         return_state: also return the final state ``S_{N-1} [B, H, D, Dv]`` (float32; float64 for float64).
-        impl: "chunked" (the block algorithm; "auto"), "recurrent" (token loop) or "reference" (masked form).
+        impl: "chunked" (the block algorithm), "recurrent" (token loop), "reference" (masked form) or
+            "triton" (the kernels of :mod:`attnlab.kernels.lightning`: CUDA, or CPU under
+            ``TRITON_INTERPRET=1``). "auto" runs "triton" on CUDA devices and "chunked" elsewhere.
 
     Returns:
         ``o [B, H, N, Dv]`` in q's dtype, or ``(o, final_state)`` with ``return_state=True``. Running a
@@ -296,6 +298,12 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, de
                                              initial_state=initial_state, return_state=return_state)
     _, rates, scale = _validate(q, k, v, decay, scale, initial_state)
     chunk_size = check_chunk_size(chunk_size)
+    if impl == "triton" or (impl == "auto" and q.is_cuda):
+        from attnlab.kernels.lightning import lightning_attention_triton, triton_runs_on
+
+        if impl == "triton" or triton_runs_on(q):
+            return lightning_attention_triton(q, k, v, decay=rates, scale=scale, chunk_size=chunk_size,
+                                              initial_state=initial_state, return_state=return_state)
     form = lightning_attention_recurrent if impl == "recurrent" else lightning_attention_chunked
     return form(q, k, v, decay=rates, scale=scale, chunk_size=chunk_size, initial_state=initial_state,
                 return_state=return_state)

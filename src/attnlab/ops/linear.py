@@ -41,7 +41,7 @@ __all__ = [
     "FEATURE_MAPS",
 ]
 
-IMPLS = ("auto", "reference", "chunked", "recurrent")
+IMPLS = ("auto", "reference", "chunked", "recurrent", "triton")
 
 FeatureMap = str | Callable[[torch.Tensor], torch.Tensor]
 State = tuple[torch.Tensor, torch.Tensor]
@@ -280,11 +280,25 @@ def linear_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sta
                                       scale=scale, initial_state=state, return_state=True)
 
 
+def _linear_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+                             feature_map: FeatureMap, normalize: bool, eps: float, scale: float | None,
+                             chunk_size: int, initial_state: State | None, return_state: bool,
+                             kernel: Callable[..., object]) -> torch.Tensor | tuple[torch.Tensor, State]:
+    """Causal linear attention by the Triton lightning kernels (see :func:`linear_attention`)."""
+    sizes = check_qkv(q, k, v)
+    if not causal or sizes.length != sizes.key_length:
+        raise ValueError(f"impl='triton' runs causal self-attention only, got causal={causal}, "
+                         f"N={sizes.length}, M={sizes.key_length}")
+    return kernel(q, k, v, feature_map=resolve_feature_map(feature_map), normalize=normalize, eps=eps,
+                  scale=check_scale(scale, sizes.head_dim), chunk_size=check_chunk_size(chunk_size),
+                  initial_state=initial_state, return_state=return_state)
+
+
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                      feature_map: FeatureMap = "elu+1", normalize: bool = True, eps: float = 1e-6,
                      scale: float | None = 1.0, chunk_size: int = 64, initial_state: State | None = None,
                      return_state: bool = False,
-                     impl: Literal["auto", "reference", "chunked", "recurrent"] = "auto",
+                     impl: Literal["auto", "reference", "chunked", "recurrent", "triton"] = "auto",
                      ) -> torch.Tensor | tuple[torch.Tensor, State]:
     """Linear attention ``o_i = phi(q_i) S_i / (phi(q_i) . z_i + eps)`` with a kernel feature map.
 
@@ -303,12 +317,21 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
         chunk_size: block length of the causal chunked form.
         initial_state: ``(S0 [B, H, F, Dv], z0 [B, H, F])`` added to the running sums.
         return_state: also return the final ``(S, z)`` (float32; float64 for float64 inputs).
-        impl: "chunked" (= "auto"), "recurrent" or "reference" (quadratic).
+        impl: "chunked", "recurrent", "reference" (quadratic) or "triton" (the lightning kernels with no
+            decay, causal self-attention only: CUDA, or CPU under ``TRITON_INTERPRET=1``). "auto" runs
+            "triton" for causal self-attention on CUDA devices and "chunked" otherwise.
 
     Returns:
         ``o [B, H, N, Dv]`` in q's dtype, or ``(o, (S, z))``.
     """
     check_impl(impl, IMPLS)
+    if impl == "triton" or (impl == "auto" and q.is_cuda and causal and q.shape[-2] == k.shape[-2]):
+        from attnlab.kernels.lightning import linear_attention_triton, triton_runs_on
+
+        if impl == "triton" or triton_runs_on(q):
+            return _linear_attention_kernel(q, k, v, causal=causal, feature_map=feature_map, normalize=normalize,
+                                            eps=eps, scale=scale, chunk_size=chunk_size, initial_state=initial_state,
+                                            return_state=return_state, kernel=linear_attention_triton)
     form = {"reference": linear_attention_reference, "recurrent": linear_attention_recurrent}.get(
         impl, linear_attention_chunked)
     return form(q, k, v, causal=causal, feature_map=feature_map, normalize=normalize, eps=eps, scale=scale,
