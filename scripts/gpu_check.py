@@ -284,7 +284,10 @@ def entries(shape: Shape, device: torch.device) -> list[Entry]:
         say(f"fla found: {getattr(sys.modules.get('fla'), '__version__', '?')}")
     except Exception as error:
         say(f"fla not available ({_short(error)}): its rows are left out")
-    return out
+    # most telling first, should the time budget run out: each fla row right after the op it anchors
+    order = ("softmax", "lightning", "fla chunk_simple_gla", "linear", "fla chunk_linear_attn", "sliding_window",
+             "neighborhood", "flashbias")
+    return sorted(out, key=lambda e: next((i for i, p in enumerate(order) if e.label.startswith(p)), len(order)))
 
 
 def _memory_gib(device: torch.device, run: Callable[[], None]) -> float | None:
@@ -351,7 +354,9 @@ def time_entry(entry: Entry, N: int, shape: Shape, device: torch.device, *, quic
     return row
 
 
-def run_timings(shape: Shape, device: torch.device, *, quick: bool, deadline: float) -> list[dict[str, Any]]:
+def run_timings(shape: Shape, device: torch.device, *, quick: bool, deadline: float,
+                on_row: Callable[[list[dict[str, Any]]], None] = lambda rows: None) -> list[dict[str, Any]]:
+    """Time every entry at every length; ``on_row(rows)`` after each row (the outputs are rewritten)."""
     say(f"== timings on {device}: {str(shape.dtype).removeprefix('torch.')}, H={shape.heads}, D={shape.dim}, "
         f"{shape.tokens} tokens per call, causal ==")
     rows: list[dict[str, Any]] = []
@@ -366,6 +371,7 @@ def run_timings(shape: Shape, device: torch.device, *, quick: bool, deadline: fl
             row["seconds"] = time.monotonic() - start
             rows.append(row)
             say(format_row(row))
+            on_row(rows)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
@@ -450,25 +456,36 @@ def main(argv: list[str] | None = None) -> int:
     say(f"correctness: {len(correctness) - len(failed)} passed, {len(failed)} failed "
         f"({time.monotonic() - start:.0f} s)")
     shape = QUICK_SHAPE if args.quick else ANCHOR_SHAPE
+
+    def write(timings: list[dict[str, Any]], *, final: bool) -> list[str]:
+        """Write gpu_check.json / .md (after every timing row too: a run stopped from outside keeps them)."""
+        report = {"environment": env, "correctness": correctness, "timings": timings, "complete": final,
+                  "softmax_backends": softmax_backend_report(), "elapsed_s": time.monotonic() - start,
+                  "shape": {"dtype": str(shape.dtype).removeprefix("torch."), "heads": shape.heads,
+                            "dim": shape.dim, "tokens": shape.tokens, "lengths": list(shape.lengths),
+                            "causal": True}}
+        (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
+        markdown = [
+            f"GPU check {env['date']} on {env.get('gpu', device)} (torch {env['torch']}, triton {env['triton']}, "
+            f"fla {env['fla']}): {report['shape']['dtype']}, H={shape.heads}, D={shape.dim}, {shape.tokens} tokens "
+            f"per call (B = {shape.tokens} / N), causal; do_bench medians; ratio = ours / anchor (below 1 = faster "
+            f"than the anchor)." + ("" if final else " PARTIAL: the run had not finished when this was written."),
+            "", table(timings), "",
+            "SDPA backend chosen by softmax_attention(impl=\"auto\"): "
+            + "; ".join(f"{r['dtype']} D={r['head_dim']} {r['mask_kind']}: {r['backend']} "
+                        f"({', '.join(f'{k} {v:.3f} ms' for k, v in r['times_ms'].items())})"
+                        for r in report["softmax_backends"]),
+            "", f"correctness: {len(correctness) - len(failed)} passed, {len(failed)} failed"
+            + "".join(f"\n- FAIL {r['name']} {r['mode']} {r['check']}: {r.get('exception') or r['error']}"
+                      for r in failed)]
+        (out_dir / "gpu_check.md").write_text("\n".join(markdown) + "\n")
+        return markdown
+
+    write([], final=False)
     timings = [] if args.skip_timings else run_timings(shape, device, quick=args.quick,
-                                                       deadline=start + args.budget_s)
-    report = {"environment": env, "correctness": correctness, "timings": timings,
-              "softmax_backends": softmax_backend_report(), "elapsed_s": time.monotonic() - start,
-              "shape": {"dtype": str(shape.dtype).removeprefix("torch."), "heads": shape.heads, "dim": shape.dim,
-                        "tokens": shape.tokens, "lengths": list(shape.lengths), "causal": True}}
-    (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
-    markdown = [f"GPU check {env['date']} on {env.get('gpu', device)} (torch {env['torch']}, triton {env['triton']}, "
-                f"fla {env['fla']}): {report['shape']['dtype']}, H={shape.heads}, D={shape.dim}, "
-                f"{shape.tokens} tokens per call (B = {shape.tokens} / N), causal; do_bench medians; ratio = "
-                f"ours / anchor (below 1 = faster than the anchor).", "", table(timings), "",
-                "SDPA backend chosen by softmax_attention(impl=\"auto\"): "
-                + "; ".join(f"{r['dtype']} D={r['head_dim']} {r['mask_kind']}: {r['backend']} "
-                            f"({', '.join(f'{k} {v:.3f} ms' for k, v in r['times_ms'].items())})"
-                            for r in report["softmax_backends"]),
-                "", f"correctness: {len(correctness) - len(failed)} passed, {len(failed)} failed"
-                + ("".join(f"\n- FAIL {r['name']} {r['mode']} {r['check']}: {r.get('exception') or r['error']}"
-                           for r in failed))]
-    (out_dir / "gpu_check.md").write_text("\n".join(markdown) + "\n")
+                                                       deadline=start + args.budget_s,
+                                                       on_row=lambda rows: write(rows, final=False))
+    markdown = write(timings, final=True)
     say("")
     say("\n".join(markdown))
     say(f"\nwrote {out_dir / 'gpu_check.json'} and {out_dir / 'gpu_check.md'} in {time.monotonic() - start:.0f} s")

@@ -252,6 +252,7 @@ def test_gpu_check_script_quick_mode_on_cpu(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "PASS  softmax" in result.stdout and "FAIL" not in result.stdout
     report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["complete"] is True  # (partial outputs are rewritten after every row)
     checks = {(r["name"], r["mode"], r["check"].split(" N=")[0]) for r in report["correctness"] if r["ok"]}
     for mode in ("causal", "bidirectional"):
         for check in ("float32 fwd", "float32 grad", "bf16 fwd"):
