@@ -134,7 +134,8 @@ def test_run_skips_cells_by_estimate_and_records_why(tmp_path: Path) -> None:
     lines: list[str] = []
     rows = speed.run_speed_benchmark(preset="smoke", out_dir=tmp_path, mechanisms="softmax",
                                      impls=("auto", "reference"), lengths=(32, 4096), modes=("fwd",),
-                                     memory_limit_gb=0.05, say=lines.append, write_report=False)
+                                     memory_limit_gb=0.05, max_cell_seconds=600, say=lines.append,
+                                     write_report=False)
     by_cell = {(r["impl"], r["N"]): r for r in rows}
     assert by_cell[("auto", 32)]["status"] == "ok" and by_cell[("reference", 32)]["status"] == "ok"
     skipped = by_cell[("reference", 4096)]

@@ -278,8 +278,11 @@ def cpu_peak_memory_inline(setup: Callable[[], Callable[[], Any]], *, warmup: bo
         gc.collect()
     if not _reset_peak_rss():
         raise RuntimeError("cannot reset the peak resident set (/proc/self/clear_refs): no CPU memory figure")
+    at_reset = _proc_status_kb("VmRSS")
     fn()
-    return max(0, (_proc_status_kb("VmHWM") - before) * 1024)
+    call = _proc_status_kb("VmHWM") - at_reset  # what the call itself added at its peak
+    inputs = max(0, at_reset - before)  # what setup added (0 if unrelated memory was freed meanwhile)
+    return max(0, call + inputs) * 1024
 
 
 def cpu_peak_memory_subprocess(spec: Mapping[str, Any], *, timeout: float = 300.0) -> int:
