@@ -557,8 +557,18 @@ def run_quality(*, tasks: Sequence[str], mechanisms: Sequence[str] | Mapping[str
     models are small, and on a shared CPU more threads spin-wait against each other; ``None`` keeps
     PyTorch's setting).
     """
+    previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
+    try:
+        return _run_quality(tasks, mechanisms, preset, seeds, out_dir, nproc, device, progress, console)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_quality(tasks: Sequence[str], mechanisms: Sequence[str] | Mapping[str, Sequence[str]],
+                 preset: str | QualityPreset, seeds: int | None, out_dir: str | Path, nproc: int,
+                 device: str | None, progress: bool, console: Any) -> list[dict[str, Any]]:
     preset = get_preset(preset) if isinstance(preset, str) else preset
     seeds = preset.seeds if seeds is None else seeds
     if seeds < 1:

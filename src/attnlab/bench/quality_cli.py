@@ -189,7 +189,16 @@ def run_demo(*, preset: str = "quick", out: str | Path | None = None, seeds: int
     if (out / "results.jsonl").exists():
         console.print(f"[red]{out} already holds results; the demo trains afresh into a new folder[/red]")
         return 2
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small models: one thread is faster than two spinning on a shared CPU
+    try:
+        return _demo(quality, preset, out, seeds, console, started, cpu_started)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _demo(quality: QualityPreset, preset: str, out: Path, seeds: int, console: Console, started: float,
+          cpu_started: float) -> int:
     registered = [m.name for m in attnlab.mechanisms()]
     console.rule(f"attnlab demo: preset {preset!r}, {len(registered)} registered mechanisms")
     console.print("choosing mechanisms (fit to each task; step time at most 3x the first one's) ...")
