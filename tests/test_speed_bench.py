@@ -130,6 +130,15 @@ def test_subprocess_memory_separates_dense_from_flash_attention() -> None:
     assert sdpa < dense - scores / 2
 
 
+def test_probe_estimate_measures_a_short_cell_in_a_subprocess() -> None:
+    spec = speed._cell_spec(mechanism="softmax", impl="reference", path="op", N=4096, mode="fwd", causal=True,
+                            batch=1, heads=4, dim=32, dtype="float32", device="cpu", seed=0)
+    estimate, basis = speed._probe_estimate(spec, 2.0, (), fallback=(1.0, "analytic"))
+    assert basis.startswith("probes at N=256, 512 measured")
+    scores = 4 * 4096 * 4096 * 4  # the dense float32 scores of the full cell: 256 MiB
+    assert scores <= estimate < 4 * scores
+
+
 def test_run_skips_cells_by_estimate_and_records_why(tmp_path: Path) -> None:
     lines: list[str] = []
     rows = speed.run_speed_benchmark(preset="smoke", out_dir=tmp_path, mechanisms="softmax",
@@ -140,9 +149,7 @@ def test_run_skips_cells_by_estimate_and_records_why(tmp_path: Path) -> None:
     assert by_cell[("auto", 32)]["status"] == "ok" and by_cell[("reference", 32)]["status"] == "ok"
     skipped = by_cell[("reference", 4096)]
     assert skipped["status"] == "skipped" and "GiB" in skipped["reason"] and "> limit 0.05 GiB" in skipped["reason"]
-    # the formula's worst case was checked by a short probe before skipping, and the reason says so
-    assert skipped["estimate_basis"] in skipped["reason"]
-    assert skipped["estimate_basis"].startswith(("probe at N=256", "analytic"))
+    assert skipped["estimate_basis"] == "analytic" and "(analytic)" in skipped["reason"]  # memory="none": no probe
     assert skipped["estimate_bytes"] > 0.05 * 2**30  # the dense [1, 2, 4096, 4096] scores alone are 128 MiB
     assert any("skipped: estimated" in line for line in lines)
     # a time limit: the second length is predicted over it from the first measurement

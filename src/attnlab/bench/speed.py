@@ -843,7 +843,8 @@ def _run(config: SpeedConfig, preset: str | SpeedConfig, out_dir: str | os.PathL
         if mem_estimate is None:
             mem_estimate = estimate_cell(batch=spec["batch"], heads=config.heads, length=N, dim=config.dim,
                                          dtype_bytes=dtype_bytes, mode=mode, exponent=exponent)
-            if mem_estimate > limit:  # the formula is a worst case: measure a short probe before skipping
+            if mem_estimate > limit and (config.device.startswith("cuda") or config.memory == "subprocess"):
+                # the formula is a worst case: measure a short probe (where memory is measured reliably)
                 mem_estimate, basis = _probe_estimate(spec, exponent, externals, fallback=(mem_estimate, basis))
         time_estimate = predict_next(s.lengths, s.times, N, default_exponent=exponent)
         row["estimate_bytes"] = int(mem_estimate)
@@ -912,20 +913,30 @@ def _run(config: SpeedConfig, preset: str | SpeedConfig, out_dir: str | os.PathL
 
 def _probe_estimate(spec: Mapping[str, Any], exponent: float, externals: Sequence[ExternalBaseline], *,
                     fallback: tuple[float, str]) -> tuple[float, str]:
-    """Peak memory of the cell at a short probe length, extrapolated to ``spec["N"]`` as ``N^exponent``."""
-    probe_n = max(16, min(spec["N"] // 8, 256))
-    probe = {**spec, "N": probe_n, "batch": spec["batch"]}
+    """Peak memory of the cell from two short probes, ``a + b N^exponent`` fitted through both.
+
+    Two lengths separate the fixed cost of a call (libraries, first-call buffers) from the part that
+    grows with N. Measured with the CUDA allocator or in a fresh subprocess (in-process CPU figures
+    are too noisy to decide a skip)."""
+    n1 = max(16, min(spec["N"] // 16, 256))
+    n2 = 2 * n1
+    peaks = []
     try:
-        if spec["device"].startswith("cuda"):
-            peak = cuda_peak_memory(lambda: build_cell(probe, externals=externals), spec["device"])
-        else:
-            peak = cpu_peak_memory_inline(lambda: build_cell(probe, externals=externals))
-    except Exception:  # the probe itself fails: keep the formula
+        for n in (n1, n2):
+            probe = {**spec, "N": n}
+            if spec["device"].startswith("cuda"):
+                peaks.append(cuda_peak_memory(lambda p=probe: build_cell(p, externals=externals), spec["device"]))
+            else:
+                peaks.append(cpu_peak_memory_subprocess(probe))
+    except Exception:  # a probe fails: keep the formula
         return fallback
-    if peak <= 0:
+    slope = (peaks[1] - peaks[0]) / (n2**exponent - n1**exponent)
+    if slope <= 0:
         return fallback
-    basis = f"probe at N={probe_n} measured {peak / 2**20:.1f} MiB, scaled as N^{exponent:g}"
-    return peak * (spec["N"] / probe_n) ** exponent, basis
+    estimate = peaks[0] + slope * (spec["N"] ** exponent - n1**exponent)
+    basis = (f"probes at N={n1}, {n2} measured {peaks[0] / 2**20:.1f}, {peaks[1] / 2**20:.1f} MiB, "
+             f"fitted as a + b N^{exponent:g}")
+    return estimate, basis
 
 
 def _attach_ratios(row: dict[str, Any], base: Mapping[str, Any]) -> None:
