@@ -192,7 +192,7 @@ def test_resume_runs_only_missing_cells(tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_ratios_are_to_softmax_in_the_same_run(tmp_path: Path) -> None:
     rows = speed.run_speed_benchmark(preset="smoke", out_dir=tmp_path, mechanisms="linear", modes=("fwd",),
-                                     lengths=(2048, 4096), dim=64, memory="inline", max_cell_seconds=60,
+                                     lengths=(2048, 4096), dim=64, memory="subprocess", max_cell_seconds=60,
                                      say=lambda line: None, write_report=False)
     base = {r["N"]: r for r in rows if r["mechanism"] == "softmax"}
     assert set(base) == {2048, 4096}  # softmax timed although only linear was asked for
