@@ -111,7 +111,9 @@ def test_inline_peak_memory_sees_a_temporary_allocation() -> None:
         return call
 
     peak = speed.cpu_peak_memory_inline(setup)
-    assert 64 * 2**20 <= peak < 140 * 2**20
+    # the 64 MiB temporary is seen; in a long test process, pages the allocator already holds can hide
+    # a few hundred KiB of it (measured 63.9 MiB once), and the 4 MB input may reuse freed memory
+    assert 60 * 2**20 <= peak < 140 * 2**20
 
     def quiet_setup():
         x = torch.randn(100, 100)
