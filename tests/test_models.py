@@ -143,3 +143,14 @@ def test_a_required_sequence_length_option_is_filled_from_the_model(monkeypatch:
     model = SequenceClassifier(2, 16, 1, 2, mechanism="fake_needs_length", max_len=7, vocab_size=10)
     assert model.trunk.blocks[0].mixer.seq_len == 7 and model.trunk.mixer_options == {"seq_len": 7}
     assert build_mixer("fake_needs_length", 16, 2, causal=False, seq_len=5).seq_len == 5
+
+
+def test_required_window_options_scale_with_the_model_length() -> None:
+    from attnlab.models.blocks import required_options
+
+    tested = attnlab.get("sliding_window").check.options["window"]
+    assert required_options("sliding_window", seq_len=64) == {"window": 16}
+    assert required_options("sliding_window", seq_len=8) == {"window": tested}  # never below the tested value
+    assert required_options("neighborhood", seq_len=64) == {"kernel_size": 15}  # odd kernel
+    layer = build_mixer("sliding_window", 16, 2, causal=True, seq_len=64)
+    assert layer.options == {"window": 16}

@@ -50,16 +50,28 @@ def check_mixer(mechanism: str | Mechanism, *, causal: bool) -> Mechanism:
 
 
 SEQUENCE_LENGTH_OPTIONS = ("seq_len", "max_len", "length", "seq_length", "max_seq_len")
+# Required window options get a quarter of the model's length (at least the conformance value), so local
+# mechanisms are compared at a window that is neither the tiny test value nor the whole sequence.
+WINDOW_OPTIONS = ("window", "window_size", "kernel_size")
+WINDOW_FRACTION = 4
+
+
+def _window(name: str, seq_len: int, tested: int) -> int:
+    size = max(int(tested), seq_len // WINDOW_FRACTION)
+    if name == "kernel_size" and size % 2 == 0:  # odd kernels: symmetric non-causal neighbourhoods
+        size -= 1
+    return size
 
 
 def required_options(mechanism: str | Mechanism, *, seq_len: int | None = None) -> dict[str, Any]:
     """Values for the keyword options the mechanism's op or layer requires (no default of their own).
 
     A required sequence-length option (``seq_len``, ``max_len``, ...) gets the model's ``seq_len``;
-    any other required option takes the value the mechanism's own conformance config uses
-    (``check.options`` for ops, ``check.layer_configs[0]`` for layers), e.g. ``kernel_size`` of
-    neighborhood attention. Options that are still missing are left out (building then fails with
-    the mechanism's own message).
+    a required window option (``window``, ``window_size``, ``kernel_size``) gets ``seq_len // 4`` (odd for
+    ``kernel_size``), or the conformance value when that is larger; any other required option takes the
+    value the mechanism's own conformance config uses (``check.options`` for ops,
+    ``check.layer_configs[0]`` for layers). Options that are still missing are left out (building then
+    fails with the mechanism's own message).
     """
     record = get(mechanism) if isinstance(mechanism, str) else mechanism
     function = record.layer.__init__ if record.layer is not None else record.op
@@ -74,6 +86,8 @@ def required_options(mechanism: str | Mechanism, *, seq_len: int | None = None) 
             filled[parameter.name] = seq_len
         elif parameter.name in known and not isinstance(known[parameter.name], torch.Tensor):
             filled[parameter.name] = known[parameter.name]
+            if parameter.name in WINDOW_OPTIONS and seq_len is not None and isinstance(known[parameter.name], int):
+                filled[parameter.name] = _window(parameter.name, seq_len, known[parameter.name])
     return filled
 
 
