@@ -16,7 +16,7 @@ from attnlab.nn.attention import Attention
 from attnlab.registry import Mechanism, get
 
 __all__ = ["MechanismMismatch", "mixer_refusal", "check_mixer", "build_mixer", "required_options", "mixer_state_size",
-           "Block", "BlockStack", "count_parameters"]
+           "Block", "BlockStack", "ModelSizes", "count_parameters"]
 
 
 class MechanismMismatch(ValueError):
@@ -174,3 +174,18 @@ class BlockStack(nn.Module):
 def count_parameters(module: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+class ModelSizes:
+    """``num_parameters`` and ``state_size`` of a model whose blocks are the :class:`BlockStack` ``trunk``."""
+
+    trunk: BlockStack
+
+    @property
+    def num_parameters(self) -> int:
+        return count_parameters(self)  # type: ignore[arg-type]
+
+    @property
+    def state_size(self) -> int | None:
+        """Floats of recurrent state per sequence (all layers), where the mechanism defines it."""
+        return self.trunk.state_size

@@ -7,14 +7,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnlab.models.blocks import BlockStack, count_parameters
+from attnlab.models.blocks import BlockStack, ModelSizes
 
 __all__ = ["SequenceClassifier", "POOLINGS"]
 
 POOLINGS = ("mean", "last", "none")
 
 
-class SequenceClassifier(nn.Module):
+class SequenceClassifier(ModelSizes, nn.Module):
     """Embedding + (optional) learned positions + ``depth`` pre-norm blocks + a linear read-out.
 
     Inputs are tokens ``[B, N]`` (``vocab_size=``) or feature vectors ``[B, N, input_dim]``
@@ -55,14 +55,6 @@ class SequenceClassifier(nn.Module):
         self.trunk = BlockStack(dim, depth, heads, mechanism=mechanism, causal=causal, mlp_ratio=mlp_ratio,
                                 norm=norm, seq_len=max_len, **mechanism_options)
         self.head = nn.Linear(dim, num_classes)
-
-    @property
-    def num_parameters(self) -> int:
-        return count_parameters(self)
-
-    @property
-    def state_size(self) -> int | None:
-        return self.trunk.state_size
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         x = self.embed(inputs)  # (B, N, dim)

@@ -7,12 +7,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnlab.models.blocks import BlockStack, count_parameters
+from attnlab.models.blocks import BlockStack, ModelSizes
 
 __all__ = ["LanguageModel"]
 
 
-class LanguageModel(nn.Module):
+class LanguageModel(ModelSizes, nn.Module):
     """Token embedding + learned positions + ``depth`` pre-norm causal blocks + a linear head.
 
     ``tokens [B, N] (int64) -> logits [B, N, vocab_size]``. Only the mixer depends on ``mechanism``;
@@ -44,15 +44,6 @@ class LanguageModel(nn.Module):
         self.trunk = BlockStack(dim, depth, heads, mechanism=mechanism, causal=True, mlp_ratio=mlp_ratio,
                                 seq_len=max_len, **mechanism_options)
         self.head = nn.Linear(dim, vocab_size, bias=False)
-
-    @property
-    def num_parameters(self) -> int:
-        return count_parameters(self)
-
-    @property
-    def state_size(self) -> int | None:
-        """Floats of recurrent state per sequence (all layers), where the mechanism defines it."""
-        return self.trunk.state_size
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):

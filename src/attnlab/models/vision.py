@@ -8,12 +8,12 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from attnlab.models.blocks import BlockStack, count_parameters
+from attnlab.models.blocks import BlockStack, ModelSizes
 
 __all__ = ["VisionTransformer"]
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(ModelSizes, nn.Module):
     """ViT (Dosovitskiy et al., "An Image is Worth 16x16 Words", arXiv 2010.11929) with a swappable mixer.
 
     ``images [B, channels, image_size, image_size] -> logits [B, num_classes]``: non-overlapping
@@ -39,14 +39,6 @@ class VisionTransformer(nn.Module):
                                 seq_len=self.num_patches,
                                 **mechanism_options)
         self.head = nn.Linear(dim, num_classes)
-
-    @property
-    def num_parameters(self) -> int:
-        return count_parameters(self)
-
-    @property
-    def state_size(self) -> int | None:
-        return self.trunk.state_size
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         expected = (self.channels, self.image_size, self.image_size)
