@@ -337,6 +337,17 @@ def _icl_model(config: icl.ICLRegressionConfig, mechanism: str, causal: bool) ->
                               mlp_ratio=0, norm=False, positions=False)
 
 
+def _match_task(name: str, description: str) -> QualityTask:
+    """The match2 / match3 detection task: an encoder with per-token labels (they differ in their config)."""
+    return QualityTask(
+        name=name, metric="accuracy", higher_is_better=True, masking="bidirectional", config_type=MatchConfig,
+        build=lambda c, m, causal: SequenceClassifier(2, c.dim, c.depth, c.heads, mechanism=m, max_len=c.length,
+                                                      vocab_size=c.modulus, pooling="none"),
+        probe=lambda c: torch.randint(c.modulus, (2, c.length)),
+        run=_match_run, label=lambda c: f"L{c.length}-M{c.modulus}-d{c.dim}",
+        description=description)
+
+
 TASKS: dict[str, QualityTask] = {task.name: task for task in (
     QualityTask(
         name="mqar", metric="accuracy", higher_is_better=True, masking="causal", config_type=MQARConfig,
@@ -351,20 +362,8 @@ TASKS: dict[str, QualityTask] = {task.name: task for task in (
         probe=lambda c: torch.randn(2, c.length + 1, c.dim + 1),
         run=_icl_run, label=lambda c: f"d{c.dim}-L{c.length}-H{c.heads}",
         description="in-context linear regression, one attention layer (test MSE; ridge and one-step GD baselines)"),
-    QualityTask(
-        name="match3", metric="accuracy", higher_is_better=True, masking="bidirectional", config_type=MatchConfig,
-        build=lambda c, m, causal: SequenceClassifier(2, c.dim, c.depth, c.heads, mechanism=m, max_len=c.length,
-                                                      vocab_size=c.modulus, pooling="none"),
-        probe=lambda c: torch.randint(c.modulus, (2, c.length)),
-        run=_match_run, label=lambda c: f"L{c.length}-M{c.modulus}-d{c.dim}",
-        description="Match3 triple detection, encoder (per-token accuracy)"),
-    QualityTask(
-        name="match2", metric="accuracy", higher_is_better=True, masking="bidirectional", config_type=MatchConfig,
-        build=lambda c, m, causal: SequenceClassifier(2, c.dim, c.depth, c.heads, mechanism=m, max_len=c.length,
-                                                      vocab_size=c.modulus, pooling="none"),
-        probe=lambda c: torch.randint(c.modulus, (2, c.length)),
-        run=_match_run, label=lambda c: f"L{c.length}-M{c.modulus}-d{c.dim}",
-        description="Match2 pair detection, encoder (per-token accuracy)"),
+    _match_task("match3", "Match3 triple detection, encoder (per-token accuracy)"),
+    _match_task("match2", "Match2 pair detection, encoder (per-token accuracy)"),
     QualityTask(
         name="needle", metric="accuracy", higher_is_better=True, masking="causal", config_type=NeedleConfig,
         build=lambda c, m, causal: LanguageModel(c.vocab_size, c.dim, c.depth, c.heads, mechanism=m,
