@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from collections.abc import Sequence
 from typing import Literal
 
 import torch
 
+from attnlab.ops.flex import auto_uses_flex, flex_masked_attention
 from attnlab.ops.sliding_window import gathered_block_attention
 from attnlab.ops.softmax import softmax_attention_reference
 from attnlab.ops.validation import check_impl, check_qkv, check_scale
@@ -229,18 +229,13 @@ def _gather_blocks_cached(shape: tuple, kernel: tuple, stride: tuple, dilation: 
 
 
 def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: _Grid, scale: float) -> torch.Tensor:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    """Compiled FlexAttention with the NATTEN rule (``_Grid.allowed``) as its mask_mod."""
 
-    def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+    def natten_mask(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         return grid.allowed(q_idx, kv_idx)
 
-    N = grid.length
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*flex_attention.*")
-        warnings.filterwarnings("ignore", message=".*compile.*")
-        block_mask = create_block_mask(mask_mod, None, None, N, N, device=q.device)
-        out = flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
-    return out
+    key = ("neighborhood", grid.shape, grid.kernel, grid.stride, grid.dilation, grid.causal)
+    return flex_masked_attention(q, k, v, mask_mod=natten_mask, mask_key=key, scale=scale)
 
 
 def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kernel_size: Axes,
@@ -261,10 +256,15 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         causal: a bool or one per axis.
         scale: default ``D ** -0.5``.
         impl: "reference" (dense masked softmax, ``O(N^2)`` memory); "gather" (each block of
-            queries gathers the union of its neighbours: ``O(N * K)`` memory, differentiable, CPU
-            and GPU); "flex" (``torch.nn.attention.flex_attention`` with a block mask, called eagerly:
-            on CPU it has no backward; wrap it in ``torch.compile`` yourself for fused GPU kernels);
-            "auto" = "gather" (never "flex", so a gradient always works).
+            queries gathers the union of its neighbours: ``O(N * K)`` memory in gathered copies of
+            the keys and values, differentiable, CPU and GPU); "flex"
+            (``torch.nn.attention.flex_attention`` compiled, with a cached block mask of the same
+            NATTEN rule, see :mod:`attnlab.ops.flex`: fused, no gathered copies; forward and
+            backward on CUDA, forward only on CPU, where it raises ``NotImplementedError`` when a
+            gradient is needed); "auto" = "flex" on CUDA for float32/bfloat16/float16 (the gathered
+            keys of "gather" ran out of memory on an H200 at H=16, D=128, N >= 16384, kernel 1024),
+            "gather" otherwise (on CPU compiled FlexAttention has no backward and compiles for
+            seconds; float64 is for checks).
 
     Returns:
         ``[B, H, N, Dv]`` in the dtype of q.
@@ -277,14 +277,8 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     grid = _grid_for(sizes.length, sizes.key_length, shape, kernel_size, stride, dilation, causal)
     scale = check_scale(scale, sizes.head_dim)
     if impl == "auto":
-        impl = "gather"
+        impl = "flex" if auto_uses_flex(q) else "gather"
     if impl == "flex":
-        needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-        if needs_grad and q.device.type == "cpu":
-            raise NotImplementedError(
-                "impl='flex': FlexAttention has no backward on CPU; use impl='gather' (or 'auto') when a "
-                "gradient is needed"
-            )
         return _flex(q, k, v, grid, scale)
     key_index, allowed = _gather_blocks(grid, q.device)
     return gathered_block_attention(q, k, v, key_index=key_index, allowed=allowed, scale=scale)

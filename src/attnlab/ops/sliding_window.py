@@ -10,7 +10,8 @@ The fast path (:func:`gathered_block_attention`) processes the queries in blocks
 consecutive positions; each block gathers only the keys its queries may see (a span of
 ``Bq + window - 1`` keys here), so memory is ``O(N * window)`` instead of ``O(N^2)``, and autograd
 gives the backward pass. Neighborhood, dynamic-mask and HiP attention reuse the same helper with
-their own key lists and masks.
+their own key lists and masks. ``impl="flex"`` runs the same band as the ``mask_mod`` of compiled
+FlexAttention (:mod:`attnlab.ops.flex`); "auto" picks it on CUDA.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Literal
 import torch
 from einops import rearrange
 
+from attnlab.ops.flex import auto_uses_flex, flex_masked_attention
 from attnlab.ops.softmax import softmax_attention_reference
 from attnlab.ops.validation import check_impl, check_qkv, check_scale, compute_dtype
 from attnlab.registry import CheckConfig, Mechanism, register
@@ -31,7 +33,7 @@ __all__ = [
     "gathered_block_attention",
 ]
 
-IMPLS = ("auto", "reference", "gather")
+IMPLS = ("auto", "reference", "gather", "flex")
 
 
 def gathered_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_index: torch.Tensor,
@@ -156,9 +158,20 @@ def _band_blocks(length: int, window: int, causal: bool, device: torch.device,
     return keys.clamp(0, length - 1), allowed
 
 
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, causal: bool,
+          scale: float) -> torch.Tensor:
+    """Compiled FlexAttention with the band of :func:`sliding_window_mask` as its mask_mod."""
+
+    def band_mask(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return _band(q_idx, kv_idx, window, causal)
+
+    key = ("sliding_window", window, causal)
+    return flex_masked_attention(q, k, v, mask_mod=band_mask, mask_key=key, scale=scale)
+
+
 def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int,
                              causal: bool = True, scale: float | None = None,
-                             impl: Literal["auto", "reference", "gather"] = "auto") -> torch.Tensor:
+                             impl: Literal["auto", "reference", "gather", "flex"] = "auto") -> torch.Tensor:
     """Sliding-window softmax attention (self-attention, ``N == M``).
 
     Longformer, "The Long-Document Transformer" (Beltagy, Peters, Cohan, arXiv 2004.05150),
@@ -171,7 +184,13 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         causal: see ``window``.
         scale: default ``D ** -0.5``.
         impl: "reference" (dense masked softmax, ``O(N^2)``), "gather" (query blocks gather their
-            key span: ``O(N * window)`` memory, differentiable) or "auto" (= "gather").
+            key span: ``O(N * window)`` memory in gathered copies, differentiable), "flex"
+            (``torch.nn.attention.flex_attention`` compiled, the band as its ``mask_mod`` with a cached
+            block mask, see :mod:`attnlab.ops.flex`: fused; forward and backward on CUDA, forward only
+            on CPU, where it raises ``NotImplementedError`` when a gradient is needed) or "auto"
+            ("flex" on CUDA for float32/bfloat16/float16, where the gathered copies of "gather" cost
+            ``(Bq + window - 1) / Bq`` times the keys and values; "gather" otherwise: on CPU compiled
+            FlexAttention has no backward and compiles for seconds, float64 is for checks).
 
     Returns:
         ``[B, H, N, Dv]`` in the dtype of q.
@@ -183,6 +202,10 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     _check_self(sizes.length, sizes.key_length, "sliding_window_attention")
     window = _check_window(window)
     scale = check_scale(scale, sizes.head_dim)
+    if impl == "auto":
+        impl = "flex" if auto_uses_flex(q) else "gather"
+    if impl == "flex":
+        return _flex(q, k, v, window, causal, scale)
     key_index, allowed = _band_blocks(sizes.length, window, causal, q.device)
     return gathered_block_attention(q, k, v, key_index=key_index, allowed=allowed, scale=scale)
 
@@ -201,6 +224,6 @@ register(Mechanism(
     supports_gqa=True,
     complexity="O(N w d)",
     defaults={"causal": True, "scale": None, "impl": "auto"},
-    impls=("gather",),
+    impls=("gather", "flex"),
     check=CheckConfig(options={"window": 4}, bf16_options={"window": 64}, gradcheck_length=6),
 ))
