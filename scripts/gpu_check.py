@@ -10,7 +10,8 @@ the script, offline). Steps:
    repeat, a ones output gradient), peak memory and relative error at the anchor shape of
    ``shared/anchors/gpu_h200.md`` (bf16, H=16, D=128, 65,536 tokens per call, causal, N = 1024 ..
    65536) for softmax (each SDPA backend, SDPA's default, and ``impl="auto"``), lightning, linear,
-   neighborhood and sliding window (window 1024), FlashBias (causal ALiBi) and, when importable,
+   neighborhood and sliding window (window 1024; ``impl="auto"`` is compiled FlexAttention on CUDA,
+   with the sliding window's "gather" path beside it), FlashBias (causal ALiBi) and, when importable,
    flash-linear-attention's ``chunk_simple_gla`` / ``chunk_linear_attn``;
 3. one table with ratios to the anchors (``ours / anchor``: below 1 is faster), written with every
    number to ``OUT/gpu_check.json`` and ``OUT/gpu_check.md``.
@@ -44,6 +45,7 @@ if str(ROOT / "src") not in sys.path:
 
 import attnlab  # noqa: E402
 from attnlab.bench.speed import time_callable  # noqa: E402
+from attnlab.ops.flex import auto_uses_flex  # noqa: E402
 from attnlab.ops.softmax_backends import sdpa_with_backend, softmax_backend_report  # noqa: E402
 from attnlab.testing import first_output, random_qkv, relative_error, run_options  # noqa: E402
 
@@ -234,14 +236,20 @@ def entries(shape: Shape, device: torch.device) -> list[Entry]:
                          lambda q, k, v: lambda: linear(q, k, v, causal=True, **plain),
                          lambda q, k, v: linear.run_reference(q, k, v, causal=True, **plain)))
     window = min(1024, shape.lengths[0])
+    # what impl="auto" of the local ops resolves to here: compiled FlexAttention on CUDA, "gather" on CPU
+    local_auto = "flex" if auto_uses_flex(torch.empty(0, device=device, dtype=shape.dtype)) else "gather"
     if "sliding_window" in names:
         sw = attnlab.get("sliding_window")
-        out.append(Entry(f"sliding_window auto (window {window})", "Flex sliding window 1024",
-                         lambda q, k, v: lambda: sw(q, k, v, causal=True, window=window),
-                         lambda q, k, v: sw.run_reference(q, k, v, causal=True, window=window)))
+        sw_ref = lambda q, k, v: sw.run_reference(q, k, v, causal=True, window=window)  # noqa: E731
+        out.append(Entry(f"sliding_window auto={local_auto} (window {window})", "Flex sliding window 1024",
+                         lambda q, k, v: lambda: sw(q, k, v, causal=True, window=window), sw_ref))
+        if local_auto == "flex":  # the gathered path beside it, for the flex / gather ratio
+            out.append(Entry(f"sliding_window gather (window {window})", "Flex sliding window 1024",
+                             lambda q, k, v: lambda: sw(q, k, v, causal=True, window=window, impl="gather"),
+                             sw_ref))
     if "neighborhood" in names:
         na = attnlab.get("neighborhood")
-        out.append(Entry(f"neighborhood auto (causal, kernel {window})", "Flex sliding window 1024",
+        out.append(Entry(f"neighborhood auto={local_auto} (causal, kernel {window})", "Flex sliding window 1024",
                          lambda q, k, v: lambda: na(q, k, v, causal=True, kernel_size=window),
                          lambda q, k, v: na.run_reference(q, k, v, causal=True, kernel_size=window)))
     if "flashbias" in names:
