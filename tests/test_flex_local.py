@@ -1,5 +1,7 @@
 """Compiled FlexAttention path of the local ops (attnlab.ops.flex): == reference, cache, dispatch.
 
+Every test id names "neighborhood" or "sliding" (``-k "neighborhood or sliding"`` selects them all).
+
 On CPU, torch 2.13's compiled FlexAttention is forward-only (see the module docstring of
 attnlab.ops.flex), so gradients are checked only as a clear NotImplementedError here; the CUDA
 backward is exercised by scripts/gpu_check.py. Shapes are reused across tests: each new
@@ -22,14 +24,14 @@ from attnlab.testing import relative_error
 
 # (op, options, H_kv of 4 query heads): causal and non-causal, GQA and not, 1-D / 2-D / 3-D grids
 FLOAT32_CASES = [
-    pytest.param(sliding_window_attention, dict(window=37, causal=True), 2, 200, id="window-causal-gqa"),
-    pytest.param(sliding_window_attention, dict(window=37, causal=False), 4, 200, id="window-bidir"),
+    pytest.param(sliding_window_attention, dict(window=37, causal=True), 2, 200, id="sliding_window-causal-gqa"),
+    pytest.param(sliding_window_attention, dict(window=37, causal=False), 4, 200, id="sliding_window-bidir"),
     pytest.param(neighborhood_attention, dict(kernel_size=6, stride=3, dilation=2, causal=True), 2, 200,
-                 id="natten-1d-K6-s3-d2-causal-gqa"),
+                 id="neighborhood-1d-K6-s3-d2-causal-gqa"),
     pytest.param(neighborhood_attention, dict(shape=(12, 20), kernel_size=(5, 7), stride=(1, 2), dilation=(2, 1)),
-                 4, 240, id="natten-2d-strided-dilated"),
+                 4, 240, id="neighborhood-2d-strided-dilated"),
     pytest.param(neighborhood_attention, dict(shape=(3, 4, 5), kernel_size=(2, 3, 3), causal=(True, False, False)),
-                 2, 60, id="natten-3d-causal-frames-gqa"),
+                 2, 60, id="neighborhood-3d-causal-frames-gqa"),
 ]
 
 
@@ -59,8 +61,8 @@ def test_flex_float32_equals_float64_reference(op, options: dict, kv_heads: int,
 
 
 @pytest.mark.parametrize("op,options", [
-    pytest.param(sliding_window_attention, dict(window=128, causal=True), id="window-128-causal"),
-    pytest.param(neighborhood_attention, dict(shape=(32, 32), kernel_size=(7, 9)), id="natten-2d-32x32-K7x9"),
+    pytest.param(sliding_window_attention, dict(window=128, causal=True), id="sliding_window-128-causal"),
+    pytest.param(neighborhood_attention, dict(shape=(32, 32), kernel_size=(7, 9)), id="neighborhood-2d-32x32-K7x9"),
 ])
 def test_flex_bfloat16_at_1024_tokens(op, options: dict) -> None:  # noqa: ANN001
     """bf16 in, bf16 out, N=1024, D=64, against the float64 reference on the same (bf16-rounded) inputs.
@@ -81,7 +83,7 @@ def test_flex_bfloat16_at_1024_tokens(op, options: dict) -> None:  # noqa: ANN00
     assert error < gather_error + 2.5e-3, (error, gather_error)
 
 
-def test_flex_has_no_cpu_backward_and_says_so() -> None:
+def test_flex_neighborhood_sliding_have_no_cpu_backward_and_say_so() -> None:
     q, k, v = (x.requires_grad_(True) for x in random_qkv(200, kv_heads=4, seed=4))
     with pytest.raises(NotImplementedError, match="no backward on CPU"):
         sliding_window_attention(q, k, v, window=8, impl="flex")
@@ -91,7 +93,7 @@ def test_flex_has_no_cpu_backward_and_says_so() -> None:
         sliding_window_attention(q, k, v, window=37, causal=False, impl="flex")
 
 
-def test_block_mask_is_cached_and_reused() -> None:
+def test_sliding_window_block_mask_is_cached_and_reused() -> None:
     clear_flex_cache()
     q, k, v = random_qkv(200, kv_heads=4, seed=5)
     first = sliding_window_attention(q, k, v, window=37, causal=False, impl="flex")
@@ -111,7 +113,7 @@ def test_block_mask_is_cached_and_reused() -> None:
     assert again is mask
 
 
-def test_chunked_block_mask_equals_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_neighborhood_chunked_block_mask_equals_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
     """Long masks are built in chunks of query rows; the result is the mask built in one call."""
     grid = neighborhood_module._Grid((1000,), 45, 2, 3, False)
 
@@ -131,7 +133,7 @@ def test_chunked_block_mask_equals_one_call(monkeypatch: pytest.MonkeyPatch) -> 
     assert torch.equal(chunked.to_dense()[0, 0].bool(), padded.reshape(8, 128, 8, 128).any(dim=(1, 3)))
 
 
-def test_auto_picks_gather_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_neighborhood_and_sliding_auto_picks_gather_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     for module in (neighborhood_module, sliding_window_module):
         real = module.gathered_block_attention
@@ -148,7 +150,7 @@ def test_auto_picks_gather_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(calls) == 2 and q.grad is not None
 
 
-def test_auto_rule_flex_only_on_cuda_in_compiled_dtypes() -> None:
+def test_neighborhood_and_sliding_auto_rule_flex_only_on_cuda() -> None:
     cuda = torch.device("cuda")  # a device object needs no GPU
     assert auto_uses_flex(SimpleNamespace(device=cuda, dtype=torch.bfloat16))
     assert auto_uses_flex(SimpleNamespace(device=cuda, dtype=torch.float32))
@@ -156,13 +158,16 @@ def test_auto_rule_flex_only_on_cuda_in_compiled_dtypes() -> None:
     assert not auto_uses_flex(torch.zeros(1))
 
 
-def test_flex_inside_a_users_torch_compile() -> None:
+def test_sliding_window_flex_inside_a_users_torch_compile() -> None:
     """The op traces into a user's compiled function (one graph break at the block-mask lookup)."""
     q, k, v = random_qkv(200, kv_heads=2, seed=8)
 
     def block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return sliding_window_attention(q * 0.5, k, v, window=37, causal=True, impl="flex") + 1
 
+    explained = torch._dynamo.explain(block)(q, k, v)  # dynamo only: what lands in the user's graphs
+    targets = [type(n.target).__name__ for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert "FlexAttentionHOP" in targets, targets  # traced in, not a nested compiled call or eager fallback
     out = torch.compile(block)(q, k, v)
     expected = reference(sliding_window_attention, q * 0.5, k, v, window=37, causal=True) + 1
     assert relative_error(out, expected) < 2e-6

@@ -19,10 +19,11 @@ their reference).
   distinct mask function (and dtype, head dim, GQA setting, grad mode) is one more compiled graph;
   the dynamo recompile limit is raised to :data:`RECOMPILE_LIMIT` around this call only, so that
   several ops and shapes in one process do not silently fall back to the unfused eager path.
-- Compiler boundary: block-mask lookup/building is wrapped in ``torch.compiler.disable`` (it is
-  Python-side caching). Inside a user's ``torch.compile`` region the op therefore costs one graph
-  break at the mask lookup, and then calls ``flex_attention`` directly so that it is traced into the
-  user's graph (no nested compile). ``fullgraph=True`` user compiles are not supported (the break).
+- Compiler boundary: block-mask lookup/building (:func:`flex_block_mask`, Python-side caching) is
+  wrapped in ``torch.compiler.disable``. Inside a user's ``torch.compile`` region the op graph-breaks
+  at that lookup (dynamo splits each enclosing frame there), then calls ``flex_attention`` directly, so
+  that the FlexAttention operator is traced into the user's graph (no nested compile, no eager
+  fallback). ``fullgraph=True`` user compiles are not supported (the break).
 - Block masks come from ``create_block_mask`` and are kept in an LRU cache (:data:`CACHE_SIZE`
   entries) keyed by ``(mask_key, N, M, device, block_size)``; ``mask_key`` is the hashable parameter
   tuple of the mask (the caller's promise that equal keys mean equal masks). Long sequences are built
@@ -36,8 +37,9 @@ their reference).
 What torch 2.13.0+cpu's compiled FlexAttention supports on CPU (measured on this project's build
 machine, an x86 CPU with AVX2; the C++ template needs AVX2):
 
-- forward: yes, float32, bfloat16 and float16, any length tried (13, 300, 1024, 4096, 8192; lengths
-  below or not a multiple of the 128 block are fine), head dims 8, 16, 64, 100, 128, GQA;
+- forward: yes, float32, bfloat16 and float16; every length tried (1, 2, 13, 60, 200, 300, 1024, 4096,
+  8192: lengths below or not a multiple of the 128 block are fine); head dims 7, 8, 16, 64, 100, 128,
+  a value dim other than the head dim (8 / 5), GQA;
 - backward: no. Inductor's CPU template is inference only and eager ``flex_attention`` refuses a
   backward on CPU too; this module raises ``NotImplementedError`` on CPU when a gradient is needed
   (use ``impl="gather"``, which "auto" picks on CPU).
