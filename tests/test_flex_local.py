@@ -131,6 +131,15 @@ def test_neighborhood_chunked_block_mask_equals_one_call(monkeypatch: pytest.Mon
     padded = torch.zeros(1024, 1024, dtype=torch.bool)
     padded[:1000, :1000] = neighborhood_module.neighborhood_mask(1000, 45, stride=2, dilation=3)
     assert torch.equal(chunked.to_dense()[0, 0].bool(), padded.reshape(8, 128, 8, 128).any(dim=(1, 3)))
+    # and attention through a chunk-built mask (128-row chunks at N=200: two) still equals the reference
+    clear_flex_cache()
+    monkeypatch.setattr(flex, "MASK_CHUNK_ELEMENTS", 1)
+    q, k, v = random_qkv(200, kv_heads=4, seed=9)
+    out = sliding_window_attention(q, k, v, window=37, causal=False, impl="flex")
+    assert flex_cache_info().builds == 1
+    expected = reference(sliding_window_attention, q, k, v, window=37, causal=False)
+    assert relative_error(out, expected) < 2e-6
+    clear_flex_cache()  # later tests must not reuse a mask built under the patched chunk size
 
 
 def test_neighborhood_and_sliding_auto_picks_gather_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
