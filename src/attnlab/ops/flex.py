@@ -1,10 +1,10 @@
 """Compiled FlexAttention with cached block masks: the fused path of the local/sparse ops.
 
 FlexAttention: Dong, Feng, Guessous, Liang, He, "Flex Attention: A Programming Model for Generating
-Optimized Attention Kernels" (arXiv 2412.05496). The op computes ``softmax(scale Q K^T + log(mask)) V``
-(eq. 1 of that paper with a ``mask_mod`` and no ``score_mod``); the block mask records which
-``block_size x block_size`` tiles hold any allowed pair, so that a fused kernel skips the empty tiles
-and never materializes the ``N x M`` scores. Used by ``neighborhood_attention(impl="flex")`` and
+Optimized Attention Kernels" (arXiv 2412.05496). The op computes masked softmax attention
+``softmax(scale Q K^T + log(mask)) V`` (FlexAttention with a ``mask_mod`` and no ``score_mod``); the
+block mask records which ``block_size x block_size`` tiles hold any allowed pair, so that a fused
+kernel skips the empty tiles and never materializes the ``N x M`` scores. Used by ``neighborhood_attention(impl="flex")`` and
 ``sliding_window_attention(impl="flex")``, which pass their own ``mask_mod`` (the exact mask rule of
 their reference).
 
@@ -205,7 +205,7 @@ def flex_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
                           mask_key: Hashable, scale: float, block_size: int = 128) -> torch.Tensor:
     """``softmax(scale Q K^T + log(mask)) V`` by compiled FlexAttention with a cached block mask.
 
-    FlexAttention (arXiv 2412.05496, eq. 1 with a mask_mod). Inputs are assumed checked by the caller
+    FlexAttention (arXiv 2412.05496) with a mask_mod. Inputs are assumed checked by the caller
     (``check_qkv``, ``check_scale``); every query row must have at least one allowed key.
 
     Args:
