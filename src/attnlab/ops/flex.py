@@ -4,9 +4,9 @@ FlexAttention: Dong, Feng, Guessous, Liang, He, "Flex Attention: A Programming M
 Optimized Attention Kernels" (arXiv 2412.05496). The op computes masked softmax attention
 ``softmax(scale Q K^T + log(mask)) V`` (FlexAttention with a ``mask_mod`` and no ``score_mod``); the
 block mask records which ``block_size x block_size`` tiles hold any allowed pair, so that a fused
-kernel skips the empty tiles and never materializes the ``N x M`` scores. Used by ``neighborhood_attention(impl="flex")`` and
-``sliding_window_attention(impl="flex")``, which pass their own ``mask_mod`` (the exact mask rule of
-their reference).
+kernel skips the empty tiles and never materializes the ``N x M`` scores. Used by
+``neighborhood_attention(impl="flex")`` and ``sliding_window_attention(impl="flex")``, which pass
+their own ``mask_mod`` (the exact mask rule of their reference).
 
 :func:`flex_masked_attention` is the one entry point:
 
