@@ -89,10 +89,39 @@ def test_everything_but_the_mixer_is_identical_across_mechanisms(fake_mechanisms
     b = LanguageModel(30, 16, 2, 2, mechanism="fake_recurrent", max_len=8)
     assert a.num_parameters == b.num_parameters == count_parameters(a)
     assert [n for n, _ in a.named_parameters()] == [n for n, _ in b.named_parameters()]
-    # embeddings + depth * (two norms + q/kv/out projections + MLP 16 -> 64 -> 16) + final norm + head
+    # embeddings + depth * (two norms + q/kv/out projections + MLP 16 -> 64 -> 16) + final norm + head; a head
+    # tied to the token embedding is counted once
     block = 2 * (2 * 16) + (16 * 16 + 16 * 32 + 16 * 16) + (16 * 64 + 64) + (64 * 16 + 16)
     by_hand = 30 * 16 + 8 * 16 + 2 * block + 2 * 16 + 16 * 30
     assert a.num_parameters == by_hand
+    tied = LanguageModel(30, 16, 2, 2, mechanism="softmax", max_len=8, tie_embeddings=True)
+    assert tied.num_parameters == by_hand - 16 * 30
+
+
+def test_language_model_initialisation_and_tied_read_out() -> None:
+    torch.manual_seed(0)
+    model = LanguageModel(4096, 64, 1, 4, max_len=64, init_std=0.02, tie_embeddings=True)
+    assert model.head.weight is model.embed.weight
+    assert abs(float(model.embed.weight.detach().std()) - 0.02) < 1e-3
+    assert abs(float(model.position.weight.detach().std()) - 0.02) < 2e-3
+    default = LanguageModel(4096, 64, 1, 4, max_len=64)
+    assert default.head.weight is not default.embed.weight
+    assert abs(float(default.embed.weight.detach().std()) - 1.0) < 2e-2
+    with pytest.raises(ValueError, match="init_std"):
+        LanguageModel(10, 16, 1, 2, max_len=8, init_std=0.0)
+
+
+def test_language_model_select_gives_the_logits_of_the_selected_positions() -> None:
+    torch.manual_seed(0)
+    model = LanguageModel(50, 32, 2, 4, max_len=12).eval()
+    tokens = torch.randint(50, (3, 12))
+    select = torch.rand(3, 12) < 0.3
+    full = model(tokens)  # (B, N, vocab)
+    torch.testing.assert_close(model(tokens, select=select), full[select], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="select"):
+        model(tokens, select=select.long())
+    with pytest.raises(ValueError, match="select"):
+        model(tokens, select=select[:, :5])
 
 
 def test_state_size_where_the_mechanism_defines_it(fake_mechanisms: None) -> None:

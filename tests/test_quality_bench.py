@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import attnlab
 from attnlab.bench.presets import PRESETS, get_preset
@@ -143,3 +144,25 @@ def test_every_task_runs_at_smoke_size_and_scores_in_range(tmp_path: Path) -> No
     assert 0.3 < by_task["match3"]["metrics"]["positive_rate"] < 0.9
     # an untrained byte model is near log2(256) = 8 bits per byte; 8 steps cannot reach 0
     assert 3.0 < by_task["wikitext"]["value"] < 9.0 and by_task["wikitext"]["higher_is_better"] is False
+
+
+def test_mqar_answer_loss_equals_the_full_language_model_loss() -> None:
+    """MQAR trains on logits at the answer positions only; value and gradients equal the masked full loss."""
+    from attnlab.bench.quality import _answer_loss, _lm_loss
+    from attnlab.tasks.mqar import multiquery_ar
+
+    torch.manual_seed(3)
+    config = dataclasses.replace(get_preset("standard").tasks["mqar"][0], vocab_size=512, dim=32)
+    model = TASKS["mqar"].build(config, "softmax", True)
+    assert model.head.weight is model.embed.weight  # the standard recipe ties the read-out
+    batch = multiquery_ar(8, vocab_size=512, seq_len=64, num_pairs=8, generator=torch.Generator().manual_seed(5))
+    full = _lm_loss(model, batch)
+    full_grads = torch.autograd.grad(full, list(model.parameters()))
+    sparse = _answer_loss(model, batch)
+    sparse_grads = torch.autograd.grad(sparse, list(model.parameters()))
+    torch.testing.assert_close(sparse, full)
+    for a, b in zip(sparse_grads, full_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    quick = get_preset("quick").tasks["mqar"][0]
+    quick_model = TASKS["mqar"].build(quick, "softmax", True)
+    assert quick_model.head.weight is not quick_model.embed.weight and config.heads == 1

@@ -2,12 +2,15 @@
 
 - ``smoke``: tiny everything, for the tests (seconds).
 - ``quick``: what ``attnlab demo`` runs on a 2-core CPU in a few minutes. It shrinks zoology's MQAR
-  (vocabulary 8192 -> 128, length 64 -> 32, 8 -> 4 pairs, batch 64 -> 32, 2500 -> 400 steps; width 64
-  kept) because the 8192-way output layer dominates CPU time (softmax still reaches 0.97 accuracy:
-  measured 0.973 on seed 0), cuts in-context regression to 300 steps (batch 64, lr 3e-3) and the digits
-  ViT to 150 steps; the ranking it shows is indicative, not the paper's.
+  (vocabulary 8192 -> 128, length 64 -> 32, 8 -> 4 pairs, 2500 -> 500 steps; width 64 and batch 64
+  kept; 4 heads; PyTorch's default initialisation, which learns this small vocabulary where zoology's
+  GPT-2 initialisation does not). Softmax reached 0.999, 0.984, 0.284 and 0.990 on seeds 0-3: the
+  jump to recall happens within 500 steps on most seeds, not all, so one seed can rank a mechanism
+  low by chance. It cuts in-context regression to 300 steps (batch 64, lr 3e-3) and the digits ViT to
+  150 steps; the ranking it shows is indicative, not the paper's.
 - ``standard``: zoology's MQAR settings (vocabulary 8192; length 64 with 8 pairs and 256 with 16
-  pairs; widths 64 and 128; 2500 steps, batch 64, AdamW 3e-3, cosine), the in-context regression
+  pairs; widths 64 and 128; one head, GPT-2 initialisation with a tied read-out; 2500 steps, batch 64,
+  AdamW 3e-3, cosine), the in-context regression
   paper setting (d=5, L=40, noise variance 0.1, Adam 1e-3, batch 256; 4 heads and 1 head; 5000 steps with
   a cosine schedule where the paper trains 500k), Match3 and
   Match2 at length 16, needle at length 128, digits and byte-level Wikipedia.
@@ -69,12 +72,12 @@ SMOKE = QualityPreset(
 
 QUICK = QualityPreset(
     name="quick",
-    description="the demo on a 2-core CPU: MQAR shrunk to vocabulary 128, length 32, 4 pairs, batch 32, "
-                "400 steps; in-context regression 300 steps (batch 64); digits 150 steps",
+    description="the demo on a 2-core CPU: MQAR shrunk to vocabulary 128, length 32, 4 pairs, batch 64, "
+                "500 steps; in-context regression 300 steps (batch 64); digits 150 steps",
     seeds=1,
     tasks={
-        "mqar": [MQARConfig(vocab_size=128, seq_len=32, num_pairs=4, dim=64, heads=4, steps=400, batch_size=32,
-                            lr=3e-3, test_examples=500)],
+        "mqar": [MQARConfig(vocab_size=128, seq_len=32, num_pairs=4, dim=64, heads=4, steps=500, batch_size=64,
+                            lr=3e-3, test_examples=500, init_std=None, tie_embeddings=False)],
         "incontext_regression": [ICLRegressionConfig(heads=4, steps=300, batch_size=64, lr=3e-3,
                                                      test_examples=2000)],
         "match3": [MatchConfig(order=3, length=16, modulus=185, dim=32, heads=4, steps=300, batch_size=64,
@@ -89,8 +92,8 @@ QUICK = QualityPreset(
 
 STANDARD = QualityPreset(
     name="standard",
-    description="zoology's MQAR (vocab 8192; L64/8 pairs and L256/16 pairs; widths 64, 128) and the paper "
-                "settings of the other tasks",
+    description="zoology's MQAR (vocab 8192; L64/8 pairs and L256/16 pairs; widths 64, 128; one head) and "
+                "the paper settings of the other tasks",
     seeds=3,
     tasks={
         "mqar": [MQARConfig(seq_len=length, num_pairs=pairs, dim=width)

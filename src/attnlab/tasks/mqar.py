@@ -36,7 +36,15 @@ class MQARConfig:
     """One MQAR setting: data sizes and the training recipe (two layers, AdamW, cosine schedule).
 
     Zoology's standard: ``vocab_size=8192``, ``seq_len=64`` with 8 pairs and 256 with 16 pairs,
-    widths 64 and 128, ``power_a=0.01``.
+    widths 64 and 128, ``power_a=0.01``; its attention baseline has one head (head dim = width),
+    GPT-2 initialisation (embeddings ``N(0, 0.02^2)``) and a read-out tied to the token embedding:
+    the defaults here. ``init_std=None`` keeps PyTorch's ``N(0, 1)`` embeddings.
+
+    Measured on this CPU (softmax, vocabulary 8192, length 64, 8 pairs, width 64, batch 64, 2500 steps):
+    one head with the zoology initialisation reached 0.997 accuracy (the jump from 0.08 came between
+    steps 900 and 1300); four heads of dim 16 stayed at 0.08-0.09 for 1200 steps; one head with
+    PyTorch's default initialisation and an untied read-out did not learn (loss 8.34 = ln 4096 at
+    step 1000).
     """
 
     vocab_size: int = 8192
@@ -44,13 +52,15 @@ class MQARConfig:
     num_pairs: int = 8
     dim: int = 64
     depth: int = 2
-    heads: int = 4
+    heads: int = 1
     power_a: float = 0.01
     steps: int = 2500
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 0.1
     test_examples: int = 1000
+    init_std: float | None = 0.02
+    tie_embeddings: bool = True
 
 
 def _check_sizes(vocab_size: int, seq_len: int, num_pairs: int, power_a: float) -> None:
