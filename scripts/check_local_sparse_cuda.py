@@ -30,7 +30,7 @@ def op_options(name: str, N: int, device: str) -> dict:
     if name == "sliding_window":
         return {"window": 32}
     if name == "dynamic_mask":
-        return {"key_bias": torch.randn(1, 1, N, generator=g).to(device), "window_size": 40}
+        return {"key_bias": torch.randn(1, 1, N, generator=g).to(device), "k_budget": 40}
     if name == "hip":
         return {"k_budget": 32, "block_size_q": 16, "block_size_k": 2, "sliding_window": 16, "sink_tokens": 2}
     qb, kb = alibi_bias_factors(4, N, device=device)

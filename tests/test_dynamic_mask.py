@@ -27,9 +27,9 @@ def test_window_covering_all_keys_is_softmax_with_additive_key_bias(causal: bool
     q, k, v, bias = inputs(N, M, seed=0)
     mask = bias.repeat_interleave(2, dim=1)[:, :, None, :].expand(2, 4, N, M)  # (B, H, N, M) additive
     expected = softmax_attention(q, k, v, causal=causal, attn_mask=mask)
-    for window_size in (M, M + 7):
+    for k_budget in (M, M + 7):
         for impl in ("reference", "gather"):
-            out = dynamic_mask_attention(q, k, v, key_bias=bias, window_size=window_size, causal=causal, impl=impl)
+            out = dynamic_mask_attention(q, k, v, key_bias=bias, k_budget=k_budget, causal=causal, impl=impl)
             torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
 
 
@@ -37,7 +37,7 @@ def test_selection_keeps_the_largest_allowed_biases() -> None:
     g = torch.Generator().manual_seed(1)
     B, Hkv, N, M, W = 2, 3, 7, 12, 4
     bias = torch.randn(B, Hkv, M, generator=g)
-    index, kept = dynamic_mask_select(bias, N, window_size=W, causal=True)
+    index, kept = dynamic_mask_select(bias, N, k_budget=W, causal=True)
     assert index.shape == kept.shape == (B, Hkv, N, W)
     for b in range(B):
         for h in range(Hkv):
@@ -55,7 +55,7 @@ def test_gather_equals_reference_forward_and_backward(causal: bool, N: int, M: i
     grad = torch.randn(2, 4, N, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     results = []
     for impl in ("reference", "gather"):
-        out = dynamic_mask_attention(q, k, v, key_bias=bias, window_size=window, causal=causal, impl=impl)
+        out = dynamic_mask_attention(q, k, v, key_bias=bias, k_budget=window, causal=causal, impl=impl)
         results.append((out, *torch.autograd.grad((out * grad).sum(), (q, k, v, bias))))
     for expected, actual in zip(*results, strict=True):
         torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
@@ -65,9 +65,9 @@ def test_gather_equals_reference_forward_and_backward(causal: bool, N: int, M: i
 def test_unselected_keys_get_no_bias_gradient() -> None:
     """Selection is not differentiated: keys kept by no query get a zero bias gradient."""
     q, k, v, bias = inputs(6, 40, seed=3, batch=1, kv_heads=4)
-    out = dynamic_mask_attention(q, k, v, key_bias=bias, window_size=3, causal=False)
+    out = dynamic_mask_attention(q, k, v, key_bias=bias, k_budget=3, causal=False)
     (grad,) = torch.autograd.grad(out.square().sum(), bias)
-    index, kept = dynamic_mask_select(bias, 6, window_size=3, causal=False)
+    index, kept = dynamic_mask_select(bias, 6, k_budget=3, causal=False)
     used = torch.zeros_like(bias, dtype=torch.bool).scatter_(-1, index.flatten(2), True)
     assert (grad[~used] == 0).all() and (grad[used] != 0).all()
 
@@ -75,14 +75,14 @@ def test_unselected_keys_get_no_bias_gradient() -> None:
 def test_bad_key_bias_raises_naming_it() -> None:
     q, k, v, bias = inputs(6, 6, seed=4)
     with pytest.raises(ValueError, match="key_bias"):
-        dynamic_mask_attention(q, k, v, key_bias=bias[..., :5], window_size=3)
-    with pytest.raises(ValueError, match="window_size"):
-        dynamic_mask_attention(q, k, v, key_bias=bias, window_size=0)
+        dynamic_mask_attention(q, k, v, key_bias=bias[..., :5], k_budget=3, causal=True)
+    with pytest.raises(ValueError, match="k_budget"):
+        dynamic_mask_attention(q, k, v, key_bias=bias, k_budget=0, causal=True)
 
 
 def test_layer_bias_comes_from_the_values_and_a_starts_at_zero() -> None:
     torch.manual_seed(0)
-    layer = DynamicMaskAttention(32, 4, kv_heads=2, window_size=5, causal=True).double()
+    layer = DynamicMaskAttention(32, 4, kv_heads=2, k_budget=5, causal=True).double()
     assert torch.equal(layer.A.detach(), torch.zeros(2, dtype=torch.float64))
     with torch.no_grad():
         layer.A.copy_(torch.tensor([0.7, -1.3]))
@@ -91,14 +91,14 @@ def test_layer_bias_comes_from_the_values_and_a_starts_at_zero() -> None:
     k, v = layer.to_kv(x).reshape(2, 12, 2, 2, 8).permute(2, 0, 3, 1, 4)
     dt = layer.dt_proj(v.transpose(1, 2).reshape(2, 12, 16))  # (B, N, H_kv)
     bias = (layer.A * F.softplus(dt)).transpose(1, 2)  # (B, H_kv, N)
-    out = dynamic_mask_attention(q, k, v, key_bias=bias, window_size=5, causal=True, impl="reference")
+    out = dynamic_mask_attention(q, k, v, key_bias=bias, k_budget=5, causal=True, impl="reference")
     expected = layer.to_out(out.transpose(1, 2).reshape(2, 12, 32))
     torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
 
 
 def test_layer_gradients_reach_a_and_dt_proj() -> None:
     torch.manual_seed(1)
-    layer = DynamicMaskAttention(16, 2, window_size=4).double()
+    layer = DynamicMaskAttention(16, 2, k_budget=4).double()
     layer(torch.randn(3, 10, 16, dtype=torch.float64)).square().sum().backward()
     assert layer.A.grad.abs().sum() > 0  # A = 0 at init: the gradient reaches A ...
     assert layer.dt_proj.weight.grad.abs().sum() == 0  # ... and not yet dt_proj (A * softplus')

@@ -86,7 +86,7 @@ def test_flex_bfloat16_at_1024_tokens(op, options: dict) -> None:  # noqa: ANN00
 def test_flex_neighborhood_sliding_have_no_cpu_backward_and_say_so() -> None:
     q, k, v = (x.requires_grad_(True) for x in random_qkv(200, kv_heads=4, seed=4))
     with pytest.raises(NotImplementedError, match="no backward on CPU"):
-        sliding_window_attention(q, k, v, window=8, impl="flex")
+        sliding_window_attention(q, k, v, window=8, impl="flex", causal=True)
     with pytest.raises(NotImplementedError, match="impl='gather'"):
         neighborhood_attention(q, k, v, kernel_size=5, impl="flex")
     with torch.no_grad():  # no gradient needed: fine
@@ -155,7 +155,7 @@ def test_neighborhood_and_sliding_auto_picks_gather_on_cpu(monkeypatch: pytest.M
         monkeypatch.setattr(module, "flex_masked_attention", no_flex)
     q, k, v = (x.requires_grad_(True) for x in random_qkv(40, kv_heads=2, seed=7))
     neighborhood_attention(q, k, v, kernel_size=5).sum().backward()
-    sliding_window_attention(q, k, v, window=5).sum().backward()
+    sliding_window_attention(q, k, v, window=5, causal=True).sum().backward()
     assert len(calls) == 2 and q.grad is not None
 
 

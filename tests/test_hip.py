@@ -24,7 +24,7 @@ def test_budget_covering_the_keys_is_dense_causal_attention(N, M, bq, bk, window
     q, k, v = inputs(N, M, seed=0)
     expected = softmax_attention(q, k, v, causal=True)
     for impl in ("reference", "gather"):
-        out = hip_attention(q, k, v, k_budget=M, block_size_q=bq, block_size_k=bk, sliding_window=window,
+        out = hip_attention(q, k, v, k_budget=M, block_size_q=bq, block_size_k=bk, window=window,
                             sink_tokens=sinks, impl=impl)
         torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
 
@@ -46,7 +46,7 @@ def test_given_blocks_give_masked_softmax_over_exactly_those_blocks() -> None:
     empty = ~mask.any(-1, keepdim=True)
     expected = softmax_attention(q, k, v, attn_mask=mask | empty).masked_fill(empty, 0.0)
     for impl in ("reference", "gather"):
-        out = hip_attention(q, k, v, block_starts=starts, block_size_q=bq, block_size_k=bk, sliding_window=0,
+        out = hip_attention(q, k, v, block_starts=starts, block_size_q=bq, block_size_k=bk, window=0,
                             sink_tokens=0, impl=impl)
         torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
 
@@ -65,7 +65,7 @@ def spike_keys(M: int, block_size_k: int, increasing: bool) -> tuple[torch.Tenso
 @pytest.mark.parametrize("M,bk,budget", [(64, 2, 8), (100, 1, 6), (96, 4, 12)])
 def test_search_finds_the_exact_top_blocks_when_scores_are_monotone(increasing, M, bk, budget) -> None:
     q, k = spike_keys(M, bk, increasing)
-    starts = hip_select_blocks(q, k, k_budget=budget, block_size_q=4, block_size_k=bk, sliding_window=0)
+    starts = hip_select_blocks(q, k, k_budget=budget, block_size_q=4, block_size_k=bk, window=0)
     K = budget // bk
     candidates = M  # last query at position M - 1, no window
     blocks = -(-candidates // bk)
@@ -77,7 +77,7 @@ def test_search_finds_the_exact_top_blocks_when_scores_are_monotone(increasing, 
 def test_selection_is_sorted_distinct_and_inside_the_candidates() -> None:
     q, k, _ = inputs(64, 200, seed=4)
     bq, bk, budget, window = 16, 4, 32, 24
-    starts = hip_select_blocks(q, k, k_budget=budget, block_size_q=bq, block_size_k=bk, sliding_window=window)
+    starts = hip_select_blocks(q, k, k_budget=budget, block_size_q=bq, block_size_k=bk, window=window)
     assert starts.shape == (2, 4, 4, budget // bk)
     for g in range(4):
         last = (g + 1) * bq - 1 + (200 - 64)
@@ -90,7 +90,7 @@ def test_selection_is_sorted_distinct_and_inside_the_candidates() -> None:
                                                            (64, 64, 16, 1, 6, 0, 1)])
 def test_gather_equals_reference_forward_and_backward(N, M, bq, bk, budget, window, sinks) -> None:
     q, k, v = inputs(N, M, seed=5)
-    options = dict(k_budget=budget, block_size_q=bq, block_size_k=bk, sliding_window=window, sink_tokens=sinks)
+    options = dict(k_budget=budget, block_size_q=bq, block_size_k=bk, window=window, sink_tokens=sinks)
     grad = torch.randn(2, 4, N, 6, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     results = []
     for impl in ("reference", "gather"):
@@ -116,7 +116,7 @@ def test_drop_in_for_softmax_in_a_trained_layer() -> None:
     torch.manual_seed(0)
     dense = Attention(32, 4, mechanism="softmax", causal=True).double()
     sparse = Attention(32, 4, mechanism="hip", causal=True, k_budget=64, block_size_q=8,
-                                  sliding_window=8, sink_tokens=2).double()
+                                  window=8, sink_tokens=2).double()
     sparse.load_state_dict(dense.state_dict())
     x = torch.randn(2, 64, 32, dtype=torch.float64)
     with torch.no_grad():

@@ -56,9 +56,9 @@ def test_fast_forms_equal_the_reference_with_state(impl: str, causal: bool, N: i
 
 def test_chunked_equals_reference_at_913_tokens() -> None:
     q, k, v = rand(1, 1, 913, 6, seed=9), rand(1, 1, 913, 6, seed=10), rand(1, 1, 913, 4, seed=11)
-    ref = lightnet_attention(q, k, v, impl="reference")
+    ref = lightnet_attention(q, k, v, impl="reference", causal=True)
     for chunk in (32, 64):
-        assert relative_error(lightnet_attention(q, k, v, chunk_size=chunk), ref) < 1e-10
+        assert relative_error(lightnet_attention(q, k, v, chunk_size=chunk, causal=True), ref) < 1e-10
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
@@ -91,11 +91,11 @@ def test_bidirectional_output_ignores_the_order_of_keys() -> None:
 @pytest.mark.parametrize("impl", ["reference", "chunked", "recurrent"])
 def test_two_pieces_with_state_equal_one_run(impl: str) -> None:
     q, k, v = rand(2, 2, 33, 8, seed=19), rand(2, 2, 33, 8, seed=20), rand(2, 2, 33, 5, seed=21)
-    whole, (S_w, z_w) = lightnet_attention(q, k, v, chunk_size=8, return_state=True, impl=impl)
+    whole, (S_w, z_w) = lightnet_attention(q, k, v, chunk_size=8, return_state=True, impl=impl, causal=True)
     first, state = lightnet_attention(q[:, :, :14], k[:, :, :14], v[:, :, :14], chunk_size=8, return_state=True,
-                                      impl=impl)
+                                      impl=impl, causal=True)
     second, (S, z) = lightnet_attention(q[:, :, 14:], k[:, :, 14:], v[:, :, 14:], chunk_size=8,
-                                        initial_state=state, return_state=True, impl=impl)
+                                        initial_state=state, return_state=True, impl=impl, causal=True)
     torch.testing.assert_close(torch.cat([first, second], 2), whole)
     torch.testing.assert_close(S, S_w)
     torch.testing.assert_close(z, z_w)
@@ -103,7 +103,7 @@ def test_two_pieces_with_state_equal_one_run(impl: str) -> None:
 
 def test_step_repeated_equals_the_full_op() -> None:
     q, k, v = rand(1, 4, 15, 6, seed=22), rand(1, 2, 15, 6, seed=23), rand(1, 2, 15, 3, seed=24)
-    full = lightnet_attention(q, k, v)
+    full = lightnet_attention(q, k, v, causal=True)
     state, outs = None, []
     for t in range(15):
         o, state = lightnet_attention_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state)
@@ -131,11 +131,12 @@ def test_gradients_of_the_chunked_form_match_the_reference() -> None:
     q, k, v = (rand(1, 2, 23, 4, seed=s).requires_grad_() for s in (29, 30, 31))
     grads = []
     for impl in ("reference", "chunked"):
-        out = lightnet_attention(q, k, v, chunk_size=6, impl=impl)
+        out = lightnet_attention(q, k, v, chunk_size=6, impl=impl, causal=True)
         grads.append(torch.autograd.grad(out.square().sum(), (q, k, v)))
     for a, b in zip(*grads, strict=True):
         assert relative_error(b, a) < 1e-10
-    assert torch.autograd.gradcheck(lambda q, k, v: lightnet_attention(q, k, v, chunk_size=3, impl="recurrent"),
+    assert torch.autograd.gradcheck(lambda q, k, v: lightnet_attention(q, k, v, chunk_size=3, impl="recurrent",
+                                                                       causal=True),
                                     (q[:, :, :7], k[:, :, :7], v[:, :, :7]))
 
 
@@ -149,7 +150,7 @@ def test_gradients_of_the_chunked_form_match_the_reference() -> None:
 def test_bad_options_raise_naming_the_argument(kwargs: dict, error: type, words: str) -> None:
     q = rand(1, 2, 6, 4)
     with pytest.raises(error) as info:
-        lightnet_attention(q, q, q, **kwargs)
+        lightnet_attention(q, q, q, **kwargs, causal=True)
     assert words in str(info.value)
 
 
@@ -220,7 +221,7 @@ def test_padded_blocks_keep_gradients_finite_for_very_negative_keys() -> None:
     q, k, v = (rand(1, 2, 11, 4, seed=s).requires_grad_() for s in (37, 38, 39))
     grads = []
     for impl in ("reference", "chunked"):
-        out = lightnet_attention(q, k * 2 - 400.0, v, chunk_size=4, impl=impl)
+        out = lightnet_attention(q, k * 2 - 400.0, v, chunk_size=4, impl=impl, causal=True)
         grads.append(torch.autograd.grad(out.square().sum(), (q, k, v)))
     for a, b in zip(*grads, strict=True):
         assert torch.isfinite(b).all() and relative_error(b, a) < 1e-10

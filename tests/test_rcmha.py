@@ -112,6 +112,6 @@ def test_relative_positions_change_the_output_and_bad_inputs_raise() -> None:
     q = torch.randn(1, 2, 4, 3)
     t = {name: value.float() for name, value in tables(8, 2, 3, seed=0).items()}
     with pytest.raises(ValueError, match="pos_bias"):
-        relative_attention(q, q, q, **{**t, "pos_bias": t["pos_bias"][:, :1]})
+        relative_attention(q, q, q, **{**t, "pos_bias": t["pos_bias"][:, :1]}, causal=True)
     with pytest.raises(ValueError, match="query_bias"):
-        relative_attention(q, q, q, **{**t, "query_bias": t["query_bias"][:1]})
+        relative_attention(q, q, q, **{**t, "query_bias": t["query_bias"][:1]}, causal=True)

@@ -72,10 +72,10 @@ def test_memory_is_linear_in_n() -> None:
 def test_bad_window_raises(window: object, error: type[Exception]) -> None:
     q, k, v = random_qkv(8, seed=3)
     with pytest.raises(error, match="window"):
-        sliding_window_attention(q, k, v, window=window)
+        sliding_window_attention(q, k, v, window=window, causal=True)
 
 
 def test_cross_lengths_are_refused() -> None:
     q, k, v = random_qkv(8, seed=4)
     with pytest.raises(ValueError, match="M=7"):
-        sliding_window_attention(q, k[:, :, :7], v[:, :, :7], window=3)
+        sliding_window_attention(q, k[:, :, :7], v[:, :, :7], window=3, causal=True)

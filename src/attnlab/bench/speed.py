@@ -421,7 +421,7 @@ def _flashbias_options(ctx: Mapping[str, Any]) -> dict[str, Any]:
 def _dynamic_mask_options(ctx: Mapping[str, Any]) -> dict[str, Any]:
     g = torch.Generator().manual_seed(2)
     bias = torch.randn(ctx["batch"], ctx["heads"], ctx["N"], generator=g)
-    return {"key_bias": bias.to(ctx["device"], ctx["dtype"]), "window_size": min(128, ctx["N"])}
+    return {"key_bias": bias.to(ctx["device"], ctx["dtype"]), "k_budget": min(128, ctx["N"])}
 
 
 def _odd_at_most(n: int, cap: int) -> int:

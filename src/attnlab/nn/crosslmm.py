@@ -69,7 +69,7 @@ class PooledVisualCrossAttention(nn.Module):
     ``forward(x [B, L_v + L_t, dim], visual [B, N_v, dim], visual_length=None) -> [B, L_v + L_t, dim]``.
     """
 
-    def __init__(self, dim: int, heads: int, *, causal: bool = True, visual_length: int | None = None,
+    def __init__(self, dim: int, heads: int, *, causal: bool = False, visual_length: int | None = None,
                  gate_init: float = 0.0, bias: bool = False) -> None:
         super().__init__()
         self.dim, self.heads, self.causal = dim, heads, causal

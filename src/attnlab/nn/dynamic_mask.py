@@ -23,7 +23,7 @@ class DynamicMaskAttention(nn.Module):
     """Self-attention ``x [B, N, dim] -> [B, N, dim]`` with a value-dependent dynamic key mask.
 
     ``dt = dt_proj(V)`` with ``dt_proj: Linear(H_kv * d -> H_kv)``; ``key_bias = A * softplus(dt)``
-    ``[B, H_kv, N]``; each query keeps the ``window_size`` causal keys of largest bias (DMA, arXiv
+    ``[B, H_kv, N]``; each query keeps the ``k_budget`` causal keys of largest bias (DMA, arXiv
     2508.02124; ``DogeAttention`` of flash-dmattn). Not included here: the per-head q/k RMSNorm and
     RoPE of the Doge model (models add their own positions).
 
@@ -31,14 +31,14 @@ class DynamicMaskAttention(nn.Module):
         dim: model width, divisible by ``heads``.
         heads: query heads H.
         causal: causal masking (Doge is causal; non-causal keeps the top keys over the whole sequence).
-        window_size: keys kept per query (Doge config default 2048).
+        k_budget: keys kept per query (Doge config default 2048).
         kv_heads: key/value heads (default ``heads``).
         a_init: initial value of ``A`` (0 in the paper's code: the bias, and with it the selection
             among allowed keys, starts flat; any other value is this library's option).
         bias: biases in the q/k/v/out projections.
     """
 
-    def __init__(self, dim: int, heads: int, *, causal: bool = True, window_size: int = 2048,
+    def __init__(self, dim: int, heads: int, *, causal: bool = False, k_budget: int = 2048,
                  kv_heads: int | None = None, a_init: float = 0.0, bias: bool = False) -> None:
         super().__init__()
         if dim <= 0 or heads <= 0 or dim % heads != 0:
@@ -46,11 +46,11 @@ class DynamicMaskAttention(nn.Module):
         kv_heads = heads if kv_heads is None else kv_heads
         if kv_heads <= 0 or heads % kv_heads != 0:
             raise ValueError(f"kv_heads={kv_heads} must divide heads={heads}")
-        if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
-            raise ValueError(f"window_size must be a positive int, got window_size={window_size!r}")
+        if isinstance(k_budget, bool) or not isinstance(k_budget, int) or k_budget < 1:
+            raise ValueError(f"k_budget must be a positive int, got k_budget={k_budget!r}")
         self.dim, self.heads, self.kv_heads, self.causal = dim, heads, kv_heads, causal
         self.head_dim = dim // heads
-        self.window_size = window_size
+        self.k_budget = k_budget
         self.to_q = nn.Linear(dim, dim, bias=bias)
         self.to_kv = nn.Linear(dim, 2 * kv_heads * self.head_dim, bias=bias)
         self.dt_proj = nn.Linear(kv_heads * self.head_dim, kv_heads)
@@ -73,7 +73,7 @@ class DynamicMaskAttention(nn.Module):
         q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)  # (B, H, N, d)
         k, v = rearrange(self.to_kv(x), "b m (two h d) -> two b h m d", two=2, h=self.kv_heads)  # (B, H_kv, N, d)
         key_bias = self.key_bias(v)  # (B, H_kv, N)
-        out = dynamic_mask_attention(q, k, v, key_bias=key_bias, window_size=self.window_size,
+        out = dynamic_mask_attention(q, k, v, key_bias=key_bias, k_budget=self.k_budget,
                                      causal=self.causal)  # (B, H, N, d)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
@@ -96,13 +96,13 @@ register(Mechanism(
     supports_cross=True,
     supports_gqa=True,
     complexity="O(N w d + N M)",
-    defaults={"window_size": 2048, "causal": True, "scale": None, "impl": "auto"},
+    defaults={"k_budget": 2048, "causal": True, "scale": None, "impl": "auto"},
     impls=("gather",),
     # key_bias has the key length, so the op checks run at N = M = 8 (gradcheck too); a fixed random
     # bias [1, 1, M] broadcasts over batch and heads. The layer checks use A != 0 (with the paper's
     # A = 0 no gradient reaches dt_proj at initialisation).
     check=CheckConfig(length=8, key_length=8, gradcheck_length=8,
-                      options={"key_bias": _check_key_bias(8, 0), "window_size": 3},
-                      bf16_options={"key_bias": _check_key_bias(512, 1), "window_size": 64},
-                      layer_configs=({"window_size": 3, "a_init": 0.5},)),
+                      options={"key_bias": _check_key_bias(8, 0), "k_budget": 3},
+                      bf16_options={"key_bias": _check_key_bias(512, 1), "k_budget": 64},
+                      layer_configs=({"k_budget": 3, "a_init": 0.5},)),
 ))

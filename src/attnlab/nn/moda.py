@@ -80,7 +80,7 @@ class DuplexAlignmentAttention(nn.Module):
     ``text_mask`` defaults to ``~visual_mask``.
     """
 
-    def __init__(self, dim: int, heads: int, *, causal: bool = True, duplex: bool = False,
+    def __init__(self, dim: int, heads: int, *, causal: bool = False, duplex: bool = False,
                  alignment: Literal["global", "prefix"] = "global",
                  fuse_init: Literal["identity", "random"] = "identity", bias: bool = False,
                  eps: float = 1e-6) -> None:

@@ -5,7 +5,7 @@ Shi et al., "Trainable Dynamic Mask Sparse Attention" (arXiv 2508.02124; code Sm
 (computed by the layer from the values, see :class:`attnlab.nn.DynamicMaskAttention`) both shifts
 the scores and chooses which keys each query keeps:
 
-``S = scale Q K^T + bias``; each query keeps the ``window_size`` allowed keys with the largest bias
+``S = scale Q K^T + bias``; each query keeps the ``k_budget`` allowed keys with the largest bias
 (``torch.topk`` on the detached bias: the selection is not differentiated, the bias is);
 ``O = softmax(S masked to the kept keys) V``.
 """
@@ -35,35 +35,35 @@ IMPLS = ("auto", "reference", "gather")
 _QUERY_CHUNK = 256  # queries whose top-k is computed at once: O(chunk * M) memory
 
 
-def _check(sizes: Sizes, key_bias: torch.Tensor, window_size: int, causal: bool) -> torch.Tensor:
+def _check(sizes: Sizes, key_bias: torch.Tensor, k_budget: int, causal: bool) -> torch.Tensor:
     B, H, Hkv, N, M, _, _ = sizes
     check_tensor("key_bias", key_bias, ndim=3, layout="[B, H_kv, M]")
     if key_bias.shape[0] not in (1, B) or key_bias.shape[1] not in (1, Hkv) or key_bias.shape[2] != M:
         raise ValueError(f"key_bias must have shape [B, H_kv, M] = [{B}, {Hkv}, {M}] (size-1 B or H_kv "
                          f"broadcast), got {tuple(key_bias.shape)}")
-    if isinstance(window_size, bool) or not isinstance(window_size, int):
-        raise TypeError(f"window_size must be an int, got {type(window_size).__name__}")
-    if window_size < 1:
-        raise ValueError(f"window_size must be >= 1, got window_size={window_size}")
+    if isinstance(k_budget, bool) or not isinstance(k_budget, int):
+        raise TypeError(f"k_budget must be an int, got {type(k_budget).__name__}")
+    if k_budget < 1:
+        raise ValueError(f"k_budget must be >= 1, got k_budget={k_budget}")
     if causal:
         check_causal_lengths(N, M)
     return key_bias.expand(B, Hkv, M)
 
 
-def dynamic_mask_select(key_bias: torch.Tensor, length: int, *, window_size: int, causal: bool = True,
+def dynamic_mask_select(key_bias: torch.Tensor, length: int, *, k_budget: int, causal: bool = False,
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the keys each query keeps: the ``window_size`` allowed keys of largest bias.
+    """Indices of the keys each query keeps: the ``k_budget`` allowed keys of largest bias.
 
     Args:
         key_bias: ``[B, H_kv, M]`` (only its values are used; no gradient).
         length: N queries (causal: aligned to the end of the keys, query ``i`` may see ``j <= i + M - N``).
 
     Returns:
-        ``index [B, H_kv, N, W]`` int64 and ``kept [B, H_kv, N, W]`` bool with ``W = min(window_size, M)``;
+        ``index [B, H_kv, N, W]`` int64 and ``kept [B, H_kv, N, W]`` bool with ``W = min(k_budget, M)``;
         ``kept`` is False where a causal query has fewer than ``W`` allowed keys.
     """
     B, Hkv, M = key_bias.shape
-    W = min(window_size, M)
+    W = min(k_budget, M)
     bias = key_bias.detach()
     index, kept = [], []
     for start in range(0, length, _QUERY_CHUNK):
@@ -80,26 +80,26 @@ def dynamic_mask_select(key_bias: torch.Tensor, length: int, *, window_size: int
 
 
 def dynamic_mask_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                                     key_bias: torch.Tensor, window_size: int, causal: bool = True,
+                                     key_bias: torch.Tensor, k_budget: int, causal: bool = False,
                                      scale: float | None = None) -> torch.Tensor:
     """Dense transcription of ``dynamic_mask_attention_python`` (flash-dmattn; arXiv 2508.02124).
 
-    ``bias' = detach(bias)`` masked to ``-inf`` outside the causal mask; if ``M > window_size`` keep
-    the top-``window_size`` entries of ``bias'`` per query (excluding ``-inf`` ones); scores
+    ``bias' = detach(bias)`` masked to ``-inf`` outside the causal mask; if ``M > k_budget`` keep
+    the top-``k_budget`` entries of ``bias'`` per query (excluding ``-inf`` ones); scores
     ``scale Q K^T + bias`` masked to the kept keys; softmax; times V.
     """
     sizes = check_qkv(q, k, v)
     B, H, Hkv, N, M, D, _ = sizes
     scale = check_scale(scale, D)
-    key_bias = _check(sizes, key_bias, window_size, causal)
+    key_bias = _check(sizes, key_bias, k_budget, causal)
     dtype = compute_dtype(q.dtype)
     bias = expand_kv(key_bias[..., None], H)[..., 0].to(dtype)[:, :, None, :]  # (B, H, 1, M)
     allowed = attention_mask(N, M, causal=causal, device=q.device)  # (N, M) or None
     allowed = torch.ones(N, M, dtype=torch.bool, device=q.device) if allowed is None else allowed
     allowed = allowed.expand(B, H, N, M)
-    if M > window_size:
+    if M > k_budget:
         masked = bias.detach().expand(B, H, N, M).masked_fill(~allowed, float("-inf"))
-        values, top = torch.topk(masked, window_size, dim=-1)  # (B, H, N, window)
+        values, top = torch.topk(masked, k_budget, dim=-1)  # (B, H, N, window)
         keep = torch.zeros(B, H, N, M, dtype=torch.bool, device=q.device)
         keep.scatter_(-1, top, values > float("-inf"))
         allowed = keep
@@ -110,7 +110,7 @@ def dynamic_mask_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
 
 
 def dynamic_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_bias: torch.Tensor,
-                           window_size: int, causal: bool = True, scale: float | None = None,
+                           k_budget: int, causal: bool = False, scale: float | None = None,
                            impl: Literal["auto", "reference", "gather"] = "auto") -> torch.Tensor:
     """Dynamic mask attention (DMA): per-key bias added to the scores and choosing the kept keys.
 
@@ -121,24 +121,24 @@ def dynamic_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         q: ``[B, H, N, D]``; k: ``[B, H_kv, M, D]``; v: ``[B, H_kv, M, Dv]``.
         key_bias: ``[B, H_kv, M]`` additive bias per key (size-1 ``B`` / ``H_kv`` broadcast); query head
             ``h`` uses kv head ``h // (H // H_kv)``; gradients flow to it through the scores.
-        window_size: keys kept per query (the ``window_size`` allowed keys of largest bias; all of
-            them when ``M <= window_size``). Ties are broken by ``torch.topk``.
+        k_budget: keys kept per query (the ``k_budget`` allowed keys of largest bias; all of
+            them when ``M <= k_budget``). Ties are broken by ``torch.topk``.
         causal: query ``i`` may see keys ``j <= i + M - N`` (queries aligned to the end of the keys).
         scale: default ``D ** -0.5``.
         impl: "reference" (dense ``N x M`` scores), "gather" (per query, gathers its kept keys:
-            ``O(N * window_size)`` memory for the attention, top-k in chunks of queries) or "auto" (= "gather").
+            ``O(N * k_budget)`` memory for the attention, top-k in chunks of queries) or "auto" (= "gather").
 
     Returns:
         ``[B, H, N, Dv]`` in the dtype of q.
     """
     check_impl(impl, IMPLS)
     if impl == "reference":
-        return dynamic_mask_attention_reference(q, k, v, key_bias=key_bias, window_size=window_size,
+        return dynamic_mask_attention_reference(q, k, v, key_bias=key_bias, k_budget=k_budget,
                                                 causal=causal, scale=scale)
     sizes = check_qkv(q, k, v)
     scale = check_scale(scale, sizes.head_dim)
-    key_bias = _check(sizes, key_bias, window_size, causal)
-    index, kept = dynamic_mask_select(key_bias, sizes.length, window_size=window_size, causal=causal)
+    key_bias = _check(sizes, key_bias, k_budget, causal)
+    index, kept = dynamic_mask_select(key_bias, sizes.length, k_budget=k_budget, causal=causal)
     # one query per block: key_index [B, H_kv, N, W], allowed [B, H_kv, N, 1, W]
     return gathered_block_attention(q, k, v, key_index=index, allowed=kept[:, :, :, None, :], scale=scale,
                                     key_bias=key_bias)

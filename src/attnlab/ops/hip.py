@@ -7,7 +7,7 @@ DeepAuto-AI/hip-attention (branching factor 2), then block-sparse softmax attent
 selected key blocks plus a sliding window and sink tokens.
 
 Per query block (``block_size_q`` queries), over the candidate keys ``[0, T)`` with
-``T = (last query position + 1) - sliding_window``, cut into ``ceil(T / block_size_k)`` key blocks,
+``T = (last query position + 1) - window``, cut into ``ceil(T / block_size_k)`` key blocks,
 keep ``K = ceil(k_budget / block_size_k)`` blocks:
 
 1. if there are at most ``K`` blocks, keep them all;
@@ -18,7 +18,7 @@ keep ``K = ceil(k_budget / block_size_k)`` blocks:
    key block; keep the ``K`` best halves;
 4. the kept groups (one block each) are the selected key blocks.
 
-Attention then is exact softmax over the union of the selected blocks, the last ``sliding_window``
+Attention then is exact softmax over the union of the selected blocks, the last ``window``
 keys of each query and the first ``sink_tokens`` keys, under the causal mask.
 [INFERRED] The representative is the first key block (v1.1); v1.0 samples it at random. The
 selection of a query block is shared by its queries, so with ``block_size_q > 1`` a query's keys
@@ -34,6 +34,7 @@ import torch
 from attnlab.ops.sliding_window import gathered_block_attention
 from attnlab.ops.softmax import softmax_attention_reference
 from attnlab.ops.validation import (
+    check_causal,
     check_causal_lengths,
     check_impl,
     check_qkv,
@@ -56,20 +57,19 @@ def _positive(name: str, value: object, minimum: int) -> int:
     return value
 
 
-def _check_options(k_budget: int, block_size_q: int, block_size_k: int, sliding_window: int,
+def _check_options(k_budget: int, block_size_q: int, block_size_k: int, window: int,
                    sink_tokens: int, query_stride: int, causal: bool) -> None:
-    if not causal:
-        raise NotImplementedError("HiP attention is defined for causal attention only (causal=True)")
+    check_causal(causal, causal_only="HiP attention")
     _positive("block_size_q", block_size_q, 1)
     _positive("block_size_k", block_size_k, 1)
     _positive("k_budget", k_budget, 1)
-    _positive("sliding_window", sliding_window, 0)
+    _positive("window", window, 0)
     _positive("sink_tokens", sink_tokens, 0)
     _positive("query_stride", query_stride, 1)
 
 
 def hip_select_blocks(q: torch.Tensor, k: torch.Tensor, *, k_budget: int = 512, block_size_q: int = 32,
-                      block_size_k: int = 2, sliding_window: int = 128, query_stride: int = 2,
+                      block_size_k: int = 2, window: int = 128, query_stride: int = 2,
                       causal: bool = True) -> torch.Tensor:
     """The hierarchical top-k search of HiP (arXiv 2406.09827; v1.1 reference kernel).
 
@@ -77,7 +77,7 @@ def hip_select_blocks(q: torch.Tensor, k: torch.Tensor, *, k_budget: int = 512, 
         q: ``[B, H, N, D]``; k: ``[B, H_kv, M, D]`` (queries aligned to the end of the keys).
         k_budget: keys selected per query block (``ceil(k_budget / block_size_k)`` blocks).
         block_size_q, block_size_k: query / key block sizes.
-        sliding_window: the last ``sliding_window`` keys of the block's last query are not candidates
+        window: the last ``window`` keys of the block's last query are not candidates
             (the window covers them).
         query_stride: every ``query_stride``-th query of a block scores the representatives.
 
@@ -86,7 +86,7 @@ def hip_select_blocks(q: torch.Tensor, k: torch.Tensor, *, k_budget: int = 512, 
         positions (in keys) of the selected key blocks of each query block, ``-1`` where fewer
         blocks exist.
     """
-    _check_options(k_budget, block_size_q, block_size_k, sliding_window, 0, query_stride, causal)
+    _check_options(k_budget, block_size_q, block_size_k, window, 0, query_stride, causal)
     B, H, N, D = q.shape
     M = k.shape[2]
     check_causal_lengths(N, M)
@@ -98,7 +98,7 @@ def hip_select_blocks(q: torch.Tensor, k: torch.Tensor, *, k_budget: int = 512, 
     offsets = torch.arange(block_size_k, device=q.device)
     for g in range(G):
         first, stop = g * block_size_q, min(N, (g + 1) * block_size_q)
-        candidates = stop + (M - N) - sliding_window  # keys [0, candidates)
+        candidates = stop + (M - N) - window  # keys [0, candidates)
         if candidates <= 0:
             continue
         blocks = -(-candidates // block_size_k)
@@ -133,11 +133,11 @@ def hip_select_blocks(q: torch.Tensor, k: torch.Tensor, *, k_budget: int = 512, 
 
 
 def hip_mask(block_starts: torch.Tensor, length: int, key_length: int, *, block_size_q: int,
-             block_size_k: int, sliding_window: int, sink_tokens: int) -> torch.Tensor:
+             block_size_k: int, window: int, sink_tokens: int) -> torch.Tensor:
     """Dense boolean ``[B, H, N, M]`` mask of HiP: causal AND (sink OR window OR selected block).
 
     Query ``i`` (position ``p = i + M - N``) sees key ``j <= p`` iff ``j < sink_tokens``,
-    ``p - j < sliding_window`` or ``j`` lies in a key block selected for the query's block.
+    ``p - j < window`` or ``j`` lies in a key block selected for the query's block.
     """
     B, H, G, _ = block_starts.shape
     device = block_starts.device
@@ -151,19 +151,19 @@ def hip_mask(block_starts: torch.Tensor, length: int, key_length: int, *, block_
     in_block = in_block[:, :, rows]  # (B, H, N, M)
     p = torch.arange(length, device=device)[:, None] + (key_length - length)
     causal = j[None, :] <= p
-    local = (j[None, :] < sink_tokens) | (p - j[None, :] < sliding_window)
+    local = (j[None, :] < sink_tokens) | (p - j[None, :] < window)
     return causal & (local | in_block)
 
 
 def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_starts: torch.Tensor | None, *,
-             k_budget: int, block_size_q: int, block_size_k: int, sliding_window: int, sink_tokens: int,
+             k_budget: int, block_size_q: int, block_size_k: int, window: int, sink_tokens: int,
              query_stride: int, causal: bool) -> torch.Tensor:
     sizes = check_qkv(q, k, v)
-    _check_options(k_budget, block_size_q, block_size_k, sliding_window, sink_tokens, query_stride, causal)
+    _check_options(k_budget, block_size_q, block_size_k, window, sink_tokens, query_stride, causal)
     check_causal_lengths(sizes.length, sizes.key_length)
     if block_starts is None:
         return hip_select_blocks(q, k, k_budget=k_budget, block_size_q=block_size_q, block_size_k=block_size_k,
-                                 sliding_window=sliding_window, query_stride=query_stride)
+                                 window=window, query_stride=query_stride)
     G = -(-sizes.length // block_size_q)
     if not isinstance(block_starts, torch.Tensor) or block_starts.dtype != torch.long:
         raise TypeError(f"block_starts must be an int64 torch.Tensor, got {block_starts!r:.80}")
@@ -181,7 +181,7 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_starts: to
 
 
 def hip_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, k_budget: int = 512,
-                            block_size_q: int = 32, block_size_k: int = 2, sliding_window: int = 128,
+                            block_size_q: int = 32, block_size_k: int = 2, window: int = 128,
                             sink_tokens: int = 4, causal: bool = True, scale: float | None = None,
                             query_stride: int = 2, block_starts: torch.Tensor | None = None) -> torch.Tensor:
     """Dense masked softmax over :func:`hip_mask` of the selected blocks (quadratic; the oracle).
@@ -190,15 +190,15 @@ def hip_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     window and the sink tokens.
     """
     block_starts = _prepare(q, k, v, block_starts, k_budget=k_budget, block_size_q=block_size_q,
-                            block_size_k=block_size_k, sliding_window=sliding_window, sink_tokens=sink_tokens,
+                            block_size_k=block_size_k, window=window, sink_tokens=sink_tokens,
                             query_stride=query_stride, causal=causal)
     mask = hip_mask(block_starts, q.shape[2], k.shape[2], block_size_q=block_size_q, block_size_k=block_size_k,
-                    sliding_window=sliding_window, sink_tokens=sink_tokens)  # (B, H, N, M)
+                    window=window, sink_tokens=sink_tokens)  # (B, H, N, M)
     return softmax_attention_reference(q, k, v, scale=scale, attn_mask=mask)
 
 
 def _gather_lists(block_starts: torch.Tensor, N: int, M: int, *, block_size_q: int, block_size_k: int,
-                  sliding_window: int, sink_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  window: int, sink_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per query block: keys ``[B, H, G, S]`` (sinks, window span, selected blocks), mask ``[B, H, G, Bq, S]``."""
     B, H, G, K = block_starts.shape
     device = block_starts.device
@@ -207,27 +207,27 @@ def _gather_lists(block_starts: torch.Tensor, N: int, M: int, *, block_size_q: i
     queries = torch.arange(G * Bq, device=device).reshape(G, Bq)  # (G, Bq)
     p = queries + off  # key-space positions
     sinks = torch.arange(sink_tokens, device=device).expand(G, sink_tokens)  # (G, sink)
-    span = Bq + max(sliding_window - 1, 0)
-    window = (queries[:, :1] + off - max(sliding_window - 1, 0)) + torch.arange(span, device=device)  # (G, span)
-    if sliding_window == 0:
-        window = window[:, :0]
+    span = Bq + max(window - 1, 0)
+    recent = (queries[:, :1] + off - max(window - 1, 0)) + torch.arange(span, device=device)  # (G, span)
+    if window == 0:
+        recent = recent[:, :0]
     blocks = (block_starts[..., None] + torch.arange(block_size_k, device=device)).reshape(B, H, G, -1)
     block_valid = (block_starts[..., None] >= 0).expand(B, H, G, K, block_size_k).reshape(B, H, G, -1)
     pq = p[None, None, :, :, None]  # (1, 1, G, Bq, 1)
     live = (queries < N)[None, None, :, :, None]
     sink_ok = (sinks[:, None, :] <= p[:, :, None]) & (sinks[:, None, :] < M)  # (G, Bq, sink)
-    w = window[:, None, :]
-    window_ok = (w <= p[:, :, None]) & (p[:, :, None] - w < sliding_window) & (w >= sink_tokens) & (w >= 0)
+    w = recent[:, None, :]
+    window_ok = (w <= p[:, :, None]) & (p[:, :, None] - w < window) & (w >= sink_tokens) & (w >= 0)
     b = blocks[:, :, :, None, :]
     block_ok = (block_valid[:, :, :, None, :] & (b < M) & (b <= pq) & (b >= sink_tokens)
-                & (pq - b >= sliding_window))
-    index = torch.cat([sinks.expand(B, H, G, -1), window.expand(B, H, G, -1), blocks], dim=-1)
+                & (pq - b >= window))
+    index = torch.cat([sinks.expand(B, H, G, -1), recent.expand(B, H, G, -1), blocks], dim=-1)
     allowed = torch.cat([sink_ok.expand(B, H, G, Bq, -1), window_ok.expand(B, H, G, Bq, -1), block_ok], dim=-1)
     return index.clamp(0, M - 1), allowed & live
 
 
 def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, k_budget: int = 512,
-                  block_size_q: int = 32, block_size_k: int = 2, sliding_window: int = 128, sink_tokens: int = 4,
+                  block_size_q: int = 32, block_size_k: int = 2, window: int = 128, sink_tokens: int = 4,
                   causal: bool = True, scale: float | None = None, query_stride: int = 2,
                   block_starts: torch.Tensor | None = None,
                   impl: Literal["auto", "reference", "gather"] = "auto") -> torch.Tensor:
@@ -242,7 +242,7 @@ def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, k_budget
         q: ``[B, H, N, D]``; k, v: ``[B, H_kv, M, D|Dv]``, ``N <= M`` (queries end-aligned).
         k_budget: keys selected per query block; ``k_budget >= M`` gives dense causal attention.
         block_size_q, block_size_k: query / key block sizes of the search.
-        sliding_window: each query also sees its last ``sliding_window`` keys.
+        window: each query also sees its last ``window`` keys.
         sink_tokens: each query also sees the first ``sink_tokens`` keys.
         causal: must be True (HiP defines no bidirectional form).
         scale: default ``D ** -0.5``.
@@ -258,17 +258,17 @@ def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, k_budget
     """
     check_impl(impl, IMPLS)
     options = dict(k_budget=k_budget, block_size_q=block_size_q, block_size_k=block_size_k,
-                   sliding_window=sliding_window, sink_tokens=sink_tokens, causal=causal, scale=scale,
+                   window=window, sink_tokens=sink_tokens, causal=causal, scale=scale,
                    query_stride=query_stride, block_starts=block_starts)
     if impl == "reference":
         return hip_attention_reference(q, k, v, **options)
     block_starts = _prepare(q, k, v, block_starts, k_budget=k_budget, block_size_q=block_size_q,
-                            block_size_k=block_size_k, sliding_window=sliding_window, sink_tokens=sink_tokens,
+                            block_size_k=block_size_k, window=window, sink_tokens=sink_tokens,
                             query_stride=query_stride, causal=causal)
     scale = check_scale(scale, q.shape[-1])
     H = q.shape[1]
     index, allowed = _gather_lists(block_starts, q.shape[2], k.shape[2], block_size_q=block_size_q,
-                                   block_size_k=block_size_k, sliding_window=sliding_window,
+                                   block_size_k=block_size_k, window=window,
                                    sink_tokens=sink_tokens)
     return gathered_block_attention(q, expand_kv(k, H), expand_kv(v, H), key_index=index, allowed=allowed,
                                     scale=scale)
@@ -288,13 +288,13 @@ register(Mechanism(
     supports_cross=True,
     supports_gqa=True,
     complexity="O(N k d + N k log(M / k) d / b_q)",
-    defaults={"k_budget": 512, "block_size_q": 32, "block_size_k": 2, "sliding_window": 128, "sink_tokens": 4,
+    defaults={"k_budget": 512, "block_size_q": 32, "block_size_k": 2, "window": 128, "sink_tokens": 4,
               "causal": True, "scale": None, "query_stride": 2, "impl": "auto"},
     impls=("gather",),
     # block_size_q=1: a query's selection then depends on itself and earlier keys only (no look-ahead
     # through the shared block selection); block_size_q > 1 is tested in tests/test_hip.py.
-    check=CheckConfig(options={"k_budget": 4, "block_size_q": 1, "block_size_k": 2, "sliding_window": 2,
+    check=CheckConfig(options={"k_budget": 4, "block_size_q": 1, "block_size_k": 2, "window": 2,
                                "sink_tokens": 1},
-                      bf16_options={"k_budget": 64, "block_size_q": 32, "block_size_k": 4, "sliding_window": 32,
+                      bf16_options={"k_budget": 64, "block_size_q": 32, "block_size_k": 4, "window": 32,
                                     "sink_tokens": 4}),
 ))

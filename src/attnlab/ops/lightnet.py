@@ -84,7 +84,7 @@ def _global(k: torch.Tensor, v: torch.Tensor, gain: torch.Tensor | None, state: 
     return S, z
 
 
-def lightnet_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
+def lightnet_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                                  key_gain: torch.Tensor | None = None, chunk_size: int = 32,
                                  initial_state: State | None = None, return_state: bool = False,
                                  ) -> torch.Tensor | tuple[torch.Tensor, State]:
@@ -123,7 +123,7 @@ def lightnet_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return (out, (torch.stack(S_final, 2), torch.stack(z_final, 2))) if return_state else out
 
 
-def lightnet_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
+def lightnet_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                                key_gain: torch.Tensor | None = None, chunk_size: int = 32,
                                initial_state: State | None = None, return_state: bool = False,
                                ) -> torch.Tensor | tuple[torch.Tensor, State]:
@@ -193,7 +193,7 @@ def _write(state: State | None, k_t: torch.Tensor, v_t: torch.Tensor, g_t: torch
     return S_new, z_new
 
 
-def lightnet_attention_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
+def lightnet_attention_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                                  key_gain: torch.Tensor | None = None, chunk_size: int = 32,
                                  initial_state: State | None = None, return_state: bool = False,
                                  ) -> torch.Tensor | tuple[torch.Tensor, State]:
@@ -238,7 +238,7 @@ def lightnet_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
                                         return_state=True)
 
 
-def lightnet_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
+def lightnet_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                        key_gain: torch.Tensor | None = None, chunk_size: int = 32,
                        initial_state: State | None = None, return_state: bool = False,
                        impl: Literal["auto", "reference", "chunked", "recurrent"] = "auto",

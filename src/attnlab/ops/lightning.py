@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from einops import rearrange
 
-from attnlab.ops.validation import Sizes, check_impl, check_qkv, check_scale, compute_dtype, expand_kv
+from attnlab.ops.validation import Sizes, check_causal, check_impl, check_qkv, check_scale, compute_dtype, expand_kv
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = [
@@ -107,8 +107,8 @@ def _rates(decay: torch.Tensor | None, heads: int, device: torch.device, dtype: 
 # forms
 
 
-def lightning_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, decay: Decay = None,
-                                  scale: float | None = 1.0, chunk_size: int = 64,
+def lightning_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
+                                  decay: Decay = None, scale: float | None = 1.0, chunk_size: int = 64,
                                   initial_state: torch.Tensor | None = None, return_state: bool = False,
                                   ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The masked quadratic form ``O = scale * ((Q K^T) * M) V``, ``M[t, j] = lambda^(t-j)`` for ``j <= t``.
@@ -118,6 +118,7 @@ def lightning_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     ``lambda^N S0 + sum_j lambda^(N-1-j) k_j^T v_j``. ``chunk_size`` is accepted and ignored.
     Computes in float32 (float64 for float64 inputs); shapes as in :func:`lightning_attention`.
     """
+    check_causal(causal, causal_only="lightning attention")
     sizes, rates, scale = _validate(q, k, v, decay, scale, initial_state)
     check_chunk_size(chunk_size)
     dtype = compute_dtype(q.dtype)
@@ -263,9 +264,9 @@ def lightning_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return _step(q, k, v, state, rates, scale, sizes.heads)
 
 
-def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, decay: Decay = None,
-                        scale: float | None = 1.0, chunk_size: int = 64, initial_state: torch.Tensor | None = None,
-                        return_state: bool = False,
+def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
+                        decay: Decay = None, scale: float | None = 1.0, chunk_size: int = 64,
+                        initial_state: torch.Tensor | None = None, return_state: bool = False,
                         impl: Literal["auto", "reference", "chunked", "recurrent", "triton"] = "auto",
                         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Lightning attention (causal only): ``o_t = scale * sum_{j<=t} lambda_h^(t-j) (q_t . k_j) v_j``.
@@ -277,6 +278,7 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, de
         q: queries ``[B, H, N, D]``.
         k: keys ``[B, H_kv, N, D]`` (``H_kv`` divides ``H``; query head ``h`` reads head ``h // (H // H_kv)``).
         v: values ``[B, H_kv, N, Dv]``.
+        causal: must be True (lightning attention is causal only).
         decay: ``None`` (no decay, ``lambda = 1``) or the per-head rate ``s_h >= 0``: a float or a tensor
             ``[H]``; ``lambda_h = exp(-s_h)``. :func:`lightning_decay_slopes` gives the paper's schedule.
         scale: multiplies ``q . k`` (default 1.0, as in the paper: no ``1/sqrt(d)``; ``None`` means ``D**-0.5``).
@@ -292,6 +294,7 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, de
         sequence in two pieces (the second with ``initial_state=`` the first's state) gives the outputs
         of one run.
     """
+    check_causal(causal, causal_only="lightning attention")
     check_impl(impl, IMPLS)
     if impl == "reference":
         return lightning_attention_reference(q, k, v, decay=decay, scale=scale, chunk_size=chunk_size,

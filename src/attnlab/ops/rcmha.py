@@ -94,7 +94,7 @@ def relative_scores(q: torch.Tensor, k: torch.Tensor, *, pos_embeddings: torch.T
 
 
 def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pos_embeddings: torch.Tensor,
-                       pos_bias: torch.Tensor, query_bias: torch.Tensor, causal: bool = True,
+                       pos_bias: torch.Tensor, query_bias: torch.Tensor, causal: bool = False,
                        scale: float | None = None, impl: Literal["auto", "reference", "shift"] = "auto"
                        ) -> torch.Tensor:
     """``softmax(scale * S + mask) V`` with the relative scores ``S`` of :func:`relative_scores`.

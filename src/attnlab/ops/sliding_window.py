@@ -108,7 +108,7 @@ def _check_self(N: int, M: int, name: str) -> None:
         raise ValueError(f"{name} is self-attention: k, v must have the length of q (N={N}), got M={M}")
 
 
-def sliding_window_mask(length: int, window: int, *, causal: bool = True,
+def sliding_window_mask(length: int, window: int, *, causal: bool = False,
                         device: torch.device | str | None = None) -> torch.Tensor:
     """Boolean ``[N, N]`` band mask (True = attend).
 
@@ -127,7 +127,7 @@ def _band(i: torch.Tensor, j: torch.Tensor, window: int, causal: bool) -> torch.
 
 
 def sliding_window_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int,
-                                       causal: bool = True, scale: float | None = None) -> torch.Tensor:
+                                       causal: bool = False, scale: float | None = None) -> torch.Tensor:
     """Dense masked softmax ``softmax(scale Q K^T + log(band)) V`` (quadratic; the oracle).
 
     Longformer (arXiv 2004.05150) sec. 3.1 sliding window; band as in :func:`sliding_window_mask`.
@@ -170,7 +170,7 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, causal
 
 
 def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int,
-                             causal: bool = True, scale: float | None = None,
+                             causal: bool = False, scale: float | None = None,
                              impl: Literal["auto", "reference", "gather", "flex"] = "auto") -> torch.Tensor:
     """Sliding-window softmax attention (self-attention, ``N == M``).
 

@@ -108,6 +108,15 @@ def check_impl(impl: str, valid: Sequence[str]) -> str:
     return impl
 
 
+def check_causal(causal: object, *, causal_only: str | None = None) -> bool:
+    """``causal`` must be a bool; a causal-only mechanism (``causal_only`` = its name) refuses False."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool (True or False), got causal={causal!r} ({type(causal).__name__})")
+    if causal_only is not None and not causal:
+        raise NotImplementedError(f"{causal_only} is defined for causal attention only; pass causal=True")
+    return causal
+
+
 def check_causal_lengths(length: int, key_length: int) -> None:
     """Causal attention with queries aligned to the end of the keys needs ``N <= M``."""
     if length > key_length:
