@@ -3,7 +3,7 @@
 ``attnlab bench speed`` times flashbias against its own dense reference; this script adds the
 baseline the issue names, ``F.scaled_dot_product_attention(attn_mask=<dense float ALiBi bias>)``,
 plus plain causal SDPA (no bias) as the floor. Every cell runs in a fresh subprocess: time (median
-of repeated calls after a warm-up, ``attnlab.bench.speed.time_callable``), peak resident memory above
+of repeated calls after a warm-up, ``attnlab.bench.timing.time_callable``), peak resident memory above
 the process before the inputs were built (``cpu_peak_memory_inline``: the dense bias counts), and
 the largest single allocation of one call (torch profiler) to show whether an ``N x M`` tensor exists.
 
@@ -57,7 +57,8 @@ def build(cell: str, *, N: int, H: int, D: int, mode: str):  # noqa: ANN201
 def child(cell: str, N: int, H: int, D: int, mode: str, threads: int | None) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    from attnlab.bench.speed import cpu_peak_memory_inline, time_callable
+    from attnlab.bench.memory import cpu_peak_memory_inline
+    from attnlab.bench.timing import time_callable
 
     if threads:
         torch.set_num_threads(threads)

@@ -44,7 +44,7 @@ if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
 import attnlab  # noqa: E402
-from attnlab.bench.speed import time_callable  # noqa: E402
+from attnlab.bench.timing import time_callable  # noqa: E402
 from attnlab.ops.flex import auto_uses_flex  # noqa: E402
 from attnlab.ops.softmax_backends import sdpa_with_backend, softmax_backend_report  # noqa: E402
 from attnlab.testing import first_output, random_qkv, relative_error, run_options  # noqa: E402
@@ -270,7 +270,7 @@ def entries(shape: Shape, device: torch.device) -> list[Entry]:
         import fla.ops.linear_attn  # noqa: F401
         import fla.ops.simple_gla  # noqa: F401
 
-        from attnlab.bench.speed import _fla_linear_attn, _fla_simple_gla
+        from attnlab.bench.externals import _fla_linear_attn, _fla_simple_gla
 
         ctx = {"heads": shape.heads, "device": device}
         lightning_ref = None

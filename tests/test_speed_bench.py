@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import attnlab
-from attnlab.bench import speed
+from attnlab.bench import cells, externals, memory, scaling, speed, speed_config, speed_plan
 from attnlab.bench.results import load_results
 from attnlab.bench.speed_report import render_speed_section
+from attnlab.bench.timing import time_callable
 from attnlab.cli import main
 
 
@@ -35,7 +36,7 @@ class FakeClock:
 def test_time_callable_reports_median_and_quartiles_after_warmup() -> None:
     steps = [9.0, 0.004, 0.001, 0.003, 0.002, 0.005]  # the first (9 s) is the warm-up call
     clock = FakeClock(steps)
-    timing = speed.time_callable(clock.work, warmup=1, repeats=5, max_repeats=5, clock=clock)
+    timing = time_callable(clock.work, warmup=1, repeats=5, max_repeats=5, clock=clock)
     assert clock.calls == 6
     assert timing.repeats == 5
     assert timing.median_ms == pytest.approx(3.0)
@@ -45,21 +46,21 @@ def test_time_callable_reports_median_and_quartiles_after_warmup() -> None:
 
 def test_time_callable_repeats_until_min_seconds_or_max_repeats() -> None:
     clock = FakeClock([0.1] * 50)
-    timing = speed.time_callable(clock.work, warmup=0, repeats=2, max_repeats=50, min_seconds=0.75, clock=clock)
+    timing = time_callable(clock.work, warmup=0, repeats=2, max_repeats=50, min_seconds=0.75, clock=clock)
     assert timing.repeats == 8  # 8 x 0.1 s is the first total >= 0.75 s
     clock = FakeClock([0.1] * 50)
-    assert speed.time_callable(clock.work, warmup=0, repeats=2, max_repeats=4, min_seconds=10, clock=clock).repeats == 4
+    assert time_callable(clock.work, warmup=0, repeats=2, max_repeats=4, min_seconds=10, clock=clock).repeats == 4
     clock = FakeClock([5.0, 2.0, 2.0, 2.0])  # a slow cell: the warm-up alone spends the budget
-    assert speed.time_callable(clock.work, warmup=1, repeats=3, max_seconds=1.0, clock=clock).repeats == 1
+    assert time_callable(clock.work, warmup=1, repeats=3, max_seconds=1.0, clock=clock).repeats == 1
     with pytest.raises(ValueError, match="repeats"):
-        speed.time_callable(clock.work, repeats=0)
+        time_callable(clock.work, repeats=0)
 
 
 def test_time_callable_measures_real_work() -> None:
     x = torch.randn(256, 256)
-    small = speed.time_callable(lambda: x @ x, repeats=5)
+    small = time_callable(lambda: x @ x, repeats=5)
     big_x = torch.randn(768, 768)
-    big = speed.time_callable(lambda: big_x @ big_x, repeats=5)
+    big = time_callable(lambda: big_x @ big_x, repeats=5)
     assert 0 < small.median_ms < big.median_ms  # 27x the flops
 
 
@@ -68,35 +69,35 @@ def test_fit_exponent_recovers_a_known_power_law(exponent: float) -> None:
     rng = random.Random(int(exponent * 10))
     lengths = [256, 512, 1024, 2048, 4096, 8192]
     values = [3.7 * n**exponent * math.exp(rng.gauss(0, 0.03)) for n in lengths]
-    assert speed.fit_exponent(lengths, values) == pytest.approx(exponent, abs=0.05)
+    assert scaling.fit_exponent(lengths, values) == pytest.approx(exponent, abs=0.05)
 
 
 def test_fit_exponent_needs_two_distinct_points() -> None:
-    assert speed.fit_exponent([1024], [5.0]) is None
-    assert speed.fit_exponent([1024, 1024], [5.0, 6.0]) is None
-    assert speed.fit_exponent([512, 1024, 2048], [1.0, 0.0, 4.0]) == pytest.approx(1.0)  # zero dropped
+    assert scaling.fit_exponent([1024], [5.0]) is None
+    assert scaling.fit_exponent([1024, 1024], [5.0, 6.0]) is None
+    assert scaling.fit_exponent([512, 1024, 2048], [1.0, 0.0, 4.0]) == pytest.approx(1.0)  # zero dropped
 
 
 def test_predict_next_extrapolates_the_last_points() -> None:
     # exact power law N^1.5 through the last two points
-    assert speed.predict_next([1000, 2000], [10.0, 10 * 2**1.5], 8000, default_exponent=1) == pytest.approx(
+    assert scaling.predict_next([1000, 2000], [10.0, 10 * 2**1.5], 8000, default_exponent=1) == pytest.approx(
         10 * 8**1.5)
     # one point: the default exponent
-    assert speed.predict_next([1000], [4.0], 3000, default_exponent=2) == pytest.approx(36.0)
+    assert scaling.predict_next([1000], [4.0], 3000, default_exponent=2) == pytest.approx(36.0)
     # a flat start (launch overhead) cannot hide a quadratic cost: exponent floored at default / 2
-    assert speed.predict_next([1000, 2000], [5.0, 5.0], 4000, default_exponent=2) == pytest.approx(10.0)
-    assert speed.predict_next([], [], 4000, default_exponent=2) is None
+    assert scaling.predict_next([1000, 2000], [5.0, 5.0], 4000, default_exponent=2) == pytest.approx(10.0)
+    assert scaling.predict_next([], [], 4000, default_exponent=2) is None
 
 
 def test_complexity_and_first_estimate() -> None:
     softmax = attnlab.get("softmax")
-    assert speed.complexity_exponent(softmax, "auto") == 2.0
+    assert scaling.complexity_exponent(softmax, "auto") == 2.0
     linear = attnlab.get("linear")
-    assert speed.complexity_exponent(linear, "auto") == 1.0
-    assert speed.complexity_exponent(linear, "reference") == 2.0
+    assert scaling.complexity_exponent(linear, "auto") == 1.0
+    assert scaling.complexity_exponent(linear, "reference") == 2.0
     io = 4 * 1 * 4 * 1024 * 64 * 4
-    assert speed.estimate_cell(batch=1, heads=4, length=1024, dim=64, dtype_bytes=4, mode="fwd", exponent=1) == io
-    quad = speed.estimate_cell(batch=1, heads=4, length=1024, dim=64, dtype_bytes=4, mode="fwd", exponent=2)
+    assert scaling.estimate_cell(batch=1, heads=4, length=1024, dim=64, dtype_bytes=4, mode="fwd", exponent=1) == io
+    quad = scaling.estimate_cell(batch=1, heads=4, length=1024, dim=64, dtype_bytes=4, mode="fwd", exponent=2)
     assert quad == io + 4 * 1024 * 1024 * 4 * 2
 
 
@@ -110,7 +111,7 @@ def test_inline_peak_memory_sees_a_temporary_allocation() -> None:
 
         return call
 
-    peak = speed.cpu_peak_memory_inline(setup)
+    peak = memory.cpu_peak_memory_inline(setup)
     # the 64 MiB temporary is seen; in a long test process, pages the allocator already holds can hide
     # a few hundred KiB of it (measured 63.9 MiB once), and the 4 MB input may reuse freed memory
     assert 60 * 2**20 <= peak < 140 * 2**20
@@ -119,23 +120,23 @@ def test_inline_peak_memory_sees_a_temporary_allocation() -> None:
         x = torch.randn(100, 100)
         return lambda: x.sum()
 
-    assert speed.cpu_peak_memory_inline(quiet_setup) < 24 * 2**20
+    assert memory.cpu_peak_memory_inline(quiet_setup) < 24 * 2**20
 
 
 def test_subprocess_memory_separates_dense_from_flash_attention() -> None:
-    spec = speed._cell_spec(mechanism="softmax", impl="reference", path="op", N=2048, mode="fwd", causal=True,
+    spec = cells.cell_spec(mechanism="softmax", impl="reference", path="op", N=2048, mode="fwd", causal=True,
                             batch=1, heads=4, dim=32, dtype="float32", device="cpu", seed=0)
-    dense = speed.cpu_peak_memory_subprocess(spec)
-    sdpa = speed.cpu_peak_memory_subprocess({**spec, "impl": "auto"})
+    dense = memory.cpu_peak_memory_subprocess(spec)
+    sdpa = memory.cpu_peak_memory_subprocess({**spec, "impl": "auto"})
     scores = 4 * 2048 * 2048 * 4  # one float32 [B, H, N, N] matrix: 64 MiB
     assert dense >= scores
     assert sdpa < dense - scores / 2
 
 
 def test_probe_estimate_measures_a_short_cell_in_a_subprocess() -> None:
-    spec = speed._cell_spec(mechanism="softmax", impl="reference", path="op", N=4096, mode="fwd", causal=True,
+    spec = cells.cell_spec(mechanism="softmax", impl="reference", path="op", N=4096, mode="fwd", causal=True,
                             batch=1, heads=4, dim=32, dtype="float32", device="cpu", seed=0)
-    estimate, basis = speed._probe_estimate(spec, 2.0, (), fallback=(1.0, "analytic"))
+    estimate, basis = speed_plan.probe_estimate(spec, 2.0, (), fallback=(1.0, "analytic"))
     assert basis.startswith("probes at N=256, 512 measured")
     scores = 4 * 4096 * 4096 * 4  # the dense float32 scores of the full cell: 256 MiB
     assert scores <= estimate < 4 * scores
@@ -169,7 +170,7 @@ def test_resume_runs_only_missing_cells(tmp_path: Path, monkeypatch: pytest.Monk
                   say=lambda line: None)
     first = speed.run_speed_benchmark(**kwargs)
     assert len(first) == 4 and all(r["status"] == "ok" for r in first)
-    results = tmp_path / speed.RESULTS_FILE
+    results = tmp_path / speed_config.RESULTS_FILE
     assert len(load_results(results)) == 4
     # drop the last cell (an interrupted run) and leave a truncated line behind
     lines = results.read_text().splitlines()
@@ -205,14 +206,14 @@ def test_ratios_are_to_softmax_in_the_same_run(tmp_path: Path) -> None:
 
 
 def test_missing_external_package_reported_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = speed.ExternalBaseline("nopkg:a", "nopkg", "attnlab_no_such_package.ops", ("cpu",), True,
+    fake = externals.ExternalBaseline("nopkg:a", "nopkg", "attnlab_no_such_package.ops", ("cpu",), True,
                                   lambda *a: (lambda: None))
-    monkeypatch.setattr(speed, "EXTERNALS", (fake, dataclasses.replace(fake, name="nopkg:b")))
+    monkeypatch.setattr(externals, "EXTERNALS", (fake, dataclasses.replace(fake, name="nopkg:b")))
     said: list[str] = []
-    assert speed.available_externals(["nopkg"], "cpu", report=said.append) == []
+    assert externals.available_externals(["nopkg"], "cpu", report=said.append) == []
     assert len(said) == 1 and "'nopkg' not available" in said[0]
     said.clear()
-    assert speed.available_externals(["fla"], "cpu", report=said.append) == []
+    assert externals.available_externals(["fla"], "cpu", report=said.append) == []
 
 
 def test_non_mixer_layers_are_skipped_with_a_reason() -> None:
@@ -220,7 +221,7 @@ def test_non_mixer_layers_are_skipped_with_a_reason() -> None:
                                 paper="p", arxiv=None, supports_causal=False, supports_bidirectional=True,
                                 complexity="O(N)", role="pooling")
     said: list[str] = []
-    plan = speed._plan([pooling, attnlab.get("softmax")], speed.PRESETS["smoke"], [], said.append)
+    plan = speed_plan.plan_series([pooling, attnlab.get("softmax")], speed_config.PRESETS["smoke"], [], said.append)
     assert [p[0] for p in plan] == ["softmax"]
     assert "skipping 'pool_only'" in said[0] and "pooling" in said[0]
 
@@ -327,14 +328,14 @@ def test_fla_baselines_are_wired_in_fla_layout_and_decay(monkeypatch: pytest.Mon
     q, k, v = (torch.randn(2, 3, 20, 8, generator=g, dtype=torch.float64) for _ in range(3))
     ctx = {"batch": 2, "heads": 3, "N": 20, "dim": 8, "device": torch.device("cpu"), "dtype": torch.float64}
     expected = lightning_attention_reference(q, k, v, decay=lightning_decay_slopes(3).double(), scale=1.0)
-    got = speed._fla_simple_gla(q, k, v, True, ctx)()
+    got = externals._fla_simple_gla(q, k, v, True, ctx)()
     assert torch.allclose(got, expected, atol=1e-10)
-    assert torch.allclose(speed._fla_linear_attn(q, k, v, True, ctx)(),
+    assert torch.allclose(externals._fla_linear_attn(q, k, v, True, ctx)(),
                           lightning_attention_reference(q, k, v, decay=None, scale=1.0), atol=1e-10)
     # forward + backward through the external path: gradients land on (and are cleared from) its leaves
-    spec = speed._cell_spec(mechanism="fla:chunk_simple_gla", impl="external", path="external", N=20,
+    spec = cells.cell_spec(mechanism="fla:chunk_simple_gla", impl="external", path="external", N=20,
                             mode="fwdbwd", causal=True, batch=2, heads=3, dim=8, dtype="float32", device="cpu",
                             seed=0)
-    call = speed.build_cell(spec)
+    call = cells.build_cell(spec)
     call()
     call()

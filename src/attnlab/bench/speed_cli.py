@@ -20,7 +20,8 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def cmd_bench_speed(args: argparse.Namespace) -> int:
-    from attnlab.bench.speed import PRESETS, run_speed_benchmark
+    from attnlab.bench.speed import run_speed_benchmark
+    from attnlab.bench.speed_config import PRESETS
 
     if args.list_presets:
         for name, config in PRESETS.items():

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from attnlab.bench.results import load_results, result_key
-from attnlab.bench.speed import BASELINE, KEY_FIELDS, RESULTS_FILE, scaling_exponents
+from attnlab.bench.scaling import scaling_exponents
+from attnlab.bench.speed_config import BASELINE, KEY_FIELDS, RESULTS_FILE
 
 __all__ = ["load_speed_rows", "speed_tables_markdown", "speed_plots", "render_speed_section", "write_speed_report"]
 
