@@ -4,7 +4,10 @@ Sliding-window attention as used by Longformer (Beltagy et al., "Longformer: The
 Transformer", arXiv 2004.05150, sec. 3.1) and Mistral: softmax attention restricted to a band.
 
 - causal: key ``j`` is visible to query ``i`` iff ``0 <= i - j < window``;
-- non-causal: iff ``|i - j| <= window // 2``.
+- non-causal: iff ``|i - j| <= window // 2``;
+- causal with ``sink_tokens = s`` (StreamingLLM: Xiao et al., "Efficient Streaming Language Models
+  with Attention Sinks", arXiv 2309.17453, sec. 3.2): the first ``s`` keys are visible to every
+  query at or after them as well (``j < s`` and ``j <= i``).
 
 The fast path (:func:`gathered_block_attention`) processes the queries in blocks of ``Bq``
 consecutive positions; each block gathers only the keys its queries may see (a span of
@@ -55,43 +58,54 @@ def gathered_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
     Returns:
         ``[B, H, N, Dv]`` in the dtype of q; a query row with no allowed key returns zeros.
-        Memory: the gathered keys/values ``[B, H_kv, G, S, D]`` and scores ``[B, H, G, Bq, S]``.
+        Memory: the gathered keys/values ``[B, H_kv, G, S, D]``; the scores stay inside SDPA's fused
+        kernel (blockwise), so time and memory are ``O(N S D)``.
     """
-    B, H, N, _ = q.shape
-    Hkv = k.shape[1]
+    B, H, N, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
     G, Bq, S = allowed.shape[-3:]
+    group = H // Hkv
     dtype = compute_dtype(q.dtype)
     if G * Bq < N:
         raise ValueError(f"allowed covers {G} blocks of {Bq} queries, fewer than N={N}")
-    pad = G * Bq - N
-    qp = torch.nn.functional.pad(q, (0, 0, 0, pad)) if pad else q  # (B, H, G*Bq, D)
-    qb = rearrange(qp.to(dtype), "b (hk g) (c q) d -> b hk g c q d", hk=Hkv, c=G)  # (B, H_kv, H/H_kv, G, Bq, D)
     if key_index.ndim == 2:  # shared by batch and heads
         flat = key_index.reshape(-1)
-        kg = k[:, :, flat].to(dtype)  # (B, H_kv, G*S, D)
-        vg = v[:, :, flat].to(dtype)  # (B, H_kv, G*S, Dv)
+        kg, vg = k[:, :, flat], v[:, :, flat]  # (B, H_kv, G*S, D), (B, H_kv, G*S, Dv)
         bias = key_bias[:, :, flat] if key_bias is not None else None  # (B, H_kv, G*S)
-        mask = allowed[None, None, None]  # (1, 1, 1, G, Bq, S)
     else:
         flat = key_index.reshape(B, Hkv, G * S)
-        kg = torch.gather(k, 2, flat[..., None].expand(-1, -1, -1, k.shape[-1])).to(dtype)
-        vg = torch.gather(v, 2, flat[..., None].expand(-1, -1, -1, v.shape[-1])).to(dtype)
+        kg = torch.gather(k, 2, flat[..., None].expand(-1, -1, -1, D))
+        vg = torch.gather(v, 2, flat[..., None].expand(-1, -1, -1, Dv))
         bias = torch.gather(key_bias, 2, flat) if key_bias is not None else None
-        mask = allowed[:, :, None]  # (B, H_kv, 1, G, Bq, S)
-    kg = rearrange(kg, "b hk (c s) d -> b hk c s d", c=G)  # (B, H_kv, G, S, D)
-    vg = rearrange(vg, "b hk (c s) e -> b hk c s e", c=G)  # (B, H_kv, G, S, Dv)
-    scores = torch.einsum("bkgcqd,bkcsd->bkgcqs", qb, kg) * scale  # (B, H_kv, H/H_kv, G, Bq, S)
-    if bias is not None:
-        scores = scores + rearrange(bias.to(dtype), "b hk (c s) -> b hk 1 c 1 s", c=G)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    empty = ~mask.any(dim=-1, keepdim=True)  # rows with no allowed key (only padding rows, normally)
-    if bool(empty.any()):
-        scores = scores.masked_fill(empty, 0.0)
-    probs = torch.softmax(scores, dim=-1)
-    if bool(empty.any()):
-        probs = probs.masked_fill(empty, 0.0)
-    out = torch.einsum("bkgcqs,bkcse->bkgcqe", probs, vg)  # (B, H_kv, H/H_kv, G, Bq, Dv)
-    out = rearrange(out, "b hk g c q e -> b (hk g) (c q) e")[:, :, :N]  # (B, H, N, Dv)
+    # One fused SDPA call over every block (flash kernel on CPU, backward included). The key bias
+    # rides in one extra feature: [scale q, 1] . [k, bias] = scale q.k + bias; the fused kernels want
+    # one width for q, k and v, so all three are zero-padded to a multiple of 8.
+    extra = 1 if bias is not None else 0
+    width = -(-max(D + extra, Dv) // 8) * 8
+    pad_rows = G * Bq - N
+    qs = q.to(dtype) * scale
+    if extra:
+        qs = torch.cat([qs, qs.new_ones(B, H, N, 1)], dim=-1)  # (B, H, N, D + 1)
+        kg = torch.cat([kg.to(dtype), bias.to(dtype)[..., None]], dim=-1)  # (B, H_kv, G*S, D + 1)
+    qs = torch.nn.functional.pad(qs, (0, width - qs.shape[-1], 0, pad_rows))  # (B, H, G*Bq, width)
+    kg = torch.nn.functional.pad(kg.to(dtype), (0, width - kg.shape[-1]))  # (B, H_kv, G*S, width)
+    vg = torch.nn.functional.pad(vg.to(dtype), (0, width - Dv))  # (B, H_kv, G*S, width)
+    # the query heads sharing a kv head become extra query rows of its blocks
+    qb = rearrange(qs, "b (hk g) (c q) d -> (b hk) c (g q) d", hk=Hkv, c=G)  # (B*H_kv, G, group*Bq, width)
+    kb = rearrange(kg, "b hk (c s) d -> (b hk) c s d", c=G)  # (B*H_kv, G, S, width)
+    vb = rearrange(vg, "b hk (c s) d -> (b hk) c s d", c=G)  # (B*H_kv, G, S, width)
+    mask = allowed if allowed.ndim == 3 else rearrange(allowed, "b hk c q s -> (b hk) c q s")
+    empty = ~mask.any(dim=-1, keepdim=True)  # rows with no allowed key (padding rows, normally)
+    has_empty = bool(empty.any())
+    if has_empty:  # give them one key so the softmax is defined; their output is zeroed below
+        mask = mask | (empty & (torch.arange(S, device=q.device) == 0))
+    if group > 1:
+        mask = mask.unsqueeze(-3).expand(*mask.shape[:-2], group, Bq, S).flatten(-3, -2)  # (.., G, group*Bq, S)
+    out = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=1.0)
+    if has_empty:
+        keep = ~empty if group == 1 else ~empty.unsqueeze(-3).expand(*empty.shape[:-2], group, Bq, 1).flatten(-3, -2)
+        out = out * keep
+    out = rearrange(out[..., :Dv], "(b hk) c (g q) e -> b (hk g) (c q) e", b=B, g=group)[:, :, :N]  # (B, H, N, Dv)
     return out.to(q.dtype)
 
 
@@ -108,16 +122,35 @@ def _check_self(N: int, M: int, name: str) -> None:
         raise ValueError(f"{name} is self-attention: k, v must have the length of q (N={N}), got M={M}")
 
 
-def sliding_window_mask(length: int, window: int, *, causal: bool = False,
-                        device: torch.device | str | None = None) -> torch.Tensor:
-    """Boolean ``[N, N]`` band mask (True = attend).
+def _check_sinks(sink_tokens: object, causal: bool) -> int:
+    if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int):
+        raise TypeError(f"sink_tokens must be an int, got {type(sink_tokens).__name__}")
+    if sink_tokens < 0:
+        raise ValueError(f"sink_tokens must be >= 0, got sink_tokens={sink_tokens}")
+    if sink_tokens and not causal:
+        raise ValueError(f"sink_tokens={sink_tokens} needs causal=True: attention sinks (StreamingLLM) are "
+                         "defined for causal attention only; pass sink_tokens=0 for a bidirectional window")
+    return sink_tokens
 
-    causal: ``0 <= i - j < window``; non-causal: ``|i - j| <= window // 2``.
+
+def sliding_window_mask(length: int, window: int, *, causal: bool = False, sink_tokens: int = 0,
+                        key_length: int | None = None,
+                        device: torch.device | str | None = None) -> torch.Tensor:
+    """Boolean ``[N, M]`` band mask (True = attend); ``M = key_length`` (default ``N``).
+
+    causal: ``0 <= p - j < window`` or (``j < sink_tokens`` and ``j <= p``), where ``p = i + M - N`` is
+    the position of query ``i`` (queries aligned to the end of the keys, as when decoding with a
+    cache); non-causal (``N == M`` only): ``|i - j| <= window // 2``.
     """
     window = _check_window(window)
-    i = torch.arange(length, device=device)[:, None]
-    j = torch.arange(length, device=device)[None, :]
-    return _band(i, j, window, causal)
+    sink_tokens = _check_sinks(sink_tokens, causal)
+    key_length = length if key_length is None else key_length
+    if key_length != length and not (causal and key_length > length):
+        raise ValueError(f"key_length={key_length} differs from length={length}: only causal masks with "
+                         "key_length > length (queries aligned to the end of the keys) are defined")
+    i = torch.arange(length, device=device)[:, None] + (key_length - length)  # (N, 1) query positions
+    j = torch.arange(key_length, device=device)[None, :]  # (1, M)
+    return _band(i, j, window, causal) | _sinks(i, j, sink_tokens)
 
 
 def _band(i: torch.Tensor, j: torch.Tensor, window: int, causal: bool) -> torch.Tensor:
@@ -126,15 +159,23 @@ def _band(i: torch.Tensor, j: torch.Tensor, window: int, causal: bool) -> torch.
     return (i - j).abs() <= window // 2
 
 
+def _sinks(i: torch.Tensor, j: torch.Tensor, sink_tokens: int) -> torch.Tensor:
+    """Sink keys of causal queries: ``j < sink_tokens`` and ``j <= i`` (True also inside the band)."""
+    return (j < sink_tokens) & (j <= i)
+
+
 def sliding_window_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int,
-                                       causal: bool = False, scale: float | None = None) -> torch.Tensor:
+                                       causal: bool = False, sink_tokens: int = 0,
+                                       scale: float | None = None) -> torch.Tensor:
     """Dense masked softmax ``softmax(scale Q K^T + log(band)) V`` (quadratic; the oracle).
 
-    Longformer (arXiv 2004.05150) sec. 3.1 sliding window; band as in :func:`sliding_window_mask`.
+    Longformer (arXiv 2004.05150) sec. 3.1 sliding window, with StreamingLLM's attention sinks
+    (arXiv 2309.17453) when ``sink_tokens > 0``; band as in :func:`sliding_window_mask`.
     """
     sizes = check_qkv(q, k, v)
     _check_self(sizes.length, sizes.key_length, "sliding_window_attention")
-    mask = sliding_window_mask(sizes.length, window, causal=causal, device=q.device)  # (N, N)
+    mask = sliding_window_mask(sizes.length, window, causal=causal, sink_tokens=sink_tokens,
+                               device=q.device)  # (N, N)
     return softmax_attention_reference(q, k, v, scale=scale, attn_mask=mask)
 
 
@@ -142,9 +183,13 @@ def _block_size(window: int, length: int) -> int:
     return max(1, min(length, max(32, min(128, window))))
 
 
-def _band_blocks(length: int, window: int, causal: bool, device: torch.device,
+def _band_blocks(length: int, window: int, causal: bool, device: torch.device, sink_tokens: int = 0,
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key spans and masks of the query blocks: ``key_index [G, S]``, ``allowed [G, Bq, S]``."""
+    """Key spans and masks of the query blocks: ``key_index [G, S]``, ``allowed [G, Bq, S]``.
+
+    With ``sink_tokens`` the first ``sink_tokens`` keys lead every span; a sink is allowed there only
+    where the band does not already hold it (each key at most once per query row).
+    """
     Bq = _block_size(window, length)
     G = -(-length // Bq)
     before, after = (window - 1, 0) if causal else (window // 2, window // 2)
@@ -154,34 +199,46 @@ def _band_blocks(length: int, window: int, causal: bool, device: torch.device,
     queries = (torch.arange(G, device=device) * Bq)[:, None] + torch.arange(Bq, device=device)  # (G, Bq)
     valid = (keys >= 0) & (keys < length)
     allowed = _band(queries[:, :, None], keys[:, None, :], window, causal) & valid[:, None, :]
+    if sink_tokens:
+        sinks = torch.arange(min(sink_tokens, length), device=device).expand(G, -1)  # (G, s)
+        qi, sj = queries[:, :, None], sinks[:, None, :]
+        sink_ok = _sinks(qi, sj, sink_tokens) & ~_band(qi, sj, window, causal)  # (G, Bq, s)
+        keys = torch.cat([sinks, keys], dim=1)
+        allowed = torch.cat([sink_ok, allowed], dim=2)
     allowed &= (queries < length)[:, :, None]
     return keys.clamp(0, length - 1), allowed
 
 
-def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, causal: bool,
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, causal: bool, sink_tokens: int,
           scale: float) -> torch.Tensor:
     """Compiled FlexAttention with the band of :func:`sliding_window_mask` as its mask_mod."""
 
     def band_mask(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        if sink_tokens:
+            return _band(q_idx, kv_idx, window, causal) | _sinks(q_idx, kv_idx, sink_tokens)
         return _band(q_idx, kv_idx, window, causal)
 
-    key = ("sliding_window", window, causal)
+    key = ("sliding_window", window, causal, sink_tokens)
     return flex_masked_attention(q, k, v, mask_mod=band_mask, mask_key=key, scale=scale)
 
 
 def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int,
-                             causal: bool = False, scale: float | None = None,
+                             causal: bool = False, sink_tokens: int = 0, scale: float | None = None,
                              impl: Literal["auto", "reference", "gather", "flex"] = "auto") -> torch.Tensor:
     """Sliding-window softmax attention (self-attention, ``N == M``).
 
     Longformer, "The Long-Document Transformer" (Beltagy, Peters, Cohan, arXiv 2004.05150),
-    sec. 3.1: each token attends to a fixed window around it.
+    sec. 3.1: each token attends to a fixed window around it. With ``sink_tokens`` (causal only),
+    StreamingLLM's attention sinks (Xiao et al., "Efficient Streaming Language Models with Attention
+    Sinks", arXiv 2309.17453): the first tokens stay visible to every later query.
 
     Args:
         q: ``[B, H, N, D]``; k, v: ``[B, H_kv, N, D|Dv]`` (``H_kv`` divides ``H``).
         window: causal: key ``j`` visible to query ``i`` iff ``0 <= i - j < window``;
             non-causal: iff ``|i - j| <= window // 2``.
         causal: see ``window``.
+        sink_tokens: causal only: keys ``j < sink_tokens`` are visible to every query ``i >= j``
+            as well (0 = none).
         scale: default ``D ** -0.5``.
         impl: "reference" (dense masked softmax, ``O(N^2)``), "gather" (query blocks gather their
             key span: ``O(N * window)`` memory in gathered copies, differentiable), "flex"
@@ -197,16 +254,18 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """
     check_impl(impl, IMPLS)
     if impl == "reference":
-        return sliding_window_attention_reference(q, k, v, window=window, causal=causal, scale=scale)
+        return sliding_window_attention_reference(q, k, v, window=window, causal=causal, sink_tokens=sink_tokens,
+                                                  scale=scale)
     sizes = check_qkv(q, k, v)
     _check_self(sizes.length, sizes.key_length, "sliding_window_attention")
     window = _check_window(window)
+    sink_tokens = _check_sinks(sink_tokens, causal)
     scale = check_scale(scale, sizes.head_dim)
     if impl == "auto":
         impl = "flex" if auto_uses_flex(q) else "gather"
     if impl == "flex":
-        return _flex(q, k, v, window, causal, scale)
-    key_index, allowed = _band_blocks(sizes.length, window, causal, q.device)
+        return _flex(q, k, v, window, causal, sink_tokens, scale)
+    key_index, allowed = _band_blocks(sizes.length, window, causal, q.device, sink_tokens)
     return gathered_block_attention(q, k, v, key_index=key_index, allowed=allowed, scale=scale)
 
 
@@ -223,7 +282,9 @@ register(Mechanism(
     supports_cross=False,
     supports_gqa=True,
     complexity="O(N w d)",
-    defaults={"causal": True, "scale": None, "impl": "auto"},
-    impls=("gather", "flex"),
+    # models compare local mechanisms at a quarter of their length, at least 2 keys (neither the tiny test
+    # window nor the whole sequence); the benchmark at Mistral-like 128 keys, so the cost stays linear in N
+    model_options=lambda seq_len: {"window": max(2, seq_len // 4)},
+    bench_options=lambda shape: {"window": min(128, shape.length)},
     check=CheckConfig(options={"window": 4}, bf16_options={"window": 64}, gradcheck_length=6),
 ))
