@@ -1,7 +1,7 @@
 """A small text classifier trained with adversarial perturbations on its attention scores.
 
 Attention AT / Attention iAT (Kitada & Iyatomi, "Attention Meets Perturbations", arXiv 2009.12064)
-via :func:`attnlab.training.attention_adversarial_loss`, on the model of the paper's binary
+via :func:`attnlab.adversarial.attention_adversarial_loss`, on the model of the paper's binary
 classification experiments at a small size: embeddings -> BiLSTM -> additive attention
 ``ã_t = w2^T tanh(W1 h_t + b1)`` -> masked softmax -> ``c = sum_t a_t h_t`` -> linear -> BCE.
 
@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnlab.adversarial import attention_adversarial_loss, attention_importance_correlation
 from attnlab.nn import AdditiveAttentionPooling
-from attnlab.training import attention_adversarial_loss, attention_importance_correlation
 
 PAD = 0
 

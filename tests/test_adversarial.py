@@ -1,4 +1,4 @@
-"""Attention AT / iAT (arXiv 2009.12064), analysis spec A10.5, and the example classifier."""
+"""Attention AT / iAT (Kitada & Iyatomi, "Attention Meets Perturbations", arXiv 2009.12064), the example."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnlab.nn import AdditiveAttentionPooling
-from attnlab.training import (
+from attnlab.adversarial import (
     attention_adversarial_loss,
     attention_adversarial_perturbation,
     attention_importance_correlation,
 )
+from attnlab.nn import AdditiveAttentionPooling
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,8 +1,9 @@
-"""Training helpers: adversarial training on the attention scores (Attention AT / Attention iAT).
+"""Adversarial training on the attention scores (Attention AT / Attention iAT): the loss and its measure.
 
 Kitada & Iyatomi, "Attention Meets Perturbations: Robust and Interpretable Attention with Adversarial
-Training", IEEE Access 2021, arXiv 2009.12064 (code shunk031/attention-meets-perturbation,
-``amep/modules/attention_layer/bc/advt.py``; analysis spec A10).
+Training", IEEE Access 2021, arXiv 2009.12064 (authors' code: shunk031/attention-meets-perturbation,
+``amep/modules/attention_layer/bc/advt.py``). The equations are written out in ``docs/mechanisms.md``
+(additive attention pooling).
 """
 
 from __future__ import annotations
@@ -152,8 +153,8 @@ def attention_importance_correlation(attention: torch.Tensor, importance: torch.
                                      mask: torch.Tensor | None = None) -> torch.Tensor:
     """Pearson correlation per sentence between attention weights and word importance, ``[B]``.
 
-    The interpretability measure of arXiv 2009.12064 (Sec. A10.4 of the spec; Pearson is one of the
-    two correlations it reports, inferred): ``attention, importance [B, T]`` (e.g. ``|∂ŷ/∂e_t|``),
+    The interpretability measure of arXiv 2009.12064 (the paper reports two correlations; Pearson is
+    the one computed here, a choice of ours): ``attention, importance [B, T]`` (e.g. ``|∂ŷ/∂e_t|``),
     over the real tokens of each sentence (``mask``, True = real). A sentence with fewer than two
     real tokens, or constant values, gives NaN.
     """

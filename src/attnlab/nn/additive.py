@@ -22,7 +22,7 @@ class AdditiveAttentionPooling(nn.Module):
     The attention of the binary-classification models of arXiv 2009.12064 (``TanhBCATBase``:
     ``W1: dim -> dim // 2`` with bias, ``w2: dim // 2 -> 1`` without). :meth:`scores` gives ``ã`` and
     :meth:`pool` takes (possibly perturbed) scores, so that
-    :func:`attnlab.training.attention_adversarial_loss` can add its perturbation between them::
+    :func:`attnlab.adversarial.attention_adversarial_loss` can add its perturbation between them::
 
         scores = layer.scores(h)                                            # [B, T]
         loss = attention_adversarial_loss(lambda s: task_loss(layer.pool(h, s, mask)[0]), scores,
