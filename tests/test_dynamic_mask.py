@@ -28,7 +28,7 @@ def test_window_covering_all_keys_is_softmax_with_additive_key_bias(causal: bool
     mask = bias.repeat_interleave(2, dim=1)[:, :, None, :].expand(2, 4, N, M)  # (B, H, N, M) additive
     expected = softmax_attention(q, k, v, causal=causal, attn_mask=mask)
     for k_budget in (M, M + 7):
-        for impl in ("reference", "gather"):
+        for impl in ("reference", "gather", "block"):
             out = dynamic_mask_attention(q, k, v, key_bias=bias, k_budget=k_budget, causal=causal, impl=impl)
             torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
 
@@ -54,12 +54,14 @@ def test_gather_equals_reference_forward_and_backward(causal: bool, N: int, M: i
     q, k, v, bias = inputs(N, M, seed=N + window)
     grad = torch.randn(2, 4, N, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     results = []
-    for impl in ("reference", "gather"):
+    for impl in ("reference", "gather", "block"):
         out = dynamic_mask_attention(q, k, v, key_bias=bias, k_budget=window, causal=causal, impl=impl)
         results.append((out, *torch.autograd.grad((out * grad).sum(), (q, k, v, bias))))
-    for expected, actual in zip(*results, strict=True):
+    for expected, actual in zip(results[0], results[1], strict=True):
         torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
     assert results[1][4].abs().sum() > 0  # the bias is differentiated
+    for expected, actual in zip(results[0], results[2], strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
 
 
 def test_unselected_keys_get_no_bias_gradient() -> None:
@@ -112,3 +114,67 @@ def test_layer_gradients_reach_a_and_dt_proj() -> None:
 def test_registered_as_a_mixer_layer() -> None:
     record = attnlab.get("dynamic_mask")
     assert record.layer is DynamicMaskAttention and record.role == "mixer"
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+@pytest.mark.parametrize("N,M,k_budget", [
+    pytest.param(100, 100, 7, id="N100-k7"),  # several blocks of 16 queries, budget < block
+    pytest.param(90, 150, 40, id="N90-M150-k40"),  # memory keys before the first query
+    pytest.param(70, 70, 70, id="N70-k70"),  # budget = every key
+    pytest.param(33, 200, 300, id="N33-M200-k300"),  # budget above M
+])
+def test_block_path_equals_reference_forward_and_backward(causal: bool, N: int, M: int, k_budget: int) -> None:
+    """The blocked candidate lists select exactly the reference's keys (float64, values and grads)."""
+    q, k, v, bias = inputs(N, M, seed=N + k_budget)
+    grad = torch.randn(2, 4, N, 5, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    results = []
+    for impl in ("reference", "block"):
+        out = dynamic_mask_attention(q, k, v, key_bias=bias, k_budget=k_budget, causal=causal, impl=impl)
+        results.append((out, *torch.autograd.grad((out * grad).sum(), (q, k, v, bias))))
+    for expected, actual in zip(*results, strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+def test_ties_in_the_bias_go_to_the_earlier_key_on_every_path(causal: bool) -> None:
+    """A bias with many equal values (the layer's A = 0 start makes them all equal): every path
+    keeps the same keys, the earliest among equals."""
+    q, k, v, _ = inputs(80, 80, seed=11)
+    g = torch.Generator().manual_seed(12)
+    bias = torch.randint(0, 3, (2, 2, 80), generator=g).to(torch.float64)  # three distinct values
+    expected = dynamic_mask_attention(q, k, v, key_bias=bias, k_budget=9, causal=causal, impl="reference")
+    for impl in ("gather", "block"):
+        out = dynamic_mask_attention(q, k, v, key_bias=bias, k_budget=9, causal=causal, impl=impl)
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    flat = torch.zeros(2, 2, 80, dtype=torch.float64)  # all equal: query i keeps keys 0 .. 8
+    index, kept = dynamic_mask_select(flat, 80, k_budget=9, causal=True)
+    assert torch.equal(index[0, 0, 50][kept[0, 0, 50]].sort().values, torch.arange(9))
+    out = dynamic_mask_attention(q, k, v, key_bias=flat, k_budget=9, causal=True, impl="block")
+    prefix = softmax_attention(q[:, :, 50:51], k[:, :, :9], v[:, :, :9])  # query 50 sees keys 0..8
+    torch.testing.assert_close(out[:, :, 50:51], prefix, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+def test_block_path_float32_at_length_1024(causal: bool) -> None:
+    g = torch.Generator().manual_seed(21)
+    q, k, v = (torch.randn(1, 4, 1024, 32, generator=g) for _ in range(3))
+    bias = torch.randn(1, 4, 1024, generator=g)
+    expected = dynamic_mask_attention(q.double(), k.double(), v.double(), key_bias=bias.double(), k_budget=128,
+                                      causal=causal, impl="reference")
+    out = dynamic_mask_attention(q, k, v, key_bias=bias, k_budget=128, causal=causal, impl="block")
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_block_path_bfloat16_at_a_realistic_length() -> None:
+    """bf16 inputs at N=4096, k_budget=512 (GQA): close to the float64 reference of the same bf16 values."""
+    g = torch.Generator().manual_seed(22)
+    q = torch.randn(1, 4, 4096, 64, generator=g).bfloat16()
+    k, v = (torch.randn(1, 2, 4096, 64, generator=g).bfloat16() for _ in range(2))
+    bias = torch.randn(1, 2, 4096, generator=g)  # float32 bias: no ties among the selected keys
+    expected = dynamic_mask_attention(q.double(), k.double(), v.double(), key_bias=bias.double(), k_budget=512,
+                                      causal=True, impl="reference")
+    out = dynamic_mask_attention(q, k, v, key_bias=bias, k_budget=512, causal=True)  # auto = block
+    assert out.dtype == torch.bfloat16
+    error = float((out.double() - expected).norm() / expected.norm())
+    assert error < 1e-2, error

@@ -6,8 +6,18 @@ Shi et al., "Trainable Dynamic Mask Sparse Attention" (arXiv 2508.02124; code Sm
 the scores and chooses which keys each query keeps:
 
 ``S = scale Q K^T + bias``; each query keeps the ``k_budget`` allowed keys with the largest bias
-(``torch.topk`` on the detached bias: the selection is not differentiated, the bias is);
-``O = softmax(S masked to the kept keys) V``.
+(a top-k of the detached bias: the selection is not differentiated, the bias is);
+``O = softmax(S masked to the kept keys) V``. Ties in the bias are broken towards the earlier key
+(flash-dmattn's ``torch.topk`` leaves them unspecified; a fixed rule lets every path agree exactly).
+
+The fast path (``impl="block"``) never builds an ``N x M`` tensor. The bias belongs to the keys, not
+to the query, so the non-causal selection is one set shared by every query (one SDPA call over the
+``k_budget`` kept keys), and a causal query's kept keys change only when a key enters the prefix:
+for a block of queries starting at position ``s``, every key a query of the block keeps is among
+the ``k_budget`` best keys before ``s`` or inside the block (a key outside the best ``k_budget`` of
+``[0, s)`` already has ``k_budget`` better keys before every later query). So each block gathers
+``k_budget + block`` candidate keys and ranks them per query: ``O(N (k_budget + block) d)`` time
+and memory.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from attnlab.ops.sliding_window import gathered_block_attention
 from attnlab.ops.softmax import attention_mask
 from attnlab.ops.validation import (
     Sizes,
+    check_causal,
     check_causal_lengths,
     check_impl,
     check_qkv,
@@ -29,9 +40,10 @@ from attnlab.ops.validation import (
     expand_kv,
 )
 
-__all__ = ["dynamic_mask_attention", "dynamic_mask_attention_reference", "dynamic_mask_select"]
+__all__ = ["dynamic_mask_attention", "dynamic_mask_attention_reference", "dynamic_mask_select",
+           "dynamic_mask_block_candidates"]
 
-IMPLS = ("auto", "reference", "gather")
+IMPLS = ("auto", "reference", "gather", "block")
 _QUERY_CHUNK = 256  # queries whose top-k is computed at once: O(chunk * M) memory
 
 
@@ -48,6 +60,15 @@ def _check(sizes: Sizes, key_bias: torch.Tensor, k_budget: int, causal: bool) ->
     if causal:
         check_causal_lengths(N, M)
     return key_bias.expand(B, Hkv, M)
+
+
+def _ranked(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the ``k`` largest entries along the last dim, ties to the earlier position.
+
+    A stable descending sort keeps equal values in position order; ``-inf`` entries (not allowed)
+    come last.
+    """
+    return torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :k]
 
 
 def dynamic_mask_select(key_bias: torch.Tensor, length: int, *, k_budget: int, causal: bool = False,
@@ -73,9 +94,9 @@ def dynamic_mask_select(key_bias: torch.Tensor, length: int, *, k_budget: int, c
             i = torch.arange(start, stop, device=bias.device)[:, None] + (M - length)
             j = torch.arange(M, device=bias.device)[None, :]
             scores = scores.masked_fill(j > i, float("-inf"))
-        values, chosen = torch.topk(scores, W, dim=-1)  # (B, H_kv, C, W)
+        chosen = _ranked(scores, W)  # (B, H_kv, C, W)
         index.append(chosen)
-        kept.append(values > float("-inf"))
+        kept.append(scores.gather(-1, chosen) > float("-inf"))
     return torch.cat(index, dim=2), torch.cat(kept, dim=2)
 
 
@@ -85,9 +106,11 @@ def dynamic_mask_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
     """Dense transcription of ``dynamic_mask_attention_python`` (flash-dmattn; arXiv 2508.02124).
 
     ``bias' = detach(bias)`` masked to ``-inf`` outside the causal mask; if ``M > k_budget`` keep
-    the top-``k_budget`` entries of ``bias'`` per query (excluding ``-inf`` ones); scores
+    the top-``k_budget`` entries of ``bias'`` per query (excluding ``-inf`` ones; ties to the
+    earlier key); scores
     ``scale Q K^T + bias`` masked to the kept keys; softmax; times V.
     """
+    check_causal(causal)
     sizes = check_qkv(q, k, v)
     B, H, Hkv, N, M, D, _ = sizes
     scale = check_scale(scale, D)
@@ -99,9 +122,9 @@ def dynamic_mask_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
     allowed = allowed.expand(B, H, N, M)
     if M > k_budget:
         masked = bias.detach().expand(B, H, N, M).masked_fill(~allowed, float("-inf"))
-        values, top = torch.topk(masked, k_budget, dim=-1)  # (B, H, N, window)
+        top = _ranked(masked, k_budget)  # (B, H, N, k_budget); ties to the earlier key
         keep = torch.zeros(B, H, N, M, dtype=torch.bool, device=q.device)
-        keep.scatter_(-1, top, values > float("-inf"))
+        keep.scatter_(-1, top, masked.gather(-1, top) > float("-inf"))
         allowed = keep
     scores = torch.einsum("bhnd,bhmd->bhnm", q.to(dtype), expand_kv(k, H).to(dtype)) * scale + bias
     scores = scores.masked_fill(~allowed, float("-inf"))
@@ -109,9 +132,75 @@ def dynamic_mask_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
     return torch.einsum("bhnm,bhme->bhne", probs, expand_kv(v, H).to(dtype)).to(q.dtype)
 
 
+def _default_block(k_budget: int) -> int:
+    """Queries per block of the "block" path: half the budget, in [16, 128].
+
+    Every query of a block scores ``k_budget + block`` candidates to use ``k_budget``: a larger
+    block means fewer, larger SDPA blocks but more wasted candidates.
+    """
+    return min(128, max(16, k_budget // 2))
+
+
+def dynamic_mask_block_candidates(key_bias: torch.Tensor, length: int, *, k_budget: int, block: int,
+                                  causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate keys per block of queries and which of them each query keeps (DMA, arXiv 2508.02124).
+
+    Args:
+        key_bias: ``[B, H_kv, M]`` (only its values are used; no gradient).
+        length: N queries (causal: aligned to the end of the keys).
+        block: queries per block (causal); non-causal uses one block of all N queries.
+
+    Returns:
+        ``index [B, H_kv, G, S]`` int64 (entries in ``[0, M)``) and ``kept [B, H_kv, G, Bq, S]`` bool:
+        query ``g * Bq + r`` keeps ``index[..., g, s]`` iff ``kept[..., g, r, s]``. Non-causal:
+        ``G = 1``, ``Bq = N``, ``S = min(k_budget, M)``; causal: ``G = ceil(N / block)``, ``Bq = block``,
+        ``S = min(k_budget, M) + block``.
+    """
+    B, Hkv, M = key_bias.shape
+    W = min(k_budget, M)
+    bias = key_bias.detach()
+    device = bias.device
+    if not causal:
+        index = _ranked(bias, W)[:, :, None]  # (B, H_kv, 1, W): one set for every query
+        return index, torch.ones(1, 1, 1, 1, W, dtype=torch.bool, device=device).expand(B, Hkv, 1, length, W)
+    off, G = M - length, -(-length // block)
+    ninf = float("-inf")
+    # best W keys of the prefix before each block, kept in key order (so that stable sorts of the
+    # candidates break ties towards the earlier key); empty slots: index M, value -inf
+    top_index = torch.full((B, Hkv, W), M, dtype=torch.long, device=device)
+    top_value = torch.full((B, Hkv, W), ninf, dtype=bias.dtype, device=device)
+    if off > 0:
+        n = min(W, off)
+        chosen = _ranked(bias[:, :, :off], n).sort(dim=-1).values  # (B, H_kv, n) in key order
+        top_index[..., :n], top_value[..., :n] = chosen, bias.gather(-1, chosen)
+    padded = torch.nn.functional.pad(bias, (0, G * block - length), value=ninf)  # (B, H_kv, M + pad)
+    positions = torch.arange(M + G * block - length, device=device)
+    cand_index, cand_value = [], []
+    for g in range(G):
+        s = off + g * block
+        index = torch.cat([top_index, positions[s:s + block].expand(B, Hkv, block)], dim=-1)  # (B, H_kv, S)
+        value = torch.cat([top_value, padded[..., s:s + block]], dim=-1)
+        cand_index.append(index)
+        cand_value.append(value)
+        best = _ranked(value, W)
+        top_index = index.gather(-1, best)
+        top_value = value.gather(-1, best)
+        order = top_index.argsort(dim=-1)  # back to key order
+        top_index, top_value = top_index.gather(-1, order), top_value.gather(-1, order)
+    index = torch.stack(cand_index, dim=2)  # (B, H_kv, G, S)
+    value = torch.stack(cand_value, dim=2)
+    order = torch.sort(value, dim=-1, descending=True, stable=True).indices
+    index = index.gather(-1, order)  # candidates best first (ties: earlier key first)
+    p = off + torch.arange(G * block, device=device).reshape(G, block)  # (G, Bq) query positions
+    visible = (index[:, :, :, None, :] <= p[:, :, None]) & (index < M)[:, :, :, None, :]  # (B, H_kv, G, Bq, S)
+    count = torch.int16 if index.shape[-1] < 2 ** 15 else torch.int32  # int16 cumsum: several times faster
+    kept = visible & (visible.cumsum(dim=-1, dtype=count) <= W)
+    return index.clamp(max=M - 1), kept
+
+
 def dynamic_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_bias: torch.Tensor,
                            k_budget: int, causal: bool = False, scale: float | None = None,
-                           impl: Literal["auto", "reference", "gather"] = "auto") -> torch.Tensor:
+                           impl: Literal["auto", "reference", "gather", "block"] = "auto") -> torch.Tensor:
     """Dynamic mask attention (DMA): per-key bias added to the scores and choosing the kept keys.
 
     Shi et al., "Trainable Dynamic Mask Sparse Attention", arXiv 2508.02124 (flash-dmattn's
@@ -126,11 +215,15 @@ def dynamic_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         causal: query ``i`` may see keys ``j <= i + M - N`` (queries aligned to the end of the keys).
         scale: default ``D ** -0.5``.
         impl: "reference" (dense ``N x M`` scores), "gather" (per query, gathers its kept keys:
-            ``O(N * k_budget)`` memory for the attention, top-k in chunks of queries) or "auto" (= "gather").
+            ``O(N * k_budget * d)`` memory, top-k over all keys in chunks of queries: ``O(N M)`` time),
+            "block" (blocks of queries over ``k_budget + block`` gathered candidate keys, one SDPA
+            call: ``O(N * k_budget * d)`` time, nothing of size ``N x M``; see the module docstring)
+            or "auto" (= "block").
 
     Returns:
         ``[B, H, N, Dv]`` in the dtype of q.
     """
+    check_causal(causal)
     check_impl(impl, IMPLS)
     if impl == "reference":
         return dynamic_mask_attention_reference(q, k, v, key_bias=key_bias, k_budget=k_budget,
@@ -138,6 +231,10 @@ def dynamic_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     sizes = check_qkv(q, k, v)
     scale = check_scale(scale, sizes.head_dim)
     key_bias = _check(sizes, key_bias, k_budget, causal)
+    if impl in ("auto", "block"):
+        index, kept = dynamic_mask_block_candidates(key_bias, sizes.length, k_budget=k_budget,
+                                                    block=_default_block(k_budget), causal=causal)
+        return gathered_block_attention(q, k, v, key_index=index, allowed=kept, scale=scale, key_bias=key_bias)
     index, kept = dynamic_mask_select(key_bias, sizes.length, k_budget=k_budget, causal=causal)
     # one query per block: key_index [B, H_kv, N, W], allowed [B, H_kv, N, 1, W]
     return gathered_block_attention(q, k, v, key_index=index, allowed=kept[:, :, :, None, :], scale=scale,
