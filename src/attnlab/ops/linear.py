@@ -39,6 +39,9 @@ __all__ = [
     "linear_attention_recurrent",
     "linear_attention_step",
     "FEATURE_MAPS",
+    "taylor_feature_map",
+    "feature_similarity",
+    "feature_count",
 ]
 
 IMPLS = ("auto", "reference", "chunked", "recurrent", "triton")
@@ -55,15 +58,72 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def taylor_feature_map(x: torch.Tensor) -> torch.Tensor:
+    """Based's order-2 Taylor feature map ``[..., d] -> [..., 1 + d + d^2]``.
+
+    "Simple linear attention language models balance the recall-throughput tradeoff" (Arora et al.,
+    arXiv 2402.18668), section 3: ``phi(x) = [1, x / d^{1/4}, (x x^T flattened) / (sqrt(2) sqrt(d))]``,
+    so that ``phi(q) . phi(k) = 1 + s + s^2 / 2`` with ``s = q . k / sqrt(d)``: the second-order Taylor
+    expansion of ``exp(q . k / sqrt(d))``. Every ordered pair ``(i, j)`` is kept (``d^2`` entries, as
+    Based's code does), not the ``d (d + 1) / 2`` distinct products; the state then has
+    ``1 + d + d^2`` rows per head.
+    """
+    d = x.shape[-1]
+    ones = x.new_ones(*x.shape[:-1], 1)  # (..., 1)
+    outer = torch.einsum("...i,...j->...ij", x, x).flatten(-2)  # (..., d * d)
+    return torch.cat([ones, x / d ** 0.25, outer / (math.sqrt(2.0) * math.sqrt(d))], dim=-1)
+
+
 FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "elu+1": _elu_plus_one,  # Katharopoulos et al., eq. 7
     "relu": F.relu,
     "identity": _identity,
+    "taylor": taylor_feature_map,  # Arora et al. (Based), arXiv 2402.18668
 }
 
 
+def _explicit_elu_plus_one(x: torch.Tensor) -> torch.Tensor:
+    # elu(x) + 1 written out: x + 1 above zero, exp(x) below (clamped so the unused branch stays finite
+    # and its gradient is not inf * 0)
+    return torch.where(x > 0, x + 1, torch.exp(x.clamp(max=0)))
+
+
+def _explicit_relu(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x > 0, x, torch.zeros_like(x))
+
+
+def feature_similarity(feature_map: FeatureMap, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``phi(q_i) . phi(k_j)`` written out without the feature maps above: ``[..., N, D], [..., M, D] -> [..., N, M]``.
+
+    The oracle of :func:`linear_attention_reference`. "elu+1" and "relu" are transcribed elementwise;
+    "taylor" is the kernel it expands, ``1 + s + s^2 / 2`` with ``s = q . k / sqrt(d)`` (Arora et al.,
+    arXiv 2402.18668), so the ``d^2`` feature vector is never built; a callable map is applied as given.
+    """
+    phi = resolve_feature_map(feature_map)  # validates a name or a callable
+    if feature_map == "taylor":
+        s = torch.einsum("...nd,...md->...nm", q, k) / math.sqrt(q.shape[-1])  # (..., N, M)
+        return 1 + s + s * s / 2
+    if isinstance(feature_map, str):
+        phi = {"elu+1": _explicit_elu_plus_one, "relu": _explicit_relu, "identity": _identity}[feature_map]
+    return torch.einsum("...nf,...mf->...nm", phi(q), phi(k))
+
+
+def feature_count(feature_map: FeatureMap, dim: int) -> int:
+    """Number of features ``F`` that ``feature_map`` makes of ``dim`` inputs (rows of the state ``S``).
+
+    ``dim`` for "elu+1", "relu" and "identity", ``1 + dim + dim^2`` for "taylor"; a callable is run once
+    on a zero vector to find out.
+    """
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim must be a positive integer, got dim={dim!r}")
+    if isinstance(feature_map, str):
+        resolve_feature_map(feature_map)
+        return 1 + dim + dim * dim if feature_map == "taylor" else dim
+    return int(resolve_feature_map(feature_map)(torch.zeros(1, dim)).shape[-1])
+
+
 def resolve_feature_map(feature_map: FeatureMap) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A feature-map name ("elu+1", "relu", "identity") or a callable ``[..., D] -> [..., F]``."""
+    """A feature-map name ("elu+1", "relu", "identity", "taylor") or a callable ``[..., D] -> [..., F]``."""
     if isinstance(feature_map, str):
         if feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map={feature_map!r} is not one of {', '.join(map(repr, FEATURE_MAPS))} "
@@ -145,14 +205,19 @@ def linear_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     """The quadratic form: ``A = phi(Q) phi(K)^T`` (masked ``j <= i + M - N`` when causal),
     ``O = scale * A V / (scale * A 1 + eps)`` (Katharopoulos et al., arXiv 2006.16236, eq. 6).
 
+    ``A`` comes from :func:`feature_similarity`, the maps written out (for "taylor" the kernel
+    ``1 + s + s^2 / 2`` itself), so this oracle does not share the feature-map code of the fast forms.
+
     An initial state ``(S0, z0)`` adds ``phi(q_i) S0`` to the numerator and ``phi(q_i) . z0`` to the
     denominator. ``chunk_size`` is accepted and ignored. Shapes as in :func:`linear_attention`.
     """
+    check_causal(causal)
     check_chunk_size(chunk_size)
     fq, fk, vf, scale, eps, state = _prepare(q, k, v, causal=causal, feature_map=feature_map, eps=eps,
                                              scale=scale, initial_state=initial_state)
     N, M = fq.shape[2], fk.shape[2]
-    scores = torch.einsum("bhnf,bhmf->bhnm", fq, fk)  # (B, H, N, M)
+    # the similarities from the explicit kernel (not the features fq, fk): an oracle independent of the maps
+    scores = feature_similarity(feature_map, q.to(fq.dtype), expand_kv(k, q.shape[1]).to(fq.dtype))  # (B, H, N, M)
     if causal:
         allowed = torch.arange(M, device=q.device)[None, :] <= torch.arange(N, device=q.device)[:, None] + (M - N)
         scores = scores * allowed
@@ -309,8 +374,10 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
         q: queries ``[B, H, N, D]``; k: keys ``[B, H_kv, M, D]``; v: values ``[B, H_kv, M, Dv]``
             (``H_kv`` divides ``H``).
         causal: query ``i`` sees keys ``j <= i + M - N`` (queries aligned to the end of the keys).
-        feature_map: "elu+1" (the paper's ``elu(x) + 1``), "relu", "identity", or a callable
-            ``[..., D] -> [..., F]`` applied to q and k.
+        feature_map: "elu+1" (the paper's ``elu(x) + 1``), "relu", "identity", "taylor" (Based's
+            order-2 Taylor expansion of ``exp(q . k / sqrt(D))``, ``F = 1 + D + D^2`` features; Arora et al.,
+            arXiv 2402.18668; see :func:`taylor_feature_map`), or a callable ``[..., D] -> [..., F]``
+            applied to q and k.
         normalize: divide by ``phi(q_i) . z_i + eps``; ``False`` gives ``scale * phi(q_i) S_i``.
         eps: added to the denominator.
         scale: multiplies ``phi(q)`` in numerator and denominator (default 1.0; ``None`` means ``D**-0.5``).
