@@ -211,7 +211,6 @@ def linear_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     An initial state ``(S0, z0)`` adds ``phi(q_i) S0`` to the numerator and ``phi(q_i) . z0`` to the
     denominator. ``chunk_size`` is accepted and ignored. Shapes as in :func:`linear_attention`.
     """
-    check_causal(causal)
     check_chunk_size(chunk_size)
     fq, fk, vf, scale, eps, state = _prepare(q, k, v, causal=causal, feature_map=feature_map, eps=eps,
                                              scale=scale, initial_state=initial_state)
