@@ -8,7 +8,7 @@ import torch
 
 from attnlab.bench.ddp import launch
 from attnlab.bench.presets import get_preset
-from attnlab.bench.quality import Job
+from attnlab.bench.quality_jobs import Job
 from attnlab.bench.results import load_results
 
 
@@ -24,7 +24,7 @@ def test_two_cpu_processes_train_to_equal_parameters(tmp_path: Path) -> None:
     for name in rank0:
         torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0, msg=name)
     # training moved the parameters away from the (seeded) initialisation
-    from attnlab.bench.quality import TASKS
+    from attnlab.bench.quality_tasks import TASKS
 
     torch.manual_seed(0)
     initial = TASKS["mqar"].build(config, "softmax", True).state_dict()

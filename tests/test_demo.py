@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import attnlab
-from attnlab.bench.quality_cli import PREFERRED_MECHANISMS
+from attnlab.bench.demo import PREFERRED_MECHANISMS
 from attnlab.bench.results import load_results
 from attnlab.cli import main
 

@@ -11,7 +11,9 @@ import torch
 
 import attnlab
 from attnlab.bench.presets import PRESETS, get_preset
-from attnlab.bench.quality import RESULT_KEY, TASKS, QualityError, run_quality, validate
+from attnlab.bench.quality import QualityError, run_quality, validate
+from attnlab.bench.quality_jobs import RESULT_KEY
+from attnlab.bench.quality_tasks import TASKS
 from attnlab.bench.results import append_result, load_results, result_key
 from attnlab.cli import main
 from attnlab.registry import _REGISTRY
@@ -148,7 +150,7 @@ def test_every_task_runs_at_smoke_size_and_scores_in_range(tmp_path: Path) -> No
 
 def test_mqar_answer_loss_equals_the_full_language_model_loss() -> None:
     """MQAR trains on logits at the answer positions only; value and gradients equal the masked full loss."""
-    from attnlab.bench.quality import _answer_loss, _lm_loss
+    from attnlab.bench.quality_tasks import answer_loss, lm_loss
     from attnlab.tasks.mqar import multiquery_ar
 
     torch.manual_seed(3)
@@ -156,9 +158,9 @@ def test_mqar_answer_loss_equals_the_full_language_model_loss() -> None:
     model = TASKS["mqar"].build(config, "softmax", True)
     assert model.head.weight is model.embed.weight  # the standard recipe ties the read-out
     batch = multiquery_ar(8, vocab_size=512, seq_len=64, num_pairs=8, generator=torch.Generator().manual_seed(5))
-    full = _lm_loss(model, batch)
+    full = lm_loss(model, batch)
     full_grads = torch.autograd.grad(full, list(model.parameters()))
-    sparse = _answer_loss(model, batch)
+    sparse = answer_loss(model, batch)
     sparse_grads = torch.autograd.grad(sparse, list(model.parameters()))
     torch.testing.assert_close(sparse, full)
     for a, b in zip(sparse_grads, full_grads, strict=True):

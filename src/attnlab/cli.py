@@ -1,38 +1,58 @@
-"""The ``attnlab`` command: list | check | demo (and, as they land, bench / analyze / report)."""
+"""The ``attnlab`` command: list | check | demo | bench quality | bench speed | report | analyze.
+
+``list`` and ``check`` live here; every other command's module adds its parsers through
+``add_commands(sub, bench)`` and imports what its command needs only when that command runs.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from rich.console import Console
 from rich.table import Table
 
 import attnlab
-from attnlab.testing import check_mechanism
+from attnlab.analysis import cli as analysis_cli
+from attnlab.bench import quality_cli, speed_cli
+from attnlab.console import make_console
 
 __all__ = ["main", "build_parser"]
 
-console = Console(width=None if sys.stdout.isatty() else 150)
+
+def options_text(record: attnlab.Mechanism) -> str:
+    """``name=default`` for every option of the record's op (its layer when it has no op), required ones
+    first as ``name=?``; ``impl`` lists the fast paths."""
+    parts = [f"{name}=?" for name in record.required_options]
+    for name, default in record.defaults.items():
+        if name == "impl":
+            parts.append(f"impl={default!r} ({'|'.join(('reference', *record.impls))})")
+        else:
+            parts.append(f"{name}={default!r}")
+    return ", ".join(parts)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    """Print the registry as a table."""
+    """Print the registry as a table, with each mechanism's options and their defaults."""
+    console = make_console()
     table = Table(title=f"attnlab {attnlab.__version__}: {len(attnlab.mechanisms())} mechanisms")
-    for column in ("name", "family", "causal", "bidir.", "kind", "complexity", "paper", "arXiv"):
+    for column in ("name", "family", "causal", "bidir.", "kind", "complexity", "options (defaults; ?: required)",
+                   "paper", "arXiv"):
         table.add_column(column, overflow="fold")
     for m in attnlab.mechanisms():
         kind = "op" if m.layer is None else ("op+layer" if m.op is not None else "layer")
         table.add_row(m.name, m.family, "yes" if m.supports_causal else "-",
-                      "yes" if m.supports_bidirectional else "-", kind, m.complexity, m.paper, m.arxiv or "-")
+                      "yes" if m.supports_bidirectional else "-", kind, m.complexity, options_text(m), m.paper,
+                      m.arxiv or "-")
     console.print(table)
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Run each op once on random input against its reference; non-zero exit if any disagrees."""
+    from attnlab.testing import check_mechanism
+
+    console = make_console()
     try:
         records = [attnlab.get(n) for n in args.names] if args.names else attnlab.mechanisms()
     except KeyError as error:
@@ -59,22 +79,16 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """What ``make demo`` runs: the quality benchmark's quick preset over the registered mechanisms on
-    mqar, in-context regression and digits (plus a CPU speed sweep when installed), then the report."""
-    from attnlab.bench.quality_cli import run_demo
+    mqar, in-context regression and digits, a CPU speed sweep, then the report."""
+    from attnlab.bench.demo import run_demo
 
+    console = make_console()
     cmd_list(args)
-    return run_demo(preset=getattr(args, "preset", "quick"), out=getattr(args, "out", None), console=console)
-
-
-Command = Callable[[argparse.Namespace], int]
-
-# Modules that add their own subcommands: each defines ``add_commands(sub, bench)`` where ``sub`` is
-# the top-level subparsers and ``bench`` the subparsers of ``attnlab bench``.
-COMMAND_MODULES: tuple[str, ...] = (
-    "attnlab.bench.quality_cli",
-    "attnlab.bench.speed_cli",
-    "attnlab.analysis.cli",
-)
+    try:
+        return run_demo(preset=args.preset, out=args.out, console=console)
+    except KeyError as error:  # an unknown preset
+        console.print(f"[red]{error.args[0]}[/red]")
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,13 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("demo", help="the main job on the built-in default (what `make demo` runs)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default="quick", help="quality preset: smoke | quick | standard | full (default quick)")
+    p.add_argument("--out", default=None, help="run folder (default runs/demo-<time>)")
     p.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="quality and speed benchmarks").add_subparsers(dest="bench_command",
                                                                                        required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).add_commands(sub, bench)
+    # one line per command module: ``sub`` takes top-level commands, ``bench`` those under ``attnlab bench``
+    quality_cli.add_commands(sub, bench)  # bench quality, report
+    speed_cli.add_commands(sub, bench)  # bench speed
+    analysis_cli.add_commands(sub, bench)  # analyze
     return parser
 
 

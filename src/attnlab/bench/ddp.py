@@ -38,7 +38,7 @@ def worker_command(jobs_file: Path, *, out_dir: Path, nproc: int, device: str | 
 
 def launch(jobs: Sequence[object], *, out_dir: str | Path, nproc: int, device: str | None = None,
            save_parameters: bool = False, timeout: float | None = None) -> None:
-    """Train ``jobs`` (:class:`attnlab.bench.quality.Job`) on ``nproc`` processes; raises if torchrun fails."""
+    """Train ``jobs`` (:class:`attnlab.bench.quality_jobs.Job`) on ``nproc`` processes; raises if torchrun fails."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", suffix=".json", dir=out_dir, delete=False) as handle:
@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--save-parameters", action="store_true")
     args = parser.parse_args(argv)
 
-    from attnlab.bench.quality import Job, execute
+    from attnlab.bench.quality_jobs import Job, execute
 
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")

@@ -1,9 +1,8 @@
 """``attnlab report runs/NAME``: ``report.html`` (self-contained, plots embedded) and ``leaderboard.md``.
 
-Reads ``results.jsonl`` (quality runs) and, when present, ``speed.jsonl`` (through
-``attnlab.bench.speed_report.render_speed_section``, imported lazily so that the report works without
-the speed benchmark). Metrics are shown as mean +- standard deviation over seeds (sample std, 0 for
-one seed).
+Reads ``results.jsonl`` (quality runs) and, when present, ``speed.jsonl`` (its section comes from
+``attnlab.bench.speed_report.render_speed_section``). Metrics are shown as mean +- standard deviation
+over seeds (sample std, 0 for one seed). :func:`print_leaderboard` prints the same tables to a terminal.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from typing import Any
 
 from attnlab.bench.results import load_results
 
-__all__ = ["Row", "aggregate", "leaderboard_markdown", "write_report", "state_size_of"]
+__all__ = ["Row", "aggregate", "leaderboard_markdown", "print_leaderboard", "write_report", "state_size_of"]
 
 
 @dataclass
@@ -131,6 +130,24 @@ def leaderboard_markdown(rows: Sequence[Row], *, title: str = "Leaderboard") -> 
     return "\n".join(lines)
 
 
+def print_leaderboard(records: Sequence[dict[str, Any]], console: Any) -> None:
+    """Print one table per (task, config) to ``console`` (a ``rich.console.Console``), best first."""
+    from rich.table import Table
+
+    for (task, label), group in _by_table(aggregate(records)).items():
+        direction = "higher is better" if group[0].higher_is_better else "lower is better"
+        table = Table(title=f"{task} ({label}): {group[0].metric}, {direction}")
+        for column in ("rank", "mechanism", "family", group[0].metric, "seeds", "params", "time (s)"):
+            table.add_column(column)
+        for rank, row in enumerate(group, 1):
+            table.add_row(str(rank), row.mechanism, row.family, f"{row.mean:.4f} ± {row.std:.4f}",
+                          str(len(row.values)), f"{row.parameters:,}", f"{row.wall_time_s:.1f}")
+        console.print(table)
+        if "baseline_ridge" in group[0].extras:
+            console.print(f"  baselines: ridge {group[0].extras['baseline_ridge']:.4f}, one-step debiased GD "
+                          f"{group[0].extras['baseline_debiased_gd_one_step']:.4f}")
+
+
 def _png(figure: Any) -> str:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
@@ -221,11 +238,8 @@ def _markdown_table_to_html(markdown: str) -> str:
 def _speed_section(run_dir: Path) -> tuple[str, str] | None:
     if not (run_dir / "speed.jsonl").exists():
         return None
-    try:
-        from attnlab.bench.speed_report import render_speed_section
-    except ImportError:
-        return ("<p>speed.jsonl is present but attnlab.bench.speed_report is not installed.</p>",
-                "speed.jsonl is present but attnlab.bench.speed_report is not installed.")
+    from attnlab.bench.speed_report import render_speed_section  # matplotlib only for folders with speed rows
+
     return render_speed_section(run_dir)
 
 

@@ -1,0 +1,156 @@
+"""``attnlab demo`` (what ``make demo`` runs): the quality benchmark's quick preset on three tasks over
+at least 8 registered mechanisms, a short CPU speed sweep, the report and the leaderboard.
+
+The mechanisms are chosen per task in :data:`PREFERRED_MECHANISMS` order (then registry order) among
+those that fit the task and train at most 3x slower per step than softmax, measured on the spot.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+import attnlab
+from attnlab.bench.presets import QualityPreset, get_preset
+from attnlab.bench.quality import run_quality, validate
+from attnlab.bench.quality_tasks import TASKS
+from attnlab.bench.report import print_leaderboard, write_report
+from attnlab.bench.speed import run_speed_benchmark
+from attnlab.console import make_console
+
+__all__ = ["run_demo", "DEMO_TASKS", "PREFERRED_MECHANISMS", "choose_demo_mechanisms"]
+
+DEMO_TASKS = ("mqar", "incontext_regression", "digits")
+
+# The demo's order of preference; whatever else is registered follows in registry order.
+PREFERRED_MECHANISMS = (
+    "softmax", "lightning", "sliding_window", "moh", "agent", "tnl", "lightnet", "deconstructed", "flashbias",
+    "neighborhood", "linear", "tensor",
+)
+
+
+def _step_seconds(task: str, mechanism: str, config: Any, *, give_up_after: float = math.inf) -> float:
+    """Seconds of one training step (forward + backward + AdamW) of ``mechanism`` on ``task`` at the
+    config's batch size, timed after one warm-up step on the task's probe inputs. A warm-up slower than
+    ``give_up_after`` seconds is returned as is (no second step)."""
+    spec = TASKS[task]
+    torch.manual_seed(0)
+    model = spec.build(config, mechanism, spec.causal_for(attnlab.get(mechanism)))
+    probe = spec.probe(config)
+    inputs = probe.repeat(config.batch_size // probe.shape[0], *([1] * (probe.ndim - 1)))
+    optimizer = torch.optim.AdamW(model.parameters())
+    seconds = math.inf
+    for _ in range(2):
+        start = time.perf_counter()
+        model(inputs).float().square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        seconds = time.perf_counter() - start
+        if seconds > give_up_after:
+            break
+    return seconds
+
+
+def choose_demo_mechanisms(preset: QualityPreset, *, tasks: Sequence[str] = DEMO_TASKS, max_per_task: int = 8,
+                           max_slowdown: float | None = 3.0,
+                           console: Console | None = None) -> dict[str, list[str]]:
+    """Per task, up to ``max_per_task`` registered mechanisms, in :data:`PREFERRED_MECHANISMS` order
+    (then registry order), that fit the task and train at most ``max_slowdown`` times slower per step
+    than the first one picked (softmax), both measured here and now: a ratio, so the choice does not
+    depend on how busy the machine is. ``max_slowdown=None`` skips the timing (the smoke preset)."""
+    registered = [m.name for m in attnlab.mechanisms()]
+    order = [n for n in PREFERRED_MECHANISMS if n in registered] + [n for n in registered
+                                                                    if n not in PREFERRED_MECHANISMS]
+    chosen: dict[str, list[str]] = {}
+    for task in tasks:
+        config = preset.tasks[task][0]
+        baseline: float | None = None
+        picked: list[str] = []
+        for name in order:
+            if len(picked) >= max_per_task:
+                break
+            refusals = validate([task], [name], preset)
+            if refusals:
+                if console is not None:
+                    console.print(f"  [dim]{task}: skip {name}: {refusals[0].reason}[/dim]")
+                continue
+            if max_slowdown is not None:
+                limit = math.inf if baseline is None else 2 * max_slowdown * baseline
+                seconds = _step_seconds(task, name, config, give_up_after=limit)
+                if baseline is None:
+                    baseline = seconds
+                elif seconds > max_slowdown * baseline:
+                    if console is not None:
+                        console.print(f"  [dim]{task}: skip {name}: a training step takes {seconds / baseline:.1f}x "
+                                      f"as long as {picked[0]}'s (limit {max_slowdown:g}x)[/dim]")
+                    continue
+            picked.append(name)
+        chosen[task] = picked
+    return chosen
+
+
+def run_demo(*, preset: str = "quick", out: str | Path | None = None, seeds: int = 1,
+             console: Console | None = None) -> int:
+    """The main job: the quality preset over the registered mechanisms on mqar, in-context regression and
+    digits, a CPU speed sweep, the report and the leaderboard.
+
+    An unknown ``preset`` raises ``KeyError`` naming the presets."""
+    console = console or make_console()
+    started, cpu_started = time.perf_counter(), time.process_time()
+    quality = get_preset(preset)
+    out = Path(out) if out is not None else Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (out / "results.jsonl").exists():
+        console.print(f"[red]{out} already holds results; the demo trains afresh into a new folder[/red]")
+        return 2
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small models: one thread is faster than two spinning on a shared CPU
+    try:
+        return _demo(quality, preset, out, seeds, console, started, cpu_started)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _demo(quality: QualityPreset, preset: str, out: Path, seeds: int, console: Console, started: float,
+          cpu_started: float) -> int:
+    registered = [m.name for m in attnlab.mechanisms()]
+    console.rule(f"attnlab demo: preset {preset!r}, {len(registered)} registered mechanisms")
+    console.print("choosing mechanisms (fit to each task; step time at most 3x the first one's) ...")
+    chosen = choose_demo_mechanisms(quality, max_slowdown=None if preset == "smoke" else 3.0, console=console)
+    ran = sorted({n for names in chosen.values() for n in names}, key=registered.index)
+    for task, names in chosen.items():
+        console.print(f"  {task} runs: {', '.join(names)}")
+    if len(ran) < 8:
+        console.print(f"[yellow]only {len(ran)} mechanisms fit the demo ({len(registered)} registered); "
+                      f"the demo asks for at least 8[/yellow]")
+    records = run_quality(tasks=list(chosen), mechanisms=chosen, preset=quality, seeds=seeds, out_dir=out,
+                          progress=console.is_terminal, console=console)
+    # The 6-minute budget is for an otherwise idle 2-core machine, where this single-threaded process's
+    # CPU time is its wall time; on a shared machine the wall clock runs slower than the work done.
+    speed_note = _speed_sweep(out, console, time_left=6 * 60 - (time.process_time() - cpu_started), preset=preset)
+    report, leaderboard = write_report(out, title=f"attnlab demo ({preset} preset)")
+    print_leaderboard(records, console)
+    console.print(f"mechanisms run ({len(ran)}): {', '.join(ran)}")
+    console.print(speed_note)
+    console.print(f"report: {report}\nleaderboard: {leaderboard}\n"
+                  f"total time {time.perf_counter() - started:.0f} s wall, "
+                  f"{time.process_time() - cpu_started:.0f} s CPU (the two differ when the machine is shared)")
+    return 0
+
+
+def _speed_sweep(out: Path, console: Console, *, time_left: float, preset: str) -> str:
+    if preset == "smoke":
+        return "speed sweep: skipped for the smoke preset"
+    if time_left < 30:
+        return f"speed sweep: skipped ({max(time_left, 0):.0f} s left of the 6-minute budget)"
+    console.rule("CPU speed-scaling sweep")
+    try:
+        run_speed_benchmark(preset="demo", out_dir=out)
+    except Exception as error:  # noqa: BLE001 - the quality results stand on their own
+        return f"speed sweep: failed ({type(error).__name__}: {error})"
+    return f"speed sweep: {out / 'speed.jsonl'} (in the report)"
