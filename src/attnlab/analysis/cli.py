@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,18 +66,50 @@ def _heads(text: str) -> list[tuple[int, int]]:
     return out
 
 
+@dataclass
+class _Analysis:
+    """One ``attnlab analyze`` run: the loaded model, the probe input and what the report collects."""
+
+    args: argparse.Namespace
+    model: Any
+    tokenizer: Any
+    causal: bool
+    console: Any
+    results: Path
+    base: dict[str, Any]
+    heatmaps: dict[str, Any] = field(default_factory=dict)
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    chosen: list[tuple[str, tuple[int, int]]] = field(default_factory=list)
+    _haystack: str | None = None
+
+    def text(self) -> str:
+        """The probe text: ``--text``, else the start of gensim's Wikipedia text (read once)."""
+        if self.args.text is not None:
+            return self.args.text
+        if self._haystack is None:
+            from attnlab.analysis.retrieval import wikipedia_haystack
+
+            self._haystack = wikipedia_haystack(60_000)
+        return self._haystack
+
+    def probe(self, tokens: int) -> dict[str, torch.Tensor]:
+        """The first ``tokens`` tokens of :meth:`text` as model inputs."""
+        ids = self.tokenizer(self.text(), return_tensors="pt", truncation=True, max_length=tokens)
+        return {k: v for k, v in ids.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+    def choose_top(self, reason: str, values: torch.Tensor, *, largest: bool = True) -> None:
+        """Add the head with the largest (or smallest) value of ``values [L, H]`` to the drawn patterns."""
+        flat = int(values.argmax() if largest else values.argmin())
+        self.chosen.append((reason, (flat // values.shape[1], flat % values.shape[1])))
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     """Run the chosen metrics and write ``results.jsonl`` and ``report.html``."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from attnlab.analysis import distance as dist
     from attnlab.analysis.capture import capture
-    from attnlab.analysis.importance import embedding_change_importance, lm_loss_importance
     from attnlab.analysis.models import load_model
-    from attnlab.analysis.report import append_result, write_report
-    from attnlab.analysis.retrieval import NEEDLE_TASKS, detect_retrieval_heads, masking_experiment
-    from attnlab.analysis.sinks import find_sink_dims, massive_activations, sink_attention_share, sinks_by_layer
 
     console = Console()
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
@@ -89,185 +122,207 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = out / "results.jsonl"
     started = time.time()
     try:
         loaded = load_model(args.model)
     except (ImportError, FileNotFoundError, ValueError) as error:
         console.print(f"[red]{error}[/red]")
         return 2
-    model, tokenizer = loaded.model, loaded.tokenizer
-    console.print(f"loaded {args.model} ({type(model).__name__}, causal={loaded.causal}) "
+    console.print(f"loaded {args.model} ({type(loaded.model).__name__}, causal={loaded.causal}) "
                   f"in {time.time() - started:.1f} s")
-    base = {"model": args.model, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if "retrieval" in metrics and not loaded.causal:
         console.print("[yellow]retrieval heads need a causal LM (generation): skipped for this encoder[/yellow]")
         metrics.remove("retrieval")
-
-    haystack = None
-
-    def text() -> str:
-        nonlocal haystack
-        if args.text is not None:
-            return args.text
-        if haystack is None:
-            from attnlab.analysis.retrieval import wikipedia_haystack
-
-            haystack = wikipedia_haystack(60_000)
-        return haystack
-
-    def probe(tokens: int) -> dict[str, torch.Tensor]:
-        ids = tokenizer(text(), return_tensors="pt", truncation=True, max_length=tokens)
-        return {k: v for k, v in ids.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-
-    heatmaps: dict[str, Any] = {}
-    tables: dict[str, list[dict[str, Any]]] = {}
-    chosen: list[tuple[str, tuple[int, int]]] = []
-    notes = [f"model: {args.model} ({type(model).__name__}); metrics: {', '.join(metrics)}; "
+    run = _Analysis(args, loaded.model, loaded.tokenizer, loaded.causal, console, out / "results.jsonl",
+                    {"model": args.model, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    notes = [f"model: {args.model} ({type(run.model).__name__}); metrics: {', '.join(metrics)}; "
              f"probe: {args.probe_tokens} tokens of {'--text' if args.text else 'gensim Wikipedia text'}"]
-    inputs = probe(args.probe_tokens)
-    need_hidden = "sinks" in metrics
-    record = capture(model, inputs, what=("probs", "hidden") if need_hidden else ("probs",))
-    L = record.num_layers
+    inputs = run.probe(args.probe_tokens)
+    record = capture(run.model, inputs, what=("probs", "hidden") if "sinks" in metrics else ("probs",))
     probs = record.stacked("probs")  # (L, B, H, N, N)
-    N = probs.shape[-1]
-
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
-        def tick(task: Any, test: Any) -> None:
-            progress.advance(task)
-            console.print(f"  needle {test.task}, {test.length} tokens, depth {test.depth}: "
+        if "distance" in metrics:
+            _distance(run, probs)
+        if "entropy" in metrics:
+            _entropy(run, probs)
+        if "sinks" in metrics:
+            _sinks(run, record, inputs)
+        if "importance" in metrics:
+            _importance(run, probs.shape[0] * probs.shape[2], progress)
+        if "retrieval" in metrics:
+            _retrieval(run, progress)
+    from attnlab.analysis.report import write_report
+
+    report = write_report(out / "report.html", title=f"attnlab analyze: {args.model}", heatmaps=run.heatmaps,
+                          patterns=_patterns(run), tables=run.tables,
+                          notes=notes + [f"total time {time.time() - started:.0f} s"])
+    console.print(f"results: {run.results}\nreport: {report}")
+    return 0
+
+
+def _distance(run: _Analysis, probs: torch.Tensor) -> None:
+    """Mean attention distance per head of ``probs (L, B, H, N, N)``; for a causal model also local / global
+    heads by backward distance."""
+    from attnlab.analysis import distance as dist
+    from attnlab.analysis.report import append_result
+
+    t0 = time.time()
+    L, N = probs.shape[0], probs.shape[-1]
+    values = torch.stack([dist.mean_attention_distance(probs[layer]) for layer in range(L)])  # (L, H)
+    run.heatmaps["mean attention distance (tokens)"] = values
+    entry = {**run.base, "metric": "distance", "values": values, "tokens": N, "seconds": time.time() - t0}
+    if run.causal:
+        backward = torch.stack([dist.backward_distance(probs[layer]).mean(0) for layer in range(L)])
+        classes = dist.classify_heads(backward)
+        entry.update(local_heads=classes.local, global_heads=classes.global_)
+        run.tables["local / global heads (bottom / top 30 % by mean backward distance)"] = [
+            {"class": "local", "heads": ", ".join(f"{a}-{b}" for a, b in classes.local[:12])},
+            {"class": "global", "heads": ", ".join(f"{a}-{b}" for a, b in classes.global_[-12:])}]
+    run.tables["mean attention distance by layer (mean over heads)"] = [
+        {"layer": layer, "mean distance": float(values[layer].mean()), "min head": float(values[layer].min()),
+         "max head": float(values[layer].max())} for layer in range(L)]
+    run.choose_top("shortest mean distance", values, largest=False)
+    append_result(run.results, entry)
+
+
+def _entropy(run: _Analysis, probs: torch.Tensor) -> None:
+    """Normalised attention entropy per head of ``probs (L, B, H, N, N)``."""
+    from attnlab.analysis import distance as dist
+    from attnlab.analysis.report import append_result
+
+    t0 = time.time()
+    values = torch.stack([dist.attention_entropy(probs[layer], normalized=True) for layer in range(probs.shape[0])])
+    run.heatmaps["normalised attention entropy"] = values
+    append_result(run.results, {**run.base, "metric": "entropy", "values": values, "tokens": probs.shape[-1],
+                                "seconds": time.time() - t0})
+
+
+def _sinks(run: _Analysis, record: Any, inputs: dict[str, torch.Tensor]) -> None:
+    """Sink tokens per layer (massive hidden-state dimensions), and the share of attention they take."""
+    from attnlab.analysis.report import append_result
+    from attnlab.analysis.sinks import find_sink_dims, massive_activations, sink_attention_share, sinks_by_layer
+
+    args, tokenizer = run.args, run.tokenizer
+    t0 = time.time()
+    L = record.num_layers
+    first_layer = 2 if L > 2 else 0  # the paper's layers >= 2 (all layers of a tiny model)
+    dims = _ints(args.sink_dims) if args.sink_dims else find_sink_dims(record, top=2, first_layer=first_layer)
+    sinks = sinks_by_layer(record, dims, tau=args.tau, first_layer=first_layer)
+    share = sink_attention_share(record, sinks, query_start=1)
+    first = sink_attention_share(record, [0], query_start=1)
+    run.heatmaps["share of attention on sink tokens"] = share
+    run.heatmaps["share of attention on the first token"] = first
+    ids = inputs["input_ids"][0].tolist()
+    massive = massive_activations(record)
+    run.tables[f"sink tokens by layer (layers >= {first_layer}, dims {dims}, tau {args.tau})"] = [
+        {"layer": layer, "sink positions": str(pos[:8]),
+         "tokens": str([tokenizer.decode([ids[p]]) for p in pos[:8]]),
+         "attention share": float(share[layer].mean()), "share on token 0": float(first[layer].mean())}
+        for layer, pos in sinks.items()]
+    run.tables["largest hidden-state entry entering each layer (massive activations)"] = [
+        {"layer": m.layer, "value": m.value, "token": m.token, "token text": tokenizer.decode([ids[m.token]]),
+         "dim": m.dim, "x median |X|": m.ratio_to_median} for m in massive]
+    run.choose_top("largest sink share", share)
+    append_result(run.results, {**run.base, "metric": "sinks", "dims": dims, "tau": args.tau, "sinks": sinks,
+                                "share": share, "share_first_token": first,
+                                "massive": [vars(m) for m in massive], "seconds": time.time() - t0})
+
+
+def _importance(run: _Analysis, heads_total: int, progress: Any) -> None:
+    """Head importance by ablation: the LM loss increase (causal) or the pooled-embedding change (encoder)."""
+    from attnlab.analysis.importance import embedding_change_importance, lm_loss_importance
+    from attnlab.analysis.report import append_result
+
+    t0 = time.time()
+    task = progress.add_task("importance (ablate each head)", total=heads_total)
+
+    def step(done: int, total: int) -> None:
+        progress.update(task, completed=done)
+
+    small = run.probe(run.args.importance_tokens)
+    if run.causal:
+        full, values = lm_loss_importance(run.model, small["input_ids"], progress=step)
+        name, extra = "loss increase when the head is zeroed", {"loss_full": full}
+    else:
+        values = embedding_change_importance(run.model, small, progress=step)
+        name, extra = "1 - cos(pooled embedding) when the head is zeroed", {}
+    run.heatmaps[name] = values
+    run.choose_top("most important", values)
+    order = torch.argsort(values.flatten(), descending=True)[:10].tolist()
+    run.tables[f"most important heads ({name})"] = [
+        {"head": f"{i // values.shape[1]}-{i % values.shape[1]}", "value": float(values.flatten()[i])}
+        for i in order]
+    append_result(run.results, {**run.base, "metric": "importance", "measure": name, "values": values,
+                                "tokens": int(small["input_ids"].shape[1]), **extra, "seconds": time.time() - t0})
+
+
+def _retrieval(run: _Analysis, progress: Any) -> None:
+    """Retrieval heads by needle-in-a-haystack detection, then (``--mask-k``) the masking experiment."""
+    from attnlab.analysis.report import append_result
+    from attnlab.analysis.retrieval import NEEDLE_TASKS, detect_retrieval_heads, masking_experiment
+
+    args = run.args
+    t0 = time.time()
+
+    def tick(task: Any, test: Any) -> None:
+        progress.advance(task)
+        run.console.print(f"  needle {test.task}, {test.length} tokens, depth {test.depth}: "
                           f"ROUGE-1 recall {test.recall:.0f}: {test.response[:60]!r}")
 
-        if "distance" in metrics:
-            t0 = time.time()
-            values = torch.stack([dist.mean_attention_distance(probs[layer]) for layer in range(L)])  # (L, H)
-            heatmaps["mean attention distance (tokens)"] = values
-            entry = {**base, "metric": "distance", "values": values, "tokens": N, "seconds": time.time() - t0}
-            if loaded.causal:
-                backward = torch.stack([dist.backward_distance(probs[layer]).mean(0) for layer in range(L)])
-                classes = dist.classify_heads(backward)
-                entry.update(local_heads=classes.local, global_heads=classes.global_)
-                tables["local / global heads (bottom / top 30 % by mean backward distance)"] = [
-                    {"class": "local", "heads": ", ".join(f"{a}-{b}" for a, b in classes.local[:12])},
-                    {"class": "global", "heads": ", ".join(f"{a}-{b}" for a, b in classes.global_[-12:])}]
-            tables["mean attention distance by layer (mean over heads)"] = [
-                {"layer": layer, "mean distance": float(values[layer].mean()), "min head": float(values[layer].min()),
-                 "max head": float(values[layer].max())} for layer in range(L)]
-            flat = int(values.argmin())
-            chosen.append(("shortest mean distance", (flat // values.shape[1], flat % values.shape[1])))
-            append_result(results, entry)
-        if "entropy" in metrics:
-            t0 = time.time()
-            values = torch.stack([dist.attention_entropy(probs[layer], normalized=True) for layer in range(L)])
-            heatmaps["normalised attention entropy"] = values
-            append_result(results, {**base, "metric": "entropy", "values": values, "tokens": N,
-                                    "seconds": time.time() - t0})
-        if "sinks" in metrics:
-            t0 = time.time()
-            first_layer = 2 if L > 2 else 0  # the paper's layers >= 2 (all layers of a tiny model)
-            dims = (_ints(args.sink_dims) if args.sink_dims
-                    else find_sink_dims(record, top=2, first_layer=first_layer))
-            sinks = sinks_by_layer(record, dims, tau=args.tau, first_layer=first_layer)
-            share = sink_attention_share(record, sinks, query_start=1)
-            first = sink_attention_share(record, [0], query_start=1)
-            heatmaps["share of attention on sink tokens"] = share
-            heatmaps["share of attention on the first token"] = first
-            ids = inputs["input_ids"][0].tolist()
-            massive = massive_activations(record)
-            tables[f"sink tokens by layer (layers >= {first_layer}, dims {dims}, tau {args.tau})"] = [
-                {"layer": layer, "sink positions": str(pos[:8]),
-                 "tokens": str([tokenizer.decode([ids[p]]) for p in pos[:8]]),
-                 "attention share": float(share[layer].mean()), "share on token 0": float(first[layer].mean())}
-                for layer, pos in sinks.items()]
-            tables["largest hidden-state entry entering each layer (massive activations)"] = [
-                {"layer": m.layer, "value": m.value, "token": m.token, "token text": tokenizer.decode([ids[m.token]]),
-                 "dim": m.dim, "x median |X|": m.ratio_to_median} for m in massive]
-            flat = int(share.argmax())
-            chosen.append(("largest sink share", (flat // share.shape[1], flat % share.shape[1])))
-            append_result(results, {**base, "metric": "sinks", "dims": dims, "tau": args.tau, "sinks": sinks,
-                                    "share": share, "share_first_token": first,
-                                    "massive": [vars(m) for m in massive], "seconds": time.time() - t0})
-        if "importance" in metrics:
-            t0 = time.time()
-            heads_total = L * probs.shape[2]
-            task = progress.add_task("importance (ablate each head)", total=heads_total)
+    tasks = NEEDLE_TASKS[: max(1, args.needles)]
+    lengths, depths = _ints(args.lengths), _ints(args.depths)
+    task = progress.add_task("retrieval: detection", total=len(tasks) * len(lengths) * len(depths))
+    result = detect_retrieval_heads(run.model, run.tokenizer, text_for_haystack(run.text()), lengths=lengths,
+                                    depths=depths, tasks=tasks, buffer=args.buffer, max_new_tokens=args.max_new_tokens,
+                                    progress=lambda test: tick(task, test))
+    scores = result.scores
+    run.heatmaps["retrieval score"] = scores
+    run.tables["NIAH detection tests"] = [
+        {"task": t.task, "length": t.length, "depth": t.depth, "ROUGE-1 recall": t.recall,
+         "response": t.response[:90]} for t in result.tests]
+    top = result.ranking()[:10]
+    run.tables["top retrieval heads"] = [{"head": f"{a}-{b}", "score": float(scores[a, b])} for a, b in top]
+    for a, b in top[:2]:
+        run.chosen.append(("retrieval head", (a, b)))
+    entry = {**run.base, "metric": "retrieval", "scores": scores, "retrieval_heads": result.retrieval_heads,
+             "threshold": result.threshold, "counter": result.counter.scores, "lengths": lengths,
+             "depths": depths, "tests": [{"task": t.task, "length": t.length, "depth": t.depth,
+                                          "response": t.response, "recall": t.recall} for t in result.tests]}
+    if args.mask_k > 0:
+        mask_lengths, mask_depths = _ints(args.mask_lengths), _ints(args.mask_depths)
+        task = progress.add_task(f"retrieval: masking top-{args.mask_k} vs random",
+                                 total=3 * len(tasks) * len(mask_lengths) * len(mask_depths))
+        experiment = masking_experiment(run.model, run.tokenizer, text_for_haystack(run.text()), scores,
+                                        k=args.mask_k, lengths=mask_lengths, depths=mask_depths, tasks=tasks,
+                                        seed=args.seed, buffer=args.buffer, max_new_tokens=args.max_new_tokens,
+                                        progress=lambda test: tick(task, test))
+        entry["masking"] = experiment
+        run.tables[f"needle accuracy (ROUGE-1 recall) with heads masked, k = {args.mask_k}"] = [
+            {"masked": name, "accuracy": experiment[f"accuracy_{name}"],
+             "heads": ", ".join(f"{a}-{b}" for a, b in experiment.get(f"{name}_heads", []))}
+            for name in ("none", "top", "random")]
+    entry["seconds"] = time.time() - t0
+    append_result(run.results, entry)
 
-            def step(done: int, total: int) -> None:
-                progress.update(task, completed=done)
 
-            small = probe(args.importance_tokens)
-            if loaded.causal:
-                full, values = lm_loss_importance(model, small["input_ids"], progress=step)
-                name, extra = "loss increase when the head is zeroed", {"loss_full": full}
-            else:
-                values = embedding_change_importance(model, small, progress=step)
-                name, extra = "1 - cos(pooled embedding) when the head is zeroed", {}
-            heatmaps[name] = values
-            flat = int(values.argmax())
-            chosen.append(("most important", (flat // values.shape[1], flat % values.shape[1])))
-            order = torch.argsort(values.flatten(), descending=True)[:10].tolist()
-            tables[f"most important heads ({name})"] = [
-                {"head": f"{i // values.shape[1]}-{i % values.shape[1]}", "value": float(values.flatten()[i])}
-                for i in order]
-            append_result(results, {**base, "metric": "importance", "measure": name, "values": values,
-                                    "tokens": int(small["input_ids"].shape[1]), **extra, "seconds": time.time() - t0})
-        if "retrieval" in metrics:
-            t0 = time.time()
-            tasks = NEEDLE_TASKS[: max(1, args.needles)]
-            lengths, depths = _ints(args.lengths), _ints(args.depths)
-            task = progress.add_task("retrieval: detection", total=len(tasks) * len(lengths) * len(depths))
-            result = detect_retrieval_heads(model, tokenizer, text_for_haystack(text()), lengths=lengths,
-                                            depths=depths, tasks=tasks, buffer=args.buffer,
-                                            max_new_tokens=args.max_new_tokens,
-                                            progress=lambda test: tick(task, test))
-            scores = result.scores
-            heatmaps["retrieval score"] = scores
-            tables["NIAH detection tests"] = [
-                {"task": t.task, "length": t.length, "depth": t.depth, "ROUGE-1 recall": t.recall,
-                 "response": t.response[:90]} for t in result.tests]
-            top = result.ranking()[:10]
-            tables["top retrieval heads"] = [{"head": f"{a}-{b}", "score": float(scores[a, b])} for a, b in top]
-            for a, b in top[:2]:
-                chosen.append(("retrieval head", (a, b)))
-            entry = {**base, "metric": "retrieval", "scores": scores, "retrieval_heads": result.retrieval_heads,
-                     "threshold": result.threshold, "counter": result.counter.scores, "lengths": lengths,
-                     "depths": depths, "tests": [{"task": t.task, "length": t.length, "depth": t.depth,
-                                                  "response": t.response, "recall": t.recall} for t in result.tests]}
-            if args.mask_k > 0:
-                mask_lengths, mask_depths = _ints(args.mask_lengths), _ints(args.mask_depths)
-                task = progress.add_task(f"retrieval: masking top-{args.mask_k} vs random",
-                                         total=3 * len(tasks) * len(mask_lengths) * len(mask_depths))
-                experiment = masking_experiment(model, tokenizer, text_for_haystack(text()), scores, k=args.mask_k,
-                                                lengths=mask_lengths, depths=mask_depths, tasks=tasks, seed=args.seed,
-                                                buffer=args.buffer, max_new_tokens=args.max_new_tokens,
-                                                progress=lambda test: tick(task, test))
-                entry["masking"] = experiment
-                tables[f"needle accuracy (ROUGE-1 recall) with heads masked, k = {args.mask_k}"] = [
-                    {"masked": name, "accuracy": experiment[f"accuracy_{name}"],
-                     "heads": ", ".join(f"{a}-{b}" for a, b in experiment.get(f"{name}_heads", []))}
-                    for name in ("none", "top", "random")]
-            entry["seconds"] = time.time() - t0
-            append_result(results, entry)
+def _patterns(run: _Analysis) -> list[tuple[str, torch.Tensor, list[str]]]:
+    """The attention pattern of each chosen head (``--heads``, else those the metrics picked) on a short input."""
+    from attnlab.analysis.capture import capture
 
-    if args.heads:
-        chosen = [("chosen", h) for h in _heads(args.heads)]
-    patterns = []
-    if chosen:
-        short = probe(args.pattern_tokens)
-        small_record = capture(model, short, what=("probs",))
-        tokens = [tokenizer.decode([t]) for t in short["input_ids"][0].tolist()]
-        seen = set()
-        for reason, (layer, head) in chosen:
-            if (layer, head) in seen:
-                continue
-            seen.add((layer, head))
-            patterns.append((f"layer {layer} head {head} ({reason})", small_record.probs[layer][0, head], tokens))
-    report = write_report(out / "report.html", title=f"attnlab analyze: {args.model}", heatmaps=heatmaps,
-                          patterns=patterns, tables=tables,
-                          notes=notes + [f"total time {time.time() - started:.0f} s"])
-    console.print(f"results: {results}\nreport: {report}")
-    return 0
+    chosen = [("chosen", h) for h in _heads(run.args.heads)] if run.args.heads else run.chosen
+    if not chosen:
+        return []
+    short = run.probe(run.args.pattern_tokens)
+    small_record = capture(run.model, short, what=("probs",))
+    tokens = [run.tokenizer.decode([t]) for t in short["input_ids"][0].tolist()]
+    patterns, seen = [], set()
+    for reason, (layer, head) in chosen:
+        if (layer, head) in seen:
+            continue
+        seen.add((layer, head))
+        patterns.append((f"layer {layer} head {head} ({reason})", small_record.probs[layer][0, head], tokens))
+    return patterns
 
 
 def text_for_haystack(text: str) -> str:
