@@ -479,9 +479,8 @@ def main(argv: list[str] | None = None) -> int:
             f"per call (B = {shape.tokens} / N), causal; do_bench medians; ratio = ours / anchor (below 1 = faster "
             f"than the anchor)." + ("" if final else " PARTIAL: the run had not finished when this was written."),
             "", table(timings), "",
-            "SDPA backend chosen by softmax_attention(impl=\"auto\"): "
-            + "; ".join(f"{r['dtype']} D={r['head_dim']} {r['mask_kind']}: {r['backend']} "
-                        f"({', '.join(f'{k} {v:.3f} ms' for k, v in r['times_ms'].items())})"
+            "SDPA backends tried by softmax_attention(impl=\"auto\"), by its fixed rule: "
+            + "; ".join(f"{r['dtype']} D={r['head_dim']} {r['mask_kind']}: {' > '.join(r['order']) or 'default'}"
                         for r in report["softmax_backends"]),
             "", f"correctness: {len(correctness) - len(failed)} passed, {len(failed)} failed"
             + "".join(f"\n- FAIL {r['name']} {r['mode']} {r['check']}: {r.get('exception') or r['error']}"

@@ -1,110 +1,218 @@
-"""softmax_attention(impl="auto") measures the SDPA backends once per configuration and uses the fastest."""
+"""softmax_attention(impl="auto") picks SDPA backends by a fixed rule; timing happens only on request."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attnlab.ops import softmax_attention, softmax_attention_reference, softmax_backend_report
 from attnlab.ops import softmax_backends as sb
 from attnlab.testing import relative_error
 
+ALL = frozenset({"cudnn", "flash", "efficient", "math"})
+BF16, FP16, FP32, FP64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
+
 
 @pytest.fixture(autouse=True)
-def _fresh_cache():
+def _fresh_log():
     sb.clear_softmax_backend_cache()
     yield
     sb.clear_softmax_backend_cache()
 
 
-def _qkv(seed: int, *, B: int = 2, H: int = 4, Hkv: int = 4, N: int = 33, D: int = 16) -> tuple[torch.Tensor, ...]:
+def _call(capability=(9, 0), dtype=BF16, head_dim=128, value_dim=None, mask_kind="causal", gqa=False,
+          available=ALL, device_type="cuda") -> sb.SdpaCall:
+    return sb.SdpaCall(device_type=device_type, capability=capability, dtype=dtype, head_dim=head_dim,
+                       value_dim=head_dim if value_dim is None else value_dim, mask_kind=mask_kind, gqa=gqa,
+                       available=frozenset(available))
+
+
+# Expected orders written from the rule in the module docstring of attnlab.ops.softmax_backends.
+RULE_CASES = [
+    pytest.param(_call(), ("cudnn", "flash", "efficient", "math"), id="sm90-bf16-D128-causal"),
+    pytest.param(_call(dtype=FP16, head_dim=64, mask_kind="none"), ("cudnn", "flash", "efficient", "math"),
+                 id="sm90-fp16-D64-none"),
+    pytest.param(_call(capability=(9, 0), head_dim=256), ("flash", "efficient", "math"), id="sm90-bf16-D256"),
+    pytest.param(_call(head_dim=120), ("cudnn", "flash", "efficient", "math"), id="sm90-bf16-D120"),
+    pytest.param(_call(head_dim=100), ("flash", "efficient", "math"), id="sm90-bf16-D100-not-multiple-of-8"),
+    pytest.param(_call(mask_kind="mask"), ("efficient", "math"), id="sm90-bf16-mask-tensor"),
+    pytest.param(_call(gqa=True), ("flash", "efficient", "math"), id="sm90-bf16-gqa"),
+    pytest.param(_call(head_dim=128, value_dim=64), ("efficient", "math"), id="sm90-bf16-D128-Dv64"),
+    pytest.param(_call(dtype=FP32), ("efficient", "math"), id="sm90-fp32"),
+    pytest.param(_call(dtype=FP64), ("math",), id="sm90-fp64"),
+    pytest.param(_call(available={"flash", "efficient", "math"}), ("flash", "efficient", "math"),
+                 id="sm90-no-cudnn"),
+    pytest.param(_call(available={"efficient", "math"}), ("efficient", "math"), id="sm90-cudnn-flash-disabled"),
+    pytest.param(_call(available={"math"}), ("math",), id="sm90-only-math"),
+    pytest.param(_call(available=set()), (), id="sm90-nothing-enabled"),
+    pytest.param(_call(capability=(8, 0)), ("flash", "efficient", "math"), id="sm80-bf16"),
+    pytest.param(_call(capability=(8, 9), dtype=FP16, head_dim=64), ("flash", "efficient", "math"), id="sm89-fp16"),
+    pytest.param(_call(capability=(10, 0)), ("flash", "efficient", "math"), id="sm100-bf16"),
+    pytest.param(_call(capability=(12, 0)), ("flash", "efficient", "math"), id="sm120-bf16"),
+    pytest.param(_call(capability=(7, 0), dtype=FP16), ("efficient", "math"), id="sm70-fp16"),
+    pytest.param(_call(capability=(7, 5), dtype=BF16), ("math",), id="sm75-bf16"),
+    pytest.param(_call(capability=(9, 0), head_dim=512, dtype=FP16), ("efficient", "math"), id="sm90-fp16-D512"),
+    pytest.param(_call(device_type="cpu", capability=None), (), id="cpu"),
+    pytest.param(_call(device_type="mps", capability=None, dtype=FP32), (), id="mps"),
+]
+
+
+@pytest.mark.parametrize("call,expected", RULE_CASES)
+def test_rule_gives_the_documented_order(call: sb.SdpaCall, expected: tuple[str, ...]) -> None:
+    assert sb.softmax_backend_order(call) == expected
+
+
+def test_rule_is_a_pure_function_of_its_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_device(*args, **kwargs):
+        raise AssertionError("the rule asked the device")
+
+    for name in ("get_device_capability", "is_available", "current_device", "synchronize"):
+        monkeypatch.setattr(torch.cuda, name, no_device)
+    monkeypatch.setattr(sb, "available_sdpa_backends", no_device)
+    calls = [case.values[0] for case in RULE_CASES]
+    first = [sb.softmax_backend_order(call) for call in calls]
+    assert first == [sb.softmax_backend_order(call) for call in reversed(calls)][::-1]
+    assert sb._SEEN == {}  # the pure rule logs nothing
+
+
+def _qkv(seed: int, *, B: int = 2, H: int = 4, Hkv: int = 4, N: int = 33, D: int = 16,
+         dtype: torch.dtype = FP32, grad: bool = False) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, H, N, D, generator=g), torch.randn(B, Hkv, N, D, generator=g),
-            torch.randn(B, Hkv, N, D, generator=g))
+    return tuple(torch.randn(B, h, N, D, generator=g).to(dtype).requires_grad_(grad) for h in (H, Hkv, Hkv))
 
 
-def test_cpu_keeps_sdpa_dispatch_and_measures_nothing() -> None:
+def test_cpu_keeps_sdpa_dispatch_and_logs_nothing() -> None:
     q, k, v = _qkv(0)
     out = softmax_attention(q, k, v, causal=True)
     assert relative_error(out, softmax_attention_reference(q.double(), k.double(), v.double(), causal=True)) < 1e-5
     assert softmax_backend_report() == []
 
 
-def test_auto_measures_once_per_configuration_and_uses_the_choice(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Let the CPU stand in for a CUDA device: the same code path, with the backends the CPU has.
+def _cpu_as_sm90(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let the CPU stand in for an sm90 device with every backend: the same code path as on CUDA (SDPA
+    on the CPU then runs the first backend of the order that it has)."""
     monkeypatch.setattr(sb, "AUTO_DEVICE_TYPES", ("cpu",))
-    monkeypatch.setattr(sb, "PROBE_BATCH", 1)
-    monkeypatch.setattr(sb, "PROBE_LENGTH", 64)
-    calls: list[sb.BackendKey] = []
-    measure = sb.measure_backends
-
-    def counting(key: sb.BackendKey, **kwargs):
-        calls.append(key)
-        return measure(key, **kwargs)
-
-    monkeypatch.setattr(sb, "measure_backends", counting)
-    used: list[str | None] = []
-    forward = sb.sdpa_with_backend
-
-    def spy(backend, *args, **kwargs):
-        used.append(backend)
-        return forward(backend, *args, **kwargs)
-
-    monkeypatch.setattr("attnlab.ops.softmax.sdpa_with_backend", spy)
-    for seed in range(3):
-        q, k, v = _qkv(seed)
-        out = softmax_attention(q, k, v, causal=True)
-        expected = softmax_attention_reference(q.double(), k.double(), v.double(), causal=True)
-        assert relative_error(out, expected) < 1e-5
-    assert len(calls) == 1  # measured once for (cpu, float32, D=16, causal, no GQA)
-    q, k, v = _qkv(5, Hkv=2)
-    softmax_attention(q, k, v)  # another mask kind and grouped heads: a second entry
-    assert len(calls) == 2
-    report = softmax_backend_report()
-    assert [(r["mask_kind"], r["gqa"]) for r in report] == [("causal", False), ("none", True)]
-    first = report[0]
-    assert first["dtype"] == "float32" and first["head_dim"] == 16 and first["device"] == "cpu"
-    assert set(first["times_ms"]) >= {"flash", "default"}  # the backends the CPU runs
-    assert "cudnn" in first["errors"] and "efficient" in first["errors"]  # refused on the CPU, recorded
-    assert first["backend"] == min(first["times_ms"], key=first["times_ms"].get)
-    expected_backend = None if first["backend"] == "default" else first["backend"]
-    assert used[:3] == [expected_backend] * 3
-    # impl="sdpa" keeps SDPA's own choice
-    used.clear()
-    q, k, v = _qkv(7)
-    softmax_attention(q, k, v, causal=True, impl="sdpa")
-    assert used == [None]
+    describe = sb.sdpa_call_of
+    monkeypatch.setattr(sb, "sdpa_call_of", lambda *args, **kwargs: dataclasses.replace(
+        describe(*args, **kwargs), device_type="cuda", capability=(9, 0), available=ALL))
 
 
-def test_measurement_picks_the_fastest_backend() -> None:
-    key = sb.BackendKey("cpu", "float32", 8, 8, "causal", False)
-    fake = {"flash": 3.0, "math": 1.5, "default": 2.0}
-    choice = sb.measure_backends(key, device=torch.device("cpu"), heads=2, kv_heads=2, batch=1, length=16,
-                                 candidates=("cudnn", "flash", "math", "default"),
-                                 timer=lambda name, step: (step(), fake[name])[1])
-    assert choice.backend == "math" and choice.times_ms == fake
-    assert set(choice.errors) == {"cudnn"}
+def _forbid_timing(monkeypatch: pytest.MonkeyPatch) -> None:
+    def timed(*args, **kwargs):
+        raise AssertionError("a forward timed something")
+
+    class NoClock:
+        perf_counter = monotonic = time = staticmethod(timed)
+
+    monkeypatch.setattr(sb, "_median_ms", timed)
+    monkeypatch.setattr(sb, "measure_softmax_backends", timed)
+    monkeypatch.setattr(sb, "time", NoClock)
+    monkeypatch.setattr(torch.cuda, "Event", timed)
+    monkeypatch.setattr(torch.cuda, "synchronize", timed)
 
 
-def test_refusing_backend_falls_back_and_is_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sb, "AUTO_DEVICE_TYPES", ("cpu",))
-    q, k, v = _qkv(3)
-    key = sb.backend_key(q, k, v, is_causal=True, attn_mask=None)
-    sb._CACHE[key] = sb.BackendChoice(key, "efficient")  # a choice this device cannot run
+@pytest.mark.parametrize("dtype,kv_heads,expected", [
+    (BF16, 4, ("cudnn", "flash", "efficient", "math")),
+    (BF16, 2, ("flash", "efficient", "math")),
+    (FP32, 4, ("efficient", "math")),
+], ids=["bf16", "bf16-gqa", "fp32"])
+def test_auto_forward_and_backward_follow_the_rule_without_timing(monkeypatch: pytest.MonkeyPatch,
+                                                                   dtype: torch.dtype, kv_heads: int,
+                                                                   expected: tuple[str, ...]) -> None:
+    _cpu_as_sm90(monkeypatch)
+    _forbid_timing(monkeypatch)
+    orders: list[tuple[str, ...]] = []
+    forward = sb.sdpa_with_backends
+
+    def spy(order, *args, **kwargs):
+        orders.append(tuple(order))
+        return forward(order, *args, **kwargs)
+
+    monkeypatch.setattr("attnlab.ops.softmax.sdpa_with_backends", spy)
+    priority = torch._C._get_sdp_priority_order()
+    q, k, v = _qkv(1, Hkv=kv_heads, N=64, dtype=dtype, grad=True)
     out = softmax_attention(q, k, v, causal=True)
-    assert relative_error(out, softmax_attention_reference(q.double(), k.double(), v.double(), causal=True)) < 1e-5
+    out.float().square().sum().backward()
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    expected_out = softmax_attention_reference(qd, kd, vd, causal=True)
+    expected_out.square().sum().backward()
+    tolerance = 2e-2 if dtype == BF16 else 1e-5
+    assert relative_error(out, expected_out) < tolerance
+    for x, xd in ((q, qd), (k, kd), (v, vd)):
+        assert relative_error(x.grad, xd.grad) < 2 * tolerance
+    assert orders == [expected]
+    assert torch._C._get_sdp_priority_order() == priority  # the order applies to that call only
     (entry,) = softmax_backend_report()
-    assert any(name.startswith("efficient (call") for name in entry["errors"])
+    assert entry["order"] == list(expected) and entry["backend"] == expected[0]
+    assert entry["dtype"] == str(dtype).removeprefix("torch.") and entry["gqa"] == (kv_heads != 4)
+    orders.clear()
+    softmax_attention(q, k, v, causal=True, impl="sdpa")  # impl="sdpa": SDPA's own dispatch
+    assert orders == [()]
 
 
-def test_environment_forces_a_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sb, "AUTO_DEVICE_TYPES", ("cpu",))
-    monkeypatch.setenv(sb.ENV_FORCE, "math")
-    q, k, v = _qkv(4)
-    assert sb.choose_backend(q, k, v, is_causal=False, attn_mask=None) == "math"
-    (entry,) = softmax_backend_report()
-    assert entry["forced"] and entry["backend"] == "math" and entry["times_ms"] == {}
-    sb.clear_softmax_backend_cache()
-    monkeypatch.setenv(sb.ENV_FORCE, "fastest")
-    with pytest.raises(ValueError, match="ATTNLAB_SDPA_BACKEND='fastest'"):
-        sb.choose_backend(q, k, v, is_causal=False, attn_mask=None)
+def test_a_mask_tensor_changes_the_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    _cpu_as_sm90(monkeypatch)
+    _forbid_timing(monkeypatch)
+    q, k, v = _qkv(2, dtype=BF16)
+    padding = torch.ones(2, 33, dtype=torch.bool)
+    padding[1, 30:] = False
+    out = softmax_attention(q, k, v, causal=True, key_padding_mask=padding)
+    expected = softmax_attention_reference(q.double(), k.double(), v.double(), causal=True, key_padding_mask=padding)
+    assert relative_error(out, expected) < 2e-2
+    assert [(r["mask_kind"], r["order"]) for r in softmax_backend_report()] == [("mask", ["efficient", "math"])]
+
+
+def test_available_backends_follow_the_flags_of_sdpa_kernel() -> None:
+    outside = sb.available_sdpa_backends()
+    assert "math" in outside and outside <= ALL
+    with sdpa_kernel([SDPBackend.MATH]):
+        assert sb.available_sdpa_backends() == {"math"}
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        assert sb.available_sdpa_backends() == {"efficient", "math"}
+    assert sb.available_sdpa_backends() == outside
+
+
+def test_measurement_on_request_returns_the_table() -> None:
+    fake = {"flash": 3.0, "math": 1.5, "default": 2.0}
+    steps: list[str] = []
+
+    def timer(name: str, step) -> float:
+        step()  # the step runs forward + backward once
+        steps.append(name)
+        return fake[name]
+
+    table = sb.measure_softmax_backends(device="cpu", dtype=FP32, batch=1, heads=2, length=16, head_dim=8,
+                                       backends=("cudnn", "flash", "math", "default"), timer=timer)
+    assert table.times_ms == fake and table.fastest == "math" and steps == ["flash", "math", "default"]
+    assert set(table.errors) == {"cudnn"}  # refused on the CPU, recorded
+    assert table.rule_order == () and table.shape == (1, 2, 2, 16, 8, 8)
+    row = table.as_dict()
+    assert row["fastest"] == "math" and row["mask_kind"] == "causal" and row["dtype"] == "float32"
+
+
+def test_measurement_with_the_default_timer_on_cpu() -> None:
+    table = sb.measure_softmax_backends(device="cpu", dtype=FP32, batch=1, heads=2, kv_heads=1, length=32,
+                                       head_dim=8, mask_kind="mask", mode="fwd", backends=("math", "default"),
+                                       warmup=1, repeats=2)
+    assert set(table.times_ms) == {"math", "default"} and all(t > 0 for t in table.times_ms.values())
+    assert table.call.gqa and table.call.mask_kind == "mask" and table.errors == {}
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    ({"backends": ("fastest",)}, "backends contains ['fastest']"),
+    ({"mask_kind": "sliding"}, "mask_kind='sliding'"),
+    ({"mode": "bwd"}, "mode='bwd'"),
+])
+def test_measurement_option_errors_name_the_argument(kwargs: dict, words: str) -> None:
+    with pytest.raises(ValueError) as info:
+        sb.measure_softmax_backends(device="cpu", dtype=FP32, batch=1, heads=1, length=8, head_dim=8, **kwargs)
+    assert words in str(info.value)
+
+
+def test_forcing_an_unknown_backend_is_an_error() -> None:
+    q, k, v = _qkv(3)
+    with pytest.raises(ValueError, match="backend='fastest'"):
+        sb.sdpa_with_backend("fastest", q, k, v)

@@ -1,8 +1,10 @@
 """``capture(model, inputs)``: per-layer attention tensors of one forward pass, as an ``AttentionRecord``.
 
-Shapes follow analysis spec section 0.1 (query-head indexed; grouped key/value heads expanded):
+Shapes (query-head indexed, grouped key/value heads expanded; see ``docs/analysis.md``, "Capture and
+hook points"):
 
-- ``probs[l]``: post-softmax attention ``A[l]``, ``[B, H, N, M]``, rows sum to 1;
+- ``probs[l]``: post-softmax attention ``A[l]``, ``[B, H, N, M]``, rows sum to 1 (0 for a query whose
+  every key is masked);
 - ``scores[l]``: pre-softmax scores after the mask, ``S[l] = Q K^T / sqrt(d) + mask``, ``[B, H, N, M]``;
 - ``head_outputs[l]``: per-head outputs before the output projection, ``O[l] = A V``, ``[B, H, N, d]``;
 - ``hidden[l]``: the residual stream entering layer ``l``, ``X[l]``, ``[B, N, dim]``.
@@ -72,10 +74,12 @@ def run_model(model: nn.Module, inputs: Any) -> Any:
 
 def capture(model: nn.Module, inputs: Any, *, what: Sequence[str] = WHAT,
             layers: Sequence[int] | None = None, grad: bool = False) -> AttentionRecord:
-    """Run ``model`` once on ``inputs`` and record the attention tensors of spec section 0.1.
+    """Run ``model`` once on ``inputs`` and record the attention tensors listed in the module docstring.
 
-    Analysis spec section 0.1/0.2 (tensor conventions and hook points; the eager-attention path used
-    by "Retrieval Head Mechanistically Explains Long-Context Factuality", arXiv 2404.15574).
+    Reads the eager attention path, as "Retrieval Head Mechanistically Explains Long-Context
+    Factuality" (arXiv 2404.15574) does; the probabilities come from
+    :func:`attnlab.ops.softmax.softmax_attention_hooked`, so a fully masked row records zeros and the
+    model's output is the one it gives without capture.
 
     Args:
         model: a transformers model loaded with ``attn_implementation="eager"``, or a model built

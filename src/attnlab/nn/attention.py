@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,16 +10,17 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from attnlab.ops.softmax import TensorHook, softmax_attention_hooked
 from attnlab.registry import get
 
-__all__ = ["Attention", "AttentionHooks"]
+__all__ = ["Attention", "AttentionHooks", "HookFn", "apply_hook", "chain_hooks"]
 
 HookFn = Callable[[torch.Tensor, int], "torch.Tensor | None"]
 
 
 @dataclass
 class AttentionHooks:
-    """Callbacks run inside :class:`Attention` (analysis spec section 0.2); each receives
+    """Callbacks run inside :class:`Attention` (the hook points of ``docs/analysis.md``); each receives
     ``(tensor, layer)`` and returns the tensor to use, or ``None`` to leave it unchanged.
 
     ``on_query``: q ``[B, H, N, d]``; ``on_scores``: the masked pre-softmax scores ``[B, H, N, M]``;
@@ -35,11 +36,31 @@ class AttentionHooks:
     on_head_output: HookFn | None = None
 
 
-def _apply(hook: HookFn | None, tensor: torch.Tensor, layer: int) -> torch.Tensor:
+def apply_hook(hook: HookFn | None, tensor: torch.Tensor, layer: int) -> torch.Tensor:
+    """``hook(tensor, layer)``: the tensor it returns (same shape), or ``tensor`` when it returns ``None``."""
     if hook is None:
         return tensor
     result = hook(tensor, layer)
-    return tensor if result is None else result
+    if result is None:
+        return tensor
+    if not isinstance(result, torch.Tensor) or result.shape != tensor.shape:
+        raise ValueError(f"a hook must return None or a tensor of shape {tuple(tensor.shape)}, got "
+                         f"{getattr(result, 'shape', type(result).__name__)}")
+    return result
+
+
+def chain_hooks(hooks: Sequence[tuple[HookFn | None, int]]) -> TensorHook | None:
+    """One ``f(tensor) -> tensor`` running the ``(hook, layer)`` pairs in order; ``None`` if all are ``None``."""
+    active = [(hook, layer) for hook, layer in hooks if hook is not None]
+    if not active:
+        return None
+
+    def run(tensor: torch.Tensor) -> torch.Tensor:
+        for hook, layer in active:
+            tensor = apply_hook(hook, tensor, layer)
+        return tensor
+
+    return run
 
 
 class Attention(nn.Module):
@@ -119,13 +140,14 @@ class Attention(nn.Module):
     def _hooked_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         options: dict[str, Any]) -> torch.Tensor:
         """The op with the hook points of ``self.hooks`` (in order). For the softmax mechanism and
-        score/probability hooks, the probabilities are computed explicitly (the reference formula
-        of ``attnlab.ops.softmax``); otherwise the registered op runs between the query and the
-        head-output hooks."""
+        score/probability hooks, :func:`attnlab.ops.softmax.softmax_attention_hooked` computes the
+        probabilities explicitly (the reference's own function: fully masked rows give zeros);
+        otherwise the registered op runs between the query and the head-output hooks."""
         for hooks in self.hooks:
-            q = _apply(hooks.on_query, q, hooks.layer)
-        needs_probs = any(h.on_scores is not None or h.on_probs is not None for h in self.hooks)
-        if not needs_probs:
+            q = apply_hook(hooks.on_query, q, hooks.layer)
+        on_scores = chain_hooks([(h.on_scores, h.layer) for h in self.hooks])
+        on_probs = chain_hooks([(h.on_probs, h.layer) for h in self.hooks])
+        if on_scores is None and on_probs is None:
             out = self.record(q, k, v, causal=self.causal, **options)
         elif self.record.name != "softmax":
             raise NotImplementedError(
@@ -133,24 +155,10 @@ class Attention(nn.Module):
                 f"hooks work only with mechanism='softmax' (on_query/on_head_output work with every mechanism)"
             )
         else:
-            from attnlab.ops.softmax import attention_mask
-
-            scale = options.get("scale")
-            scale = self.head_dim ** -0.5 if scale is None else scale
-            dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-            kf = k.repeat_interleave(self.heads // self.kv_heads, dim=1).to(dtype)  # (B, H, M, d)
-            vf = v.repeat_interleave(self.heads // self.kv_heads, dim=1).to(dtype)  # (B, H, M, d)
-            scores = torch.einsum("bhnd,bhmd->bhnm", q.to(dtype), kf) * scale  # (B, H, N, M)
-            mask = attention_mask(q.shape[2], k.shape[2], causal=self.causal, attn_mask=options.get("attn_mask"),
-                                  key_padding_mask=options.get("key_padding_mask"), device=q.device, dtype=dtype)
-            if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-            for hooks in self.hooks:
-                scores = _apply(hooks.on_scores, scores, hooks.layer)
-            probs = torch.softmax(scores, dim=-1)  # (B, H, N, M)
-            for hooks in self.hooks:
-                probs = _apply(hooks.on_probs, probs, hooks.layer)
-            out = torch.einsum("bhnm,bhmd->bhnd", probs, vf).to(q.dtype)  # (B, H, N, d)
+            out, _ = softmax_attention_hooked(q, k, v, causal=self.causal, scale=options.get("scale"),
+                                              attn_mask=options.get("attn_mask"),
+                                              key_padding_mask=options.get("key_padding_mask"),
+                                              on_scores=on_scores, on_probs=on_probs)  # (B, H, N, d)
         for hooks in self.hooks:
-            out = _apply(hooks.on_head_output, out, hooks.layer)
+            out = apply_hook(hooks.on_head_output, out, hooks.layer)
         return out

@@ -2,15 +2,22 @@
 
 "Attention Is All You Need" (Vaswani et al., arXiv 1706.03762), eq. 1:
 ``Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V``.
+
+:func:`softmax_attention_hooked` is the one explicit form (scores, probabilities, output) with hook
+points on the scores and the probabilities. The reference, the hooked path of
+:class:`attnlab.nn.Attention` and the analysis dispatcher for Hugging Face models all run it, so a
+fully masked row means the same thing everywhere: zeros out, finite gradients.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
-from attnlab.ops.softmax_backends import choose_backend, record_refusal, sdpa_with_backend
+from attnlab.ops.softmax_backends import choose_backends, sdpa_with_backends
 from attnlab.ops.validation import (
     Sizes,
     check_causal_lengths,
@@ -22,7 +29,11 @@ from attnlab.ops.validation import (
 )
 from attnlab.registry import CheckConfig, Mechanism, register
 
-__all__ = ["softmax_attention", "softmax_attention_reference", "attention_mask"]
+__all__ = ["softmax_attention", "softmax_attention_reference", "softmax_attention_hooked", "attention_mask",
+           "TensorHook"]
+
+# A hook on the scores or probabilities: receives ``[B, H, N, M]``, returns the tensor to use.
+TensorHook = Callable[[torch.Tensor], torch.Tensor]
 
 IMPLS = ("auto", "reference", "sdpa")
 
@@ -101,36 +112,85 @@ def _empty_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
     return empty if bool(empty.any()) else None
 
 
-def softmax_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                                scale: float | None = None, attn_mask: torch.Tensor | None = None,
-                                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``softmax(Q K^T * scale + mask) V`` written out, in float32 (float64 for float64 inputs).
+def _run_hook(hook: TensorHook | None, tensor: torch.Tensor, name: str) -> torch.Tensor:
+    if hook is None:
+        return tensor
+    result = hook(tensor)
+    if not isinstance(result, torch.Tensor) or result.shape != tensor.shape:
+        raise ValueError(f"{name} must return a tensor of shape {tuple(tensor.shape)}, got "
+                         f"{getattr(result, 'shape', type(result).__name__)}")
+    return result
 
-    Vaswani et al., "Attention Is All You Need", arXiv 1706.03762, eq. 1. Shapes as in
-    :func:`softmax_attention`. The oracle of the conformance suite.
+
+def softmax_attention_hooked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                             scale: float | None = None, attn_mask: torch.Tensor | None = None,
+                             key_padding_mask: torch.Tensor | None = None, on_scores: TensorHook | None = None,
+                             on_probs: TensorHook | None = None, dropout_p: float = 0.0,
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``softmax(Q K^T * scale + mask) V`` step by step, with hook points on the scores and probabilities.
+
+    Vaswani et al., "Attention Is All You Need", arXiv 1706.03762, eq. 1. Computes in float32
+    (float64 for float64 inputs) with ``torch.matmul``, the operations of Hugging Face's eager
+    attention, so that float32 models give the same bits through this function as through their own.
+
+    Steps: scores ``S = Q K^T * scale`` masked (boolean False -> ``-inf``, additive masks added);
+    ``S = on_scores(S)``; a row whose every score is ``-inf`` (all keys masked, by the masks or by
+    the hook) is *empty*; ``A = softmax(S)`` with empty rows set to 0; ``A = on_probs(A)``;
+    ``O = dropout(A) V``. An empty row therefore outputs zeros (unless ``on_probs`` writes into it)
+    and passes finite gradients back, where a plain softmax gives NaN.
+
+    Args:
+        q, k, v, causal, scale, attn_mask, key_padding_mask: as in :func:`softmax_attention`.
+        on_scores: ``f(S) -> S'`` on the masked scores ``[B, H, N, M]`` (query heads; grouped
+            key/value heads are expanded first); ``None`` = no hook.
+        on_probs: ``f(A) -> A'`` on the probabilities ``[B, H, N, M]``.
+        dropout_p: dropout on the probabilities used for the output (not on the returned ones).
+
+    Returns:
+        ``(out [B, H, N, Dv]`` in the dtype of q, ``probs [B, H, N, M]`` in the compute dtype, as
+        returned by ``on_probs``).
     """
     sizes = check_qkv(q, k, v)
     scale = check_scale(scale, sizes.head_dim)
     _check_masks(sizes, attn_mask, key_padding_mask, q.device)
     if causal:
         check_causal_lengths(sizes.length, sizes.key_length)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, int | float) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got dropout_p={dropout_p!r}")
     dtype = compute_dtype(q.dtype)
     qf = q.to(dtype)  # (B, H, N, D)
     kf = expand_kv(k, sizes.heads).to(dtype)  # (B, H, M, D)
     vf = expand_kv(v, sizes.heads).to(dtype)  # (B, H, M, Dv)
-    scores = torch.einsum("bhnd,bhmd->bhnm", qf, kf) * scale  # (B, H, N, M)
+    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # (B, H, N, M)
     mask = attention_mask(sizes.length, sizes.key_length, causal=causal, attn_mask=attn_mask,
                           key_padding_mask=key_padding_mask, device=q.device, dtype=dtype)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    empty = _empty_rows(mask)
-    if empty is not None:
-        scores = scores.masked_fill(empty, 0.0)  # any finite row; its output is zeroed below
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bhnm,bhme->bhne", probs, vf)  # (B, H, N, Dv)
-    if empty is not None:
-        out = out.masked_fill(empty, 0.0)
-    return out.to(q.dtype)
+    scores = _run_hook(on_scores, scores, "on_scores")
+    # Decided on the final scores, without a host sync: the masks and the hook both count.
+    empty = torch.isneginf(scores).all(dim=-1, keepdim=True)  # (B, H, N, 1)
+    # An empty row gets finite scores (any will do) so that softmax and its backward stay finite,
+    # and zero probabilities so that it outputs zeros; torch.where passes no gradient to the other branch.
+    probs = torch.softmax(torch.where(empty, 0.0, scores), dim=-1)  # (B, H, N, M)
+    probs = torch.where(empty, 0.0, probs)
+    probs = _run_hook(on_probs, probs, "on_probs")
+    used = F.dropout(probs, p=dropout_p) if dropout_p > 0 else probs
+    out = torch.matmul(used, vf)  # (B, H, N, Dv)
+    return out.to(q.dtype), probs
+
+
+def softmax_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                                scale: float | None = None, attn_mask: torch.Tensor | None = None,
+                                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``softmax(Q K^T * scale + mask) V`` written out, in float32 (float64 for float64 inputs).
+
+    Vaswani et al., "Attention Is All You Need", arXiv 1706.03762, eq. 1. Shapes as in
+    :func:`softmax_attention`. The oracle of the conformance suite: :func:`softmax_attention_hooked`
+    without hooks.
+    """
+    out, _ = softmax_attention_hooked(q, k, v, causal=causal, scale=scale, attn_mask=attn_mask,
+                                      key_padding_mask=key_padding_mask)
+    return out
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sizes: Sizes, *, causal: bool, scale: float,
@@ -138,7 +198,8 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sizes: Sizes, *, ca
           choose: bool = False) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` with end-aligned causal masks and zeroed empty rows.
 
-    ``choose``: use the backend measured fastest on this device (CUDA only; see softmax_backends).
+    ``choose``: run the SDPA backends in the order of the fixed rule of
+    :func:`attnlab.ops.softmax_backends.softmax_backend_order` (CUDA only); else SDPA's own dispatch.
     """
     square_causal = causal and sizes.length == sizes.key_length
     if square_causal and attn_mask is None and key_padding_mask is None:
@@ -151,16 +212,9 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sizes: Sizes, *, ca
     if empty is not None:  # let the empty rows see every key, then zero them: no NaN forward or backward
         mask = mask | empty if mask.dtype == torch.bool else mask.masked_fill(empty, 0.0)
     gqa = sizes.kv_heads != sizes.heads
-    # None on the CPU (and for impl="sdpa"): SDPA's own dispatch
-    backend = choose_backend(q, k, v, is_causal=is_causal, attn_mask=mask) if choose else None
-    try:
-        out = sdpa_with_backend(backend, q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
-                                enable_gqa=gqa)
-    except RuntimeError as error:
-        if backend is None:
-            raise
-        record_refusal(q, k, v, is_causal=is_causal, attn_mask=mask, backend=backend, error=error)
-        out = sdpa_with_backend(None, q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=gqa)
+    # () on the CPU and for impl="sdpa": SDPA's own dispatch
+    order = choose_backends(q, k, v, is_causal=is_causal, attn_mask=mask) if choose else ()
+    out = sdpa_with_backends(order, q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=gqa)
     if empty is not None:
         out = out.masked_fill(empty, 0.0)
     return out
@@ -186,9 +240,10 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
         key_padding_mask: boolean ``[B, M]``, True = real token.
         impl: "reference" (explicit float32/float64 softmax), "sdpa"
             (``torch.nn.functional.scaled_dot_product_attention``, its own backend choice) or "auto"
-            (SDPA; on a CUDA device with the backend measured fastest for this device, dtype, head dim
-            and mask kind, see :func:`attnlab.ops.softmax_backend_report`; on the CPU, SDPA's own
-            dispatch).
+            (SDPA; on a CUDA device its backends are tried in the order of a fixed rule on the
+            capability, dtype, head dims, mask kind and the backends enabled, see
+            :func:`attnlab.ops.softmax_backends.softmax_backend_order`; nothing is timed; on the CPU,
+            SDPA's own dispatch).
 
     Returns:
         ``[B, H, N, Dv]`` in the dtype of q. A query row that may attend to no key returns zeros.

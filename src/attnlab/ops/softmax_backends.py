@@ -1,27 +1,39 @@
-"""The fastest SDPA backend for softmax attention, measured once per configuration and cached.
+"""Which SDPA backend ``softmax_attention(impl="auto")`` runs: a fixed rule, and timings on request.
 
-``torch.nn.functional.scaled_dot_product_attention`` has several CUDA backends (cuDNN,
-FlashAttention-2, memory-efficient, math) and which one it picks on its own depends on the torch
-version. On one H200 the cuDNN backend ran causal bf16 attention 1.6-1.8x faster than the
-FlashAttention-2 backend (``shared/anchors/gpu_h200.md``). ``softmax_attention(impl="auto")``
-therefore times the backends that apply, once per (device, dtype, head dims, mask kind, grouped
-heads), forward plus backward on a fixed probe shape, caches the fastest and uses it from then on.
-:func:`softmax_backend_report` shows what was measured and chosen.
+``torch.nn.functional.scaled_dot_product_attention`` has four CUDA backends (cuDNN, FlashAttention-2,
+memory-efficient, math), and the one it picks on its own depends on the torch version and build.
+``impl="auto"`` therefore passes SDPA an explicit priority order, decided by
+:func:`softmax_backend_order`: a pure function of the device type, the CUDA capability, the dtype,
+the head dims, the mask kind, grouped heads and the set of backends enabled in this process. PyTorch
+runs the first backend of that order whose own checks accept the call. Nothing is timed or cached
+inside a forward, so every process (and every rank of a distributed job) makes the same choice for
+the same inputs; ``torch.nn.attention.sdpa_kernel`` around a call still restricts what may run.
 
-Only devices in :data:`AUTO_DEVICE_TYPES` (CUDA) are measured; on the CPU SDPA keeps its own dispatch.
-``ATTNLAB_SDPA_BACKEND=cudnn|flash|efficient|math|default`` forces one backend (no measurement).
+The rule, on CUDA (off CUDA, SDPA keeps its own dispatch):
+
+1. cuDNN first on Hopper (capability 9.x) for float16/bfloat16 with equal query and value head dims
+   of at most 128 (a multiple of 8), no mask tensor (none or causal) and no grouped heads: there it
+   ran causal bf16 attention 1.6-1.8x faster than FlashAttention-2 (``docs/benchmarks.md``);
+2. then FlashAttention-2 (capability 8.0 and up, float16/bfloat16, equal head dims up to 256, no
+   mask tensor);
+3. then memory-efficient attention (capability 5.0 and up; bfloat16 from 8.0; not float64);
+4. then math, which runs everything.
+
+A backend missing from this torch build or disabled (``torch.backends.cuda.enable_*_sdp(False)``,
+an enclosing ``sdpa_kernel``) leaves the order. :func:`measure_softmax_backends` times the backends
+when a person asks for it (``attnlab bench speed --softmax-backends``, ``scripts/gpu_check.sh``)
+and returns the table; the op never calls it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import os
 import statistics
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,12 +42,16 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 __all__ = [
     "AUTO_DEVICE_TYPES",
     "BACKENDS",
-    "BackendChoice",
-    "BackendKey",
-    "choose_backend",
+    "BackendTable",
+    "SdpaCall",
+    "available_sdpa_backends",
+    "choose_backends",
     "clear_softmax_backend_cache",
-    "measure_backends",
+    "measure_softmax_backends",
+    "sdpa_call_of",
     "sdpa_with_backend",
+    "sdpa_with_backends",
+    "softmax_backend_order",
     "softmax_backend_report",
 ]
 
@@ -47,85 +63,206 @@ BACKENDS: dict[str, SDPBackend | None] = {
     "math": SDPBackend.MATH,
     "default": None,
 }
-# Measured by "auto" (math is never the fastest on a GPU and needs O(N^2) memory).
-CANDIDATES: tuple[str, ...] = ("cudnn", "flash", "efficient", "default")
+# Devices where impl="auto" passes an order; elsewhere SDPA's own dispatch runs.
 AUTO_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
-# Probe: batch, query/key length (heads and head dims come from the call being served).
-PROBE_BATCH, PROBE_LENGTH = 4, 2048
-ENV_FORCE = "ATTNLAB_SDPA_BACKEND"
+MaskKind = Literal["none", "causal", "mask"]
+_HALF = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
-class BackendKey:
-    """What the choice depends on: device, dtype, head dims, mask kind, grouped heads."""
+class SdpaCall:
+    """Everything :func:`softmax_backend_order` looks at; build one from tensors with :func:`sdpa_call_of`.
 
-    device: str
-    dtype: str
+    Attributes:
+        device_type: "cuda", "cpu", ...
+        capability: CUDA compute capability ``(major, minor)``, ``None`` off CUDA.
+        dtype: dtype of q, k, v.
+        head_dim / value_dim: D of q and k, Dv of v.
+        mask_kind: "none", "causal" (SDPA's ``is_causal``) or "mask" (a mask tensor).
+        gqa: k, v have fewer heads than q.
+        available: backends compiled into this torch and enabled now (names of :data:`BACKENDS`).
+    """
+
+    device_type: str
+    capability: tuple[int, int] | None
+    dtype: torch.dtype
     head_dim: int
     value_dim: int
-    mask_kind: str  # "none" | "causal" | "mask"
+    mask_kind: MaskKind
     gqa: bool
+    available: frozenset[str]
 
 
-@dataclass
-class BackendChoice:
-    """The outcome of one measurement: median ms per backend (forward + backward), refusals, choice."""
+def softmax_backend_order(call: SdpaCall) -> tuple[str, ...]:
+    """The SDPA backends to try for ``call``, first choice first; ``()`` means SDPA's own dispatch.
 
-    key: BackendKey
-    backend: str  # a name of BACKENDS
-    times_ms: dict[str, float] = field(default_factory=dict)
-    errors: dict[str, str] = field(default_factory=dict)
-    probe_shape: tuple[int, int, int, int] = (0, 0, 0, 0)
-    forced: bool = False
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "device": self.key.device, "dtype": self.key.dtype, "head_dim": self.key.head_dim,
-            "value_dim": self.key.value_dim, "mask_kind": self.key.mask_kind, "gqa": self.key.gqa,
-            "backend": self.backend, "times_ms": dict(self.times_ms), "errors": dict(self.errors),
-            "probe_shape": list(self.probe_shape), "forced": self.forced,
-        }
-
-
-_CACHE: dict[BackendKey, BackendChoice] = {}
-_LOCK = threading.Lock()
+    A pure function of ``call`` (the rule is in the module docstring). PyTorch runs the first backend
+    of the order whose own checks accept the call; math, last, accepts everything.
+    """
+    if call.device_type != "cuda" or call.capability is None:
+        return ()
+    half = call.dtype in _HALF
+    same_dims = call.head_dim == call.value_dim
+    no_mask_tensor = call.mask_kind != "mask"
+    order: list[str] = []
+    if (call.capability[0] == 9 and half and same_dims and call.head_dim <= 128 and call.head_dim % 8 == 0
+            and no_mask_tensor and not call.gqa):
+        order.append("cudnn")
+    if call.capability >= (8, 0) and half and same_dims and call.head_dim <= 256 and no_mask_tensor:
+        order.append("flash")
+    if (call.capability >= (5, 0) and call.dtype != torch.float64
+            and (call.dtype != torch.bfloat16 or call.capability >= (8, 0))):
+        order.append("efficient")
+    order.append("math")
+    return tuple(name for name in order if name in call.available)
 
 
 @functools.cache
-def _cuda_label(index: int) -> str:
-    return f"cuda:{index} {torch.cuda.get_device_name(index)}"
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
-def _device_label(device: torch.device) -> str:
-    if device.type == "cuda":
-        return _cuda_label(device.index if device.index is not None else torch.cuda.current_device())
-    return str(device)
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    if device.type != "cuda":
+        return None
+    return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def mask_kind_of(*, is_causal: bool, attn_mask: torch.Tensor | None) -> str:
-    """"mask" when a mask tensor is given, else "causal" or "none"."""
+def available_sdpa_backends() -> frozenset[str]:
+    """The SDPA backends this torch build has and that are enabled now (global flags, ``sdpa_kernel``)."""
+    cuda = torch.backends.cuda
+    cudnn_built = torch.backends.cudnn.is_available() and (torch.backends.cudnn.version() or 0) >= 90000
+    enabled = {
+        "cudnn": cudnn_built and cuda.cudnn_sdp_enabled(),
+        "flash": cuda.is_flash_attention_available() and cuda.flash_sdp_enabled(),
+        "efficient": cuda.mem_efficient_sdp_enabled(),
+        "math": cuda.math_sdp_enabled(),
+    }
+    return frozenset(name for name, on in enabled.items() if on)
+
+
+def _mask_kind(*, is_causal: bool, attn_mask: torch.Tensor | None) -> MaskKind:
     if attn_mask is not None:
         return "mask"
     return "causal" if is_causal else "none"
 
 
-def backend_key(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool,
-                attn_mask: torch.Tensor | None) -> BackendKey:
-    return BackendKey(_device_label(q.device), str(q.dtype).removeprefix("torch."), q.shape[-1], v.shape[-1],
-                      mask_kind_of(is_causal=is_causal, attn_mask=attn_mask), k.shape[1] != q.shape[1])
+def sdpa_call_of(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool,
+                 attn_mask: torch.Tensor | None) -> SdpaCall:
+    """The :class:`SdpaCall` of SDPA on ``q [B, H, N, D]``, ``k [B, H_kv, M, D]``, ``v [B, H_kv, M, Dv]``."""
+    return SdpaCall(device_type=q.device.type, capability=_capability(q.device), dtype=q.dtype,
+                    head_dim=q.shape[-1], value_dim=v.shape[-1],
+                    mask_kind=_mask_kind(is_causal=is_causal, attn_mask=attn_mask), gqa=k.shape[1] != q.shape[1],
+                    available=available_sdpa_backends())
+
+
+# What impl="auto" decided so far, for softmax_backend_report(): a log of the rule's answers
+# (the rule is pure; nothing here changes what a later call does).
+_SEEN: dict[SdpaCall, tuple[str, ...]] = {}
+
+
+def choose_backends(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool,
+                    attn_mask: torch.Tensor | None) -> tuple[str, ...]:
+    """The backend order ``softmax_attention(impl="auto")`` passes to SDPA for these inputs.
+
+    ``()`` (SDPA's own dispatch) off :data:`AUTO_DEVICE_TYPES` and while ``torch.compile`` traces
+    (the compiler chooses the attention kernel of the graph itself).
+    """
+    if q.device.type not in AUTO_DEVICE_TYPES or torch.compiler.is_compiling():
+        return ()
+    call = sdpa_call_of(q, k, v, is_causal=is_causal, attn_mask=attn_mask)
+    order = softmax_backend_order(call)
+    if call not in _SEEN:
+        _SEEN[call] = order
+    return order
+
+
+@contextlib.contextmanager
+def _backends(order: Sequence[str]) -> Iterator[None]:
+    if not order:
+        yield
+        return
+    with sdpa_kernel([BACKENDS[name] for name in order], set_priority=True):
+        yield
+
+
+def sdpa_with_backends(order: Sequence[str], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                       attn_mask: torch.Tensor | None = None, is_causal: bool = False, scale: float | None = None,
+                       enable_gqa: bool = False) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` with only the backends of ``order`` enabled, tried in that
+    order (``()``: SDPA's own dispatch)."""
+    with _backends(order):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                              enable_gqa=enable_gqa)
 
 
 def sdpa_with_backend(backend: str | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                       attn_mask: torch.Tensor | None = None, is_causal: bool = False, scale: float | None = None,
                       enable_gqa: bool = False) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` with one backend forced (``None`` / "default": SDPA's choice)."""
-    chosen = BACKENDS[backend] if backend is not None else None
-    if chosen is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-                                              enable_gqa=enable_gqa)
-    with sdpa_kernel([chosen]):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-                                              enable_gqa=enable_gqa)
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
+    order = () if backend in (None, "default") else (backend,)
+    return sdpa_with_backends(order, q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                              enable_gqa=enable_gqa)
+
+
+def _call_as_dict(call: SdpaCall) -> dict[str, Any]:
+    return {"device": call.device_type, "capability": list(call.capability) if call.capability else None,
+            "dtype": str(call.dtype).removeprefix("torch."), "head_dim": call.head_dim,
+            "value_dim": call.value_dim, "mask_kind": call.mask_kind, "gqa": call.gqa,
+            "available": sorted(call.available)}
+
+
+def softmax_backend_report() -> list[dict[str, Any]]:
+    """What ``softmax_attention(impl="auto")`` chose so far in this process, one entry per distinct call.
+
+    An entry looks like ``{"device": "cuda", "capability": [9, 0], "dtype": "bfloat16", "head_dim": 128,
+    "value_dim": 128, "mask_kind": "causal", "gqa": False, "available": [...], "order": ["cudnn",
+    "flash", "efficient", "math"], "backend": "cudnn"}`` (``backend``: the first of the order, or
+    "default" for SDPA's own dispatch). Empty until a call on a CUDA device.
+    """
+    return [{**_call_as_dict(call), "order": list(order), "backend": order[0] if order else "default"}
+            for call, order in _SEEN.items()]
+
+
+def clear_softmax_backend_cache() -> None:
+    """Forget the log of :func:`softmax_backend_report` (the choices do not depend on it)."""
+    _SEEN.clear()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Timing on request: never called by the op.
+
+
+@dataclass
+class BackendTable:
+    """Times of the SDPA backends on one probe shape, from :func:`measure_softmax_backends`.
+
+    Attributes:
+        call: the probe as the rule sees it.
+        rule_order: what :func:`softmax_backend_order` gives for it (the first is what "auto" runs).
+        times_ms: median ms per backend that ran (``mode`` "fwd" or "fwdbwd").
+        errors: first line of the error of each backend that refused the probe.
+        shape: ``(B, H, H_kv, N, D, Dv)`` of the probe.
+        mode: "fwd" or "fwdbwd".
+    """
+
+    call: SdpaCall
+    rule_order: tuple[str, ...]
+    times_ms: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    shape: tuple[int, ...] = ()
+    mode: str = "fwdbwd"
+
+    @property
+    def fastest(self) -> str | None:
+        """The backend with the lowest median time, or ``None`` when none ran."""
+        return min(self.times_ms, key=self.times_ms.__getitem__) if self.times_ms else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**_call_as_dict(self.call), "rule_order": list(self.rule_order), "times_ms": dict(self.times_ms),
+                "errors": dict(self.errors), "fastest": self.fastest, "shape": list(self.shape), "mode": self.mode}
 
 
 def _first_line(error: Exception) -> str:
@@ -133,16 +270,12 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0][:200] if text else type(error).__name__
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _median_ms(run: Callable[[], None], device: torch.device, *, warmup: int, repeats: int) -> float:
     """Median wall time of ``run`` in ms, with CUDA events on a GPU and a host clock elsewhere."""
     for _ in range(warmup):
         run()
-    _synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -159,110 +292,66 @@ def _median_ms(run: Callable[[], None], device: torch.device, *, warmup: int, re
     return statistics.median(times)
 
 
-def measure_backends(key: BackendKey, *, device: torch.device, heads: int, kv_heads: int,
-                     candidates: tuple[str, ...] = CANDIDATES, batch: int = PROBE_BATCH,
-                     length: int = PROBE_LENGTH, warmup: int = 2, repeats: int = 5, seed: int = 0,
-                     timer: Callable[[str, Callable[[], None]], float] | None = None) -> BackendChoice:
-    """Time forward + backward of each candidate backend on random probe inputs; pick the fastest.
+def measure_softmax_backends(*, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
+                             batch: int = 4, heads: int = 16, kv_heads: int | None = None, length: int = 2048,
+                             head_dim: int = 128, value_dim: int | None = None, mask_kind: MaskKind = "causal",
+                             mode: Literal["fwd", "fwdbwd"] = "fwdbwd",
+                             backends: Sequence[str] = ("cudnn", "flash", "efficient", "math", "default"),
+                             warmup: int = 2, repeats: int = 5, seed: int = 0,
+                             timer: Callable[[str, Callable[[], None]], float] | None = None) -> BackendTable:
+    """Time each SDPA backend on random probe inputs and return the table (what the rule picks beside it).
 
     The probe is ``q [batch, heads, length, head_dim]``, ``k, v [batch, kv_heads, length, *]`` in
-    ``key.dtype`` with the key's mask kind ("mask": a boolean causal mask tensor). A backend that
-    refuses the configuration (or returns non-finite values) is recorded in ``errors`` and skipped.
-    ``timer(name, step)`` returns the ms of one backend's step (default: median of ``repeats`` runs
-    after ``warmup``, with CUDA events on a GPU).
+    ``dtype`` with the mask kind ("mask": a boolean causal mask tensor). A backend that refuses the
+    probe (or returns non-finite values) is recorded in ``errors``. ``timer(name, step)`` returns the
+    ms of one backend's step (default: median of ``repeats`` runs after ``warmup``, CUDA events on a
+    GPU). This is the only place attnlab times SDPA backends; call it when you want the numbers.
     """
+    device = torch.device(device)
+    kv_heads = heads if kv_heads is None else kv_heads
+    value_dim = head_dim if value_dim is None else value_dim
+    if mask_kind not in ("none", "causal", "mask"):
+        raise ValueError(f"mask_kind={mask_kind!r}; expected 'none', 'causal' or 'mask'")
+    if mode not in ("fwd", "fwdbwd"):
+        raise ValueError(f"mode={mode!r}; expected 'fwd' or 'fwdbwd'")
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise ValueError(f"backends contains {unknown}; expected names of {', '.join(BACKENDS)}")
     if timer is None:
         def timer(name: str, step: Callable[[], None]) -> float:
             return _median_ms(step, device, warmup=warmup, repeats=repeats)
 
-    dtype = getattr(torch, key.dtype)
     generator = torch.Generator(device=device).manual_seed(seed)
+    backward = mode == "fwdbwd"
 
     def draw(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator, device=device, dtype=dtype).requires_grad_(True)
+        x = torch.randn(*shape, generator=generator, device=device, dtype=dtype)
+        return x.requires_grad_(backward)
 
-    q = draw(batch, heads, length, key.head_dim)  # (B, H, N, D)
-    k = draw(batch, kv_heads, length, key.head_dim)  # (B, H_kv, N, D)
-    v = draw(batch, kv_heads, length, key.value_dim)  # (B, H_kv, N, Dv)
-    grad = torch.randn(batch, heads, length, key.value_dim, generator=generator, device=device, dtype=dtype)
-    mask = None
-    if key.mask_kind == "mask":
-        mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-    is_causal = key.mask_kind == "causal"
-
-    choice = BackendChoice(key, "default", probe_shape=(batch, heads, length, key.head_dim))
-    for name in candidates:
+    q = draw(batch, heads, length, head_dim)  # (B, H, N, D)
+    k = draw(batch, kv_heads, length, head_dim)  # (B, H_kv, N, D)
+    v = draw(batch, kv_heads, length, value_dim)  # (B, H_kv, N, Dv)
+    grad = torch.randn(batch, heads, length, value_dim, generator=generator, device=device, dtype=dtype)
+    mask = torch.ones(length, length, dtype=torch.bool, device=device).tril() if mask_kind == "mask" else None
+    is_causal = mask_kind == "causal"
+    gqa = kv_heads != heads
+    call = sdpa_call_of(q, k, v, is_causal=is_causal, attn_mask=mask)
+    table = BackendTable(call, softmax_backend_order(call), shape=(batch, heads, kv_heads, length, head_dim,
+                                                                    value_dim), mode=mode)
+    for name in backends:
         def step(name: str = name) -> None:
-            out = sdpa_with_backend(name, q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=key.gqa)
-            out.backward(grad)
-            q.grad = k.grad = v.grad = None
+            with torch.set_grad_enabled(backward):
+                out = sdpa_with_backend(name, q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+                if backward:
+                    out.backward(grad)
+                    q.grad = k.grad = v.grad = None
 
         try:
             with torch.no_grad():
-                probe = sdpa_with_backend(name, q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=key.gqa)
+                probe = sdpa_with_backend(name, q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
             if not bool(torch.isfinite(probe).all()):
                 raise RuntimeError("non-finite output")
-            choice.times_ms[name] = timer(name, step)
+            table.times_ms[name] = timer(name, step)
         except (RuntimeError, ValueError, NotImplementedError) as error:
-            choice.errors[name] = _first_line(error)
-    if choice.times_ms:
-        choice.backend = min(choice.times_ms, key=choice.times_ms.__getitem__)
-    return choice
-
-
-def choose_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool,
-                   attn_mask: torch.Tensor | None) -> str | None:
-    """The backend ``softmax_attention(impl="auto")`` uses for these inputs, or ``None`` (SDPA's own).
-
-    ``None`` off :data:`AUTO_DEVICE_TYPES`, and while compiling or capturing a CUDA graph when
-    nothing is cached yet (no measurement can run there).
-    """
-    if q.device.type not in AUTO_DEVICE_TYPES:
-        return None
-    key = backend_key(q, k, v, is_causal=is_causal, attn_mask=attn_mask)
-    cached = _CACHE.get(key)
-    if cached is not None:
-        return None if cached.backend == "default" else cached.backend
-    forced = os.environ.get(ENV_FORCE)
-    if forced:
-        if forced not in BACKENDS:
-            raise ValueError(f"{ENV_FORCE}={forced!r} is not one of {', '.join(BACKENDS)}")
-        choice = BackendChoice(key, forced, forced=True)
-    else:
-        if torch.compiler.is_compiling():
-            return None
-        if q.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        with _LOCK:
-            if key not in _CACHE:
-                with torch.enable_grad():
-                    _CACHE[key] = measure_backends(key, device=q.device, heads=q.shape[1], kv_heads=k.shape[1],
-                                                   batch=PROBE_BATCH, length=PROBE_LENGTH)
-            choice = _CACHE[key]
-    _CACHE.setdefault(key, choice)
-    return None if choice.backend == "default" else choice.backend
-
-
-def record_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool,
-                   attn_mask: torch.Tensor | None, backend: str, error: Exception) -> None:
-    """Note that ``backend`` refused a call it had won on the probe (the op then used SDPA's choice)."""
-    choice = _CACHE.get(backend_key(q, k, v, is_causal=is_causal, attn_mask=attn_mask))
-    if choice is not None:
-        choice.errors[f"{backend} (call {tuple(q.shape)})"] = _first_line(error)
-
-
-def softmax_backend_report() -> list[dict[str, Any]]:
-    """Every configuration measured so far: the key, median ms per backend, refusals and the choice.
-
-    One entry looks like ``{"device": "cuda:0 NVIDIA H200", "dtype": "bfloat16", "head_dim": 128,
-    "value_dim": 128, "mask_kind": "causal", "gqa": False, "backend": "cudnn", "times_ms": {"cudnn": ...,
-    "flash": ..., ...}, "errors": {...}, "probe_shape": [4, 16, 2048, 128], "forced": False}``.
-    Empty until a call on a CUDA device (the CPU keeps SDPA's own dispatch).
-    """
-    return [choice.as_dict() for choice in _CACHE.values()]
-
-
-def clear_softmax_backend_cache() -> None:
-    """Forget every measurement (the next CUDA call measures again)."""
-    with _LOCK:
-        _CACHE.clear()
+            table.errors[name] = _first_line(error)
+    return table

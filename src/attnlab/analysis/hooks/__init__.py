@@ -1,4 +1,4 @@
-"""Hook points inside attention layers (analysis spec section 0.2)."""
+"""Hook points inside attention layers (``docs/analysis.md``, "Capture and hook points")."""
 
 from attnlab.analysis.hooks.intervene import HookFn, attention_layers, intervene, is_hf_model
 

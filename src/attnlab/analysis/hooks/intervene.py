@@ -1,6 +1,6 @@
 """Hook points inside attention layers: ``intervene(model, on_scores=..., on_probs=..., ...)``.
 
-Analysis spec section 0.2: every analysis item needs to read or edit, per attention layer,
+Every analysis in ``attnlab.analysis`` reads or edits, per attention layer,
 
 1. ``on_query(Q, layer)``: the query states after the position encoding (RoPE), ``[B, H, N, d]``;
 2. ``on_scores(S, layer)``: the pre-softmax scores after the mask is added, ``[B, H, N, M]``;
@@ -16,11 +16,17 @@ Two kinds of model are supported:
 
 - Hugging Face transformers models loaded with ``attn_implementation="eager"``. While a context is
   open, the "eager" entry of transformers' attention-function table points to one dispatcher. For a
-  layer of a hooked model it runs the eager formula with the hooks (``softmax`` in float32, as the
-  LLaMA eager path; identical to BERT's for float32 weights); every other module gets its own
-  file's ``eager_attention_forward`` unchanged. The entry is removed when the last context closes.
+  layer of a hooked model it runs :func:`attnlab.ops.softmax.softmax_attention_hooked` (the
+  function behind attnlab's softmax reference and :class:`attnlab.nn.Attention`'s hooks): the
+  operations of transformers' eager attention, in float32 (float64 for float64 weights), so a
+  float32 model gives the same bits as without the hooks; every other module gets its own file's
+  ``eager_attention_forward`` unchanged. The entry is removed when the last context closes.
 - attnlab's own models: every :class:`attnlab.nn.Attention` inside them gets an
   :class:`attnlab.nn.attention.AttentionHooks` entry for the duration of the context.
+
+A row whose every key is masked (with ``-inf``) outputs zeros and passes finite gradients in both
+kinds. (transformers' eager masks use the dtype's most negative finite value instead, so there such
+a row averages the values, exactly as the model does without hooks.)
 
 Layer ``l`` is the ``l``-th attention module in ``model.modules()`` order (for decoder-only and
 encoder-only models this is the transformer layer index). Nesting contexts is allowed; the hooks of
@@ -39,11 +45,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnlab.nn.attention import Attention, AttentionHooks
+from attnlab.nn.attention import Attention, AttentionHooks, HookFn, apply_hook, chain_hooks
+from attnlab.ops.softmax import softmax_attention_hooked
 
 __all__ = ["intervene", "attention_layers", "HookFn", "is_hf_model"]
-
-HookFn = Callable[[torch.Tensor, int], "torch.Tensor | None"]
 
 
 def is_hf_model(model: nn.Module) -> bool:
@@ -101,18 +106,6 @@ class _HookSet:
 _ACTIVE: list[_HookSet] = []
 
 
-def _apply(hook: HookFn | None, tensor: torch.Tensor, layer: int) -> torch.Tensor:
-    if hook is None:
-        return tensor
-    result = hook(tensor, layer)
-    if result is None:
-        return tensor
-    if not isinstance(result, torch.Tensor) or result.shape != tensor.shape:
-        raise ValueError(f"a hook must return None or a tensor of shape {tuple(tensor.shape)}, got "
-                         f"{getattr(result, 'shape', type(result).__name__)}")
-    return result
-
-
 def _own_eager(module: nn.Module) -> Callable[..., Any]:
     source = sys.modules.get(type(module).__module__)
     function = getattr(source, "eager_attention_forward", None)
@@ -132,28 +125,18 @@ def _hooked_eager(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
     if getattr(getattr(module, "config", None), "attn_logit_softcapping", None) or kwargs.get("s_aux") is not None:
         raise NotImplementedError(f"{type(module).__name__}: logit soft-capping / attention sinks are not "
                                   f"covered by the analysis hooks")
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     for hooks, layer in active:
-        query = _apply(hooks.on_query, query, layer)  # (B, H, N, d)
-    heads = query.shape[1]
-    key = key.repeat_interleave(heads // key.shape[1], dim=1)  # (B, H, M, d)
-    value = value.repeat_interleave(heads // value.shape[1], dim=1)  # (B, H, M, d)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, H, N, M)
+        query = apply_hook(hooks.on_query, query, layer)  # (B, H, N, d)
     if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-        else:
-            scores = scores + attention_mask[..., : key.shape[-2]]
+        attention_mask = attention_mask[..., : key.shape[-2]]  # (B, 1, N, M): additive, or boolean True = attend
+    out, probs = softmax_attention_hooked(
+        query, key, value, scale=scaling, attn_mask=attention_mask,
+        on_scores=chain_hooks([(hooks.on_scores, layer) for hooks, layer in active]),
+        on_probs=chain_hooks([(hooks.on_probs, layer) for hooks, layer in active]),
+        dropout_p=dropout if module.training else 0.0)  # (B, H, N, d), (B, H, N, M)
     for hooks, layer in active:
-        scores = _apply(hooks.on_scores, scores, layer)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # (B, H, N, M)
-    for hooks, layer in active:
-        probs = _apply(hooks.on_probs, probs, layer)
-    probs_used = nn.functional.dropout(probs, p=dropout, training=module.training)
-    out = torch.matmul(probs_used, value)  # (B, H, N, d)
-    for hooks, layer in active:
-        out = _apply(hooks.on_head_output, out, layer)
-    return out.transpose(1, 2).contiguous(), probs
+        out = apply_hook(hooks.on_head_output, out, layer)
+    return out.transpose(1, 2).contiguous(), probs.to(query.dtype)
 
 
 def _install_hf_dispatcher() -> None:
@@ -173,7 +156,7 @@ def _remove_hf_dispatcher() -> None:
 def intervene(model: nn.Module, *, on_query: HookFn | None = None, on_scores: HookFn | None = None,
               on_probs: HookFn | None = None, on_head_output: HookFn | None = None,
               on_layer_input: HookFn | None = None, layers: Sequence[int] | None = None) -> Iterator[None]:
-    """Run ``model`` with callbacks at the attention hook points of spec section 0.2.
+    """Run ``model`` with callbacks at the attention hook points (listed in the module docstring).
 
     Args:
         model: a transformers model loaded with eager attention, or a model built from
