@@ -4,7 +4,7 @@ from types import ModuleType as _ModuleType
 
 from attnlab.nn.attention import Attention
 
-# Each mechanism issue adds its imports in its own block below (keeps parallel edits apart).
+# One block of imports per mechanism family below (separate blocks keep edits to different families apart).
 # --- Mechanisms I: linear and recurrent family ---
 # isort: split
 from attnlab.nn.agent import AgentAttention

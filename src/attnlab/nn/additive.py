@@ -1,7 +1,7 @@
 """Additive (tanh) attention pooling, the layer that Attention AT / iAT perturbs.
 
 Kitada & Iyatomi, "Attention Meets Perturbations: Robust and Interpretable Attention with Adversarial
-Training", arXiv 2009.12064 (code shunk031/attention-meets-perturbation, ``TanhBCATBase``; spec A10.1).
+Training", arXiv 2009.12064 (code shunk031/attention-meets-perturbation, ``TanhBCATBase``).
 """
 
 from __future__ import annotations

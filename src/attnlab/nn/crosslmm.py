@@ -1,7 +1,7 @@
 """CrossLMM: pooled visual tokens in the LLM, gated cross-attention back to the original visual tokens.
 
 Yan et al., "CrossLMM: Decoupling Long Video Sequences from LMMs via Dual Cross-Attention
-Mechanisms", arXiv 2505.17020, Sec. 3.1-3.3 and Fig. 3 (analysis spec B4; there is no official code).
+Mechanisms", arXiv 2505.17020, Sec. 3.1-3.3 and Fig. 3 (there is no official code).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Class Semantics-based Attention (CSA): channel and temporal attention learned from class semantics.
 
 Sridhar et al., "Class Semantics-based Attention for Action Detection", ICCV 2021, arXiv 2109.02613
-(analysis spec B5). Only the abstract and a third-party review were available: the formulas below
+Only the abstract and a third-party review were available: the formulas below
 are inferred and every choice is an option.
 """
 
@@ -21,7 +21,7 @@ __all__ = ["ClassSemanticsAttention"]
 class ClassSemanticsAttention(nn.Module):
     """Attention weights learned from class-semantics features ``R`` and applied to encoded features ``F``.
 
-    CSA, arXiv 2109.02613 (formulas inferred, spec B5). With ``F [B, T, C]`` (the features fed to the
+    CSA, arXiv 2109.02613 (formulas inferred). With ``F [B, T, C]`` (the features fed to the
     localisation sub-network, e.g. BMN) and ``R [B, T, C_r]`` (snippet-level features of the
     action-recognition encoder), both time-major here (the paper writes ``C x T``):
 

@@ -1,7 +1,7 @@
 """Dual Cross-Attention Learning (DCAL): global-local and pair-wise cross-attention.
 
 Zhu et al., "Dual Cross-Attention Learning for Fine-Grained Visual Categorization and Object
-Re-Identification", CVPR 2022, arXiv 2205.02151 (analysis spec B3).
+Re-Identification", CVPR 2022, arXiv 2205.02151.
 """
 
 from __future__ import annotations

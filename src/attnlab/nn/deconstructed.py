@@ -2,7 +2,7 @@
 
 Xue, Moosavi & Aletras, "Deconstructing Attention: Investigating Design Principles for Effective
 Language Modeling", arXiv 2510.11602. Only the abstract and a third-party summary (variant names)
-were available: the variants' formulas here are INFERRED (spec ``mechanisms.md`` section 16) and
+were available: the variants' formulas here are INFERRED (ours; see ``deconstructed`` in ``docs/mechanisms.md``) and
 configurable; the "Approximate" / "Non-approximate" forms are not implemented (unknown).
 """
 
@@ -129,7 +129,7 @@ def variant_layers(num_layers: int, pattern: str = "all", k: int = 1) -> list[bo
     """Which of ``num_layers`` layers use the variant (True) and which keep standard attention.
 
     "Deconstructing Attention" (arXiv 2510.11602) applies a variant uniformly ("all") or in hybrids;
-    the layer patterns are inferred (spec ``analysis.md`` A11): "every_k" (layers ``k-1, 2k-1, ...``
+    the layer patterns are inferred (ours): "every_k" (layers ``k-1, 2k-1, ...``
     keep standard attention, the rest use the variant), "first_k" / "last_k" (the first / last ``k``
     layers use the variant).
     """

@@ -1,7 +1,8 @@
 """SHRP Expert Attention: each head an expert, top-1 usage-driven routing, deterministic pruning.
 
 Su et al., "SHRP: Specialized Head Routing and Pruning for Efficient Encoder Compression" (arXiv 2512.20635).
-Only the abstract was available: every formula here is INFERRED (spec ``analysis.md`` A9) and configurable.
+Only the abstract was available: every formula here is INFERRED (ours; see ``shrp`` in ``docs/mechanisms.md``) and
+configurable.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ __all__ = ["LightNetAttention", "md_lrpe", "md_lrpe_angles", "lrpe_theta"]
 
 def lrpe_theta(heads: int, head_dim: int, axes: int = 1, *, base: float = 10000.0) -> torch.Tensor:
     """Frequencies ``theta [H, e]``, ``e = ceil(head_dim / axes)``: ``base^(-2 i / (H e))`` for
-    ``i = 0 .. H e - 1`` reshaped per head, the 1-D LRPE rule of TransNormer (``specs/mechanisms.md``
-    section 1) applied to MD-LRPE. Inferred: LightNet does not pin its initialisation."""
+    ``i = 0 .. H e - 1`` reshaped per head, the 1-D LRPE rule of TransNormerLLM's ``Lrpe`` (Qin et al.,
+    arXiv 2307.14995) applied to MD-LRPE. Inferred: LightNet does not pin its initialisation."""
     e = math.ceil(head_dim / axes)
     i = torch.arange(heads * e, dtype=torch.float64)
     return (base ** (-2.0 * i / (heads * e))).reshape(heads, e).float()
@@ -62,7 +62,7 @@ class LightNetAttention(nn.Module):
     """The LightNet token mixer: additive linear recurrence ("one scan") with MD-LRPE, output gate, norm.
 
     "You Only Scan Once: Efficient Multi-dimension Sequential Modeling with LightNet" (arXiv 2405.21022);
-    layer read from the author's xmixers ``LightNetAttention`` (``specs/mechanisms.md`` section 2)::
+    layer read from the author's xmixers ``LightNetAttention``::
 
         q = SiLU(W_q x), k = W_k x (log-weights, no activation), v = W_v x
         o_t = sum_c phi(q_t)[c] sum_{s<=t} softmax_{s'<=t}(k_{s'}[c])_s phi_k(s)[c] v_s     (lightnet_attention)
@@ -78,7 +78,7 @@ class LightNetAttention(nn.Module):
             in row-major order (leading tokens, e.g. CLS, are not encoded); ``None``: 1-D positions.
         use_lrpe: MD-LRPE on (default, as in xmixers) or off.
         lrpe_base: base of the frequencies (inferred: 10000, see :func:`lrpe_theta`; a fixed buffer).
-        gate_dim: rank of the output gate (default ``heads``, as in the spec's reading of xmixers).
+        gate_dim: rank of the output gate (default ``heads``, our reading of xmixers).
         norm_eps: RMSNorm epsilon. chunk_size: block length of the chunked op. bias: projection biases.
     """
 

@@ -3,7 +3,7 @@
 Bermeitinger et al., "Reducing the Transformer Architecture to a Minimum", arXiv 2410.13732. Only the
 abstract was available: the claims (MLP omitted, ``W_Q W_K^T`` collapsed into one matrix, V and O
 omitted, symmetric similarity with half the parameters) are the paper's; every formula below is
-inferred (spec ``mechanisms.md`` section 15) and configurable.
+inferred (our reading, listed under ``minimal`` in ``docs/mechanisms.md``) and configurable.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Zhang et al., "MODA: MOdular Duplex Attention for Multimodal Perception, Cognition, and Emotion
 Understanding", ICML 2025, arXiv 2507.04635 (code KwaiVGI/MODA
-``moda/model/language_model/modeling_llama_local_moda.py::LlamaAttention.forward``; analysis spec B2).
+``moda/model/language_model/modeling_llama_local_moda.py::LlamaAttention.forward``).
 """
 
 from __future__ import annotations

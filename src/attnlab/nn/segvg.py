@@ -1,8 +1,7 @@
 """SegVG Triple Alignment: object queries, text and visual tokens updated by one joint attention.
 
 Kang et al., "SegVG: Transferring Object Bounding Box to Segmentation for Visual Grounding",
-ECCV 2024, arXiv 2407.03200 (code WeitaiKang/SegVG ``models/vl_transformer.py::Triple_Alignment_MHA``;
-analysis spec B1).
+ECCV 2024, arXiv 2407.03200 (code WeitaiKang/SegVG ``models/vl_transformer.py::Triple_Alignment_MHA``).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from types import ModuleType as _ModuleType
 from attnlab.ops.softmax import attention_mask, softmax_attention, softmax_attention_reference
 from attnlab.ops.softmax_backends import clear_softmax_backend_cache, softmax_backend_report
 
-# Each mechanism issue adds its imports in its own block below (keeps parallel edits apart).
+# One block of imports per mechanism family below (separate blocks keep edits to different families apart).
 # --- Mechanisms I: linear and recurrent family ---
 # isort: split
 from attnlab.ops.agent import adaptive_pool_matrix, agent_attention, agent_attention_reference, agent_tokens

@@ -1,7 +1,7 @@
 """Agent attention: two softmax steps through a small set of agent tokens pooled from the queries.
 
 "Agent Attention: On the Integration of Softmax and Linear Attention" (Han et al., arXiv 2312.08874),
-eq. 3 (the official ``AgentAttention`` of ``agent_deit.py``; ``specs/mechanisms.md`` section 3)::
+eq. 3 (as the official ``AgentAttention`` of ``agent_deit.py`` computes it)::
 
     V_A = softmax(scale * A K^T + B1) V        agent aggregation   (n x Dv)
     O   = softmax(scale * Q A^T + B2) V_A      agent broadcast     (N x Dv)

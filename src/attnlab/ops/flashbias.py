@@ -201,9 +201,10 @@ def alibi_bias_factors(heads: int, n: int, m: int | None = None, slopes: torch.T
       ``q_bias_i = [256 hi, hi, 256 lo, lo, -a_i, -b_i, -a_i, -b_i]``,
       ``k_bias_j = [a_j, b_j, a_j, b_j, 256 hi, hi, 256 lo, lo]`` (rank 8, ``k_bias [1, H, m, 8]``).
       Every product is exact in the float32 accumulator of the attention kernel, so the scores get
-      ``-(hi + lo)(p_i - j)``, the slope to about 16 bits. Needs ``m <= 65536``. (The hi/lo split
-      of positions follows the H200 anchor note of this project; putting the slopes on the key side
-      and splitting them in two is this implementation's choice.)
+      ``-(hi + lo)(p_i - j)``, the slope to about 16 bits. Needs ``m <= 65536``. (Splitting the
+      positions into bf16 hi/lo parts is the exact-bf16 FlashBias recipe timed on an H200 in
+      ``docs/benchmarks.md``; putting the slopes on the key side and splitting them in two is this
+      implementation's choice.)
 
     Args:
         heads: H; n: query length; m: key length (default n); slopes: ``[H]`` (default

@@ -51,7 +51,7 @@ machine, an x86 CPU with AVX2; the C++ template needs AVX2):
   a few seconds.
 
 On CUDA the compiled path (forward and backward, Triton kernels) is what ``impl="auto"`` of the
-local ops selects; it was not measured on a GPU when this module was written.
+local ops selects.
 """
 
 from __future__ import annotations

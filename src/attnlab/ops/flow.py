@@ -1,7 +1,7 @@
 """Flowformer's flow-attention: linear attention with flow conservation (competition and allocation).
 
 "Flowformer: Linearizing Transformers with Conservation Flows" (Wu et al., arXiv 2202.06258), eqs. 4-9
-(the official ``Flow_Attention`` / ``Flow_Attention_Causal`` code; ``specs/mechanisms.md`` section 4).
+(as the authors' ``Flow_Attention`` / ``Flow_Attention_Causal`` code computes them).
 The feature map ``phi = sigmoid`` is applied inside the op. Per head, ``Q' = phi(Q)``, ``K' = phi(K)``::
 
     I_i = 1 / ((Q'_i + eps) . (sum_j K'_j + eps))          incoming flow of sink i

@@ -1,8 +1,8 @@
 """LightNet's additive linear recurrence ("You Only Scan Once"), computed in log space.
 
 "You Only Scan Once: Efficient Multi-dimension Sequential Modeling with LightNet" (Qin et al.,
-arXiv 2405.21022), the additive recurrence (paper section 3; the fla / xmixers code it is read from is
-noted in ``specs/mechanisms.md`` section 2). Per head and key channel ``c``::
+arXiv 2405.21022), the additive recurrence (paper section 3, read with fla's and the author's xmixers
+code). Per head and key channel ``c``::
 
     A_t = A_{t-1} + exp(k_t) (x) v_t,  Z_t = Z_{t-1} + exp(k_t),  o_t = sum_c q_t[c] A_t[c, :] / Z_t[c]
 
@@ -92,7 +92,7 @@ def lightnet_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
         o_t = sum_c q_t[c] sum_{s <= t} softmax_{s' <= t}(k_{s'}[c])_s  v_s
 
-    (LightNet, arXiv 2405.21022; ``specs/mechanisms.md`` section 2, test 1). Causal masks ``s <= t + M - N``.
+    (LightNet, arXiv 2405.21022). Causal masks ``s <= t + M - N``.
     An initial state ``(S0, z0)`` is one extra "token" per channel with log-weight ``z0[c]`` and value
     ``S0[c, :]``. ``key_gain`` multiplies each weight (LRPE). ``chunk_size`` is accepted and ignored.
     """
@@ -197,7 +197,7 @@ def lightnet_attention_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                  key_gain: torch.Tensor | None = None, chunk_size: int = 32,
                                  initial_state: State | None = None, return_state: bool = False,
                                  ) -> torch.Tensor | tuple[torch.Tensor, State]:
-    """Token by token in log space (the gated form of ``specs/mechanisms.md`` section 2):
+    """Token by token in log space (the recurrence in its gated form):
     ``z_t = logaddexp(z_{t-1}, k_t)``, ``S_t = exp(z_{t-1} - z_t) S_{t-1} + exp(k_t - z_t) v_t``, ``o_t = q_t S_t``.
 
     Bidirectional: every key is written, then every query reads the final state.

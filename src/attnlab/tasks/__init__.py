@@ -2,7 +2,7 @@
 
 from types import ModuleType as _ModuleType
 
-# Each issue adds its imports in its own block below (keeps parallel edits apart).
+# One block of imports per group of tasks below (separate blocks keep edits to different groups apart).
 # --- Mechanisms I: associative-memory view ---
 # isort: split
 from attnlab.tasks.hebbian import HebbianCapacity, hebbian_capacity, predicted_cosine
