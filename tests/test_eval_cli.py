@@ -15,6 +15,7 @@ pytest.importorskip("transformers")
 
 from attnlab.analysis.models import load_model, save_tiny_model  # noqa: E402
 from attnlab.analysis.retrieval import wikipedia_haystack  # noqa: E402
+from attnlab.cli import build_parser, main  # noqa: E402
 from attnlab.hf import eval_cli  # noqa: E402
 from attnlab.hf.eval import MechanismSpec, parse_mechanisms, rolling_perplexity, rolling_windows  # noqa: E402
 
@@ -29,10 +30,15 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def run_cli(*argv: str) -> int:
+    """``attnlab eval ARGV`` through the real command line (attnlab.cli registers eval_cli)."""
+    return main(["eval", *argv])
+
+
+def test_eval_is_a_command_of_attnlab() -> None:
     parser = argparse.ArgumentParser()
     eval_cli.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["eval", *argv])
-    return args.func(args)
+    assert parser.parse_args(["eval", "--out", "x"]).func is eval_cli.run
+    assert build_parser().parse_args(["eval", "--out", "x"]).func is eval_cli.run
 
 
 def rows(out: Path) -> list[dict[str, Any]]:

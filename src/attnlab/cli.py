@@ -16,6 +16,7 @@ import attnlab
 from attnlab.analysis import cli as analysis_cli
 from attnlab.bench import quality_cli, speed_cli
 from attnlab.console import make_console
+from attnlab.hf import eval_cli
 
 __all__ = ["main", "build_parser"]
 
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     quality_cli.add_commands(sub, bench)  # bench quality, report
     speed_cli.add_commands(sub, bench)  # bench speed
     analysis_cli.add_commands(sub, bench)  # analyze
+    eval_cli.add_commands(sub, bench)  # eval
     return parser
 
 
