@@ -7,10 +7,10 @@
 torch.Size([1, 12, 4, 4])
 
 Modules: ``capture`` (AttentionRecord, capture), ``hooks`` (intervene), ``interventions`` (mask,
-scale, VAR, PAINT, T3-S2S edits), ``retrieval`` (A1), ``sinks`` (A2), ``importance`` (A3.1),
-``distance`` (A3.2, A4), ``divergence`` (A5), ``saliency`` (A7), ``regression_patterns`` (A8),
-``models`` (offline loading), ``report`` and ``cli`` (``attnlab analyze``). The spec is
-``analysis.md`` (Part A) of the project's shared specs.
+scale, VAR, PAINT, T3-S2S edits), ``retrieval``, ``sinks``, ``importance``, ``distance`` (with
+WAAD / FAI), ``divergence``, ``saliency``, ``regression_patterns``, ``models`` (offline loading),
+``report`` and ``cli`` (``attnlab analyze``). ``docs/analysis.md`` lists each module's paper and the
+method notes (procedures, and which definitions are ours where a paper leaves them open).
 """
 
 from attnlab.analysis.capture import AttentionRecord, capture

@@ -2,11 +2,11 @@
 
 - Mean attention distance for 1-D tokens and 2-D patches, distance profiles and local ratio:
   Li et al., "How Does Attention Work in Vision Transformers? A Visual Analytics Attempt"
-  (arXiv 2303.13731), analysis spec A3.2. The paper body was not available: these definitions are
-  inferred from its abstract and standard practice (spec) and stay configurable.
+  (arXiv 2303.13731). The paper body was not available: these definitions are inferred (ours,
+  from its abstract and standard practice; see ``docs/analysis.md``) and stay configurable.
 - Windowed Average Attention Distance (Def. 4.1, eq. 9), Future Attention Influence (Def. 4.2,
   eq. 10) and the head classification of eq. 7-8: Li et al., "Attention Illuminates LLM Reasoning:
-  The Preplan-and-Anchor Rhythm Enables Fine-Grained Policy Optimization" (arXiv 2510.13554), spec A4.
+  The Preplan-and-Anchor Rhythm Enables Fine-Grained Policy Optimization" (arXiv 2510.13554).
 
 All functions take post-softmax attention ``A [..., N, M]`` (rows sum to 1).
 """
@@ -42,7 +42,7 @@ def mean_attention_distance(probs: torch.Tensor, *, distance: torch.Tensor | Non
     Args:
         probs: ``[B, H, N, M]`` (or ``[H, N, M]``).
         distance: ``[N, M]`` distances; default the 1-D token distance ``|i - j|``; pass
-            :func:`grid_distance` for 2-D patches (spec A3.2, in patch units).
+            :func:`grid_distance` for 2-D patches (in patch units).
         queries: the query rows to average over (default all).
 
     Returns:
@@ -82,7 +82,7 @@ def grid_distance(grid: int | tuple[int, int], *, metric: GridMetric = "chebyshe
     """``[P, P]`` distance between patches of a ``G x G`` (or ``G_r x G_c``) grid, row-major order.
 
     ``chebyshev`` (default, rings): ``max(|dr|, |dc|)``; ``manhattan``: ``|dr| + |dc|``;
-    ``euclidean_round``: ``round(sqrt(dr^2 + dc^2))`` (spec A3.2, inferred).
+    ``euclidean_round``: ``round(sqrt(dr^2 + dc^2))`` (inferred).
     """
     rows, cols = (grid, grid) if isinstance(grid, int) else grid
     r = torch.arange(rows).repeat_interleave(cols)
@@ -102,7 +102,7 @@ def grid_distance(grid: int | tuple[int, int], *, metric: GridMetric = "chebyshe
 
 def distance_profile(probs: torch.Tensor, distance: torch.Tensor, *, reduce: Literal["mean", "sum"] = "mean",
                      max_distance: int | None = None) -> torch.Tensor:
-    """Attention strength against distance, ``S_h(delta)`` for delta = 0..max (spec A3.2).
+    """Attention strength against distance, ``S_h(delta)`` for delta = 0..max (inferred definition).
 
     ``reduce="mean"``: mean over queries of the mean attention to the keys at distance delta
     (corrects for how many keys lie at each distance); ``"sum"``: mean over queries of the total
@@ -134,7 +134,7 @@ def distance_profile(probs: torch.Tensor, distance: torch.Tensor, *, reduce: Lit
 
 
 def local_ratio(probs: torch.Tensor, distance: torch.Tensor, *, radius: float = 1) -> torch.Tensor:
-    """``[H]``: mean over queries of the attention mass within distance ``<= radius`` (spec A3.2)."""
+    """``[H]``: mean over queries of the attention mass within distance ``<= radius``."""
     if probs.ndim == 3:
         probs = probs[None]
     near = (distance.to(probs.device) <= radius).double()

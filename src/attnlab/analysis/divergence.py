@@ -1,7 +1,7 @@
 """Context divergence of heads (VHD) and the head selection of VHR.
 
 He et al., "Cracking the Code of Hallucination in LVLMs with Vision-aware Head Divergence"
-(ACL 2025, arXiv 2412.13949), analysis spec A5:
+(ACL 2025, arXiv 2412.13949):
 
 - VHD (eq. 4): ``VHD_{l,i} = || O_{l,i}(with context) - O_{l,i}(without context) ||_2`` on the
   last query position, with ``O`` the per-head output before the output projection. Here the

@@ -1,9 +1,8 @@
 """Head importance by ablation: the change in loss / accuracy / confidence when one head is masked.
 
 Li et al., "How Does Attention Work in Vision Transformers? A Visual Analytics Attempt"
-(arXiv 2303.13731), analysis spec A3.1. Only the abstract was available ("multiple pruning-based
-metrics"): the definitions below are inferred from the spec and standard practice and stay
-configurable:
+(arXiv 2303.13731). Only the abstract was available ("multiple pruning-based metrics"): the
+definitions below are inferred (ours, from standard head-pruning practice) and stay configurable:
 
 - pruning head ``(l, h)`` = ``O[l][:, h] = 0`` before the output projection (``mean_ablate`` optional);
 - ``dAcc(l, h) = Acc(full) - Acc(pruned)`` (accuracy points), ``dConf = mean_x [p_y(full) - p_y(pruned)]``;
@@ -42,7 +41,7 @@ def model_shape(model: nn.Module) -> tuple[int, int]:
 def ablation_importance(model: nn.Module, metric: Callable[[], float], *, mode: str = "zero_output",
                         heads: Iterable[tuple[int, int]] | None = None,
                         progress: Callable[[int, int], None] | None = None) -> tuple[float, torch.Tensor]:
-    """``metric()`` with the full model and with each head masked in turn (spec A3.1).
+    """``metric()`` with the full model and with each head masked in turn.
 
     Args:
         metric: evaluates the model (as it is now) and returns a float.
@@ -73,7 +72,7 @@ def _logits(output: Any) -> torch.Tensor:
 def classification_importance(model: nn.Module, inputs: Any, labels: torch.Tensor, *, mode: str = "zero_output",
                               progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """``dAcc [L, H]`` (points), ``dConf [L, H]`` and per-class ``dAcc_c [C, L, H]`` for a classifier
-    whose output (or ``.logits``) is ``[B, C]`` (spec A3.1)."""
+    whose output (or ``.logits``) is ``[B, C]``."""
     def evaluate() -> tuple[torch.Tensor, torch.Tensor]:
         logits = _logits(run_model(model, inputs)).float()
         probs = torch.softmax(logits, -1)

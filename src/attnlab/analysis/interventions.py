@@ -57,7 +57,7 @@ def mask_heads(model: nn.Module, heads: Iterable[tuple[int, int]], *, mode: Mask
     """Mask attention heads ``(layer, head)`` while the block runs.
 
     "Retrieval Head Mechanistically Explains Long-Context Factuality" (Wu et al., arXiv 2404.15574),
-    masking experiment (analysis spec A1.3); zero/mean ablation as in head pruning (A3.1).
+    masking experiment; zero/mean ablation as in head pruning (see ``docs/analysis.md``).
 
     Args:
         heads: ``(layer, query head)`` pairs.
@@ -66,7 +66,7 @@ def mask_heads(model: nn.Module, heads: Iterable[tuple[int, int]], *, mode: Mask
             ``query_states[:, h] = 0``; during one-token decoding identical to its eager path);
             ``"zero_output"``: ``O[:, h] = 0`` before the output projection;
             ``"mean_ablate"``: ``O[:, h]`` replaced by its mean over the positions of the current
-            input (inferred: the spec names the option without fixing the averaging set).
+            input (the averaging set is our choice).
         phase: ``"decode"`` (default, as the code): only forward passes with a single query
             position (KV-cache decoding steps) are masked; ``"all"``: every forward pass.
     """
@@ -117,7 +117,7 @@ def scale_heads(model: nn.Module, scales: dict[tuple[int, int], float], *,
 
     VHR (Vision-aware Head Reinforcement), He et al., ACL 2025, arXiv 2412.13949, Alg. 1 step 4:
     ``A~_{l,i} = alpha * A_{l,i}`` for the selected heads (default alpha = 2). ``positions``
-    restricts the scaling to query positions (default all; the spec's inferred
+    restricts the scaling to query positions (default all, our reading of the paper:
     ``scale_prompt_positions=True``).
     """
     grouped: dict[int, dict[int, float]] = {}
@@ -147,7 +147,7 @@ def var_redistribute(probs: torch.Tensor, sinks: Sequence[int] | torch.Tensor, i
     """Move attention away from sink tokens to the non-sink image tokens (VARProcessor).
 
     Kang et al., "See What You Are Told: Visual Attention Sink in Large Multimodal Models",
-    ICLR 2025 (analysis spec A2.3)::
+    ICLR 2025 (``VARProcessor`` of the authors' code)::
 
         a[S_all] *= p;  budget = (1 - p) * sum(a_orig[S_all])
         w = a_orig[I] with w[S_v] = 0;  a[I] += budget * w / sum(w)
@@ -160,7 +160,7 @@ def var_redistribute(probs: torch.Tensor, sinks: Sequence[int] | torch.Tensor, i
 
     Returns:
         the redistributed rows; every row sum is preserved. A row whose non-sink image attention is
-        0 would give NaN in the code; it is left unchanged here (spec: guard the row).
+        0 would give NaN in the authors' code; it is left unchanged here.
     """
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p={p} must be in [0, 1] (the fraction of attention kept at the sinks)")
@@ -180,7 +180,7 @@ def var_redistribute(probs: torch.Tensor, sinks: Sequence[int] | torch.Tensor, i
 
 def headfork_select(probs: torch.Tensor, sinks: Sequence[int] | torch.Tensor, image: slice, *,
                     rho: float = 0.5, summ: float = 0.2, eps: float = 1e-6) -> torch.Tensor:
-    """Image-centric rows (HeadFork), Kang et al., ICLR 2025 (analysis spec A2.2).
+    """Image-centric rows (HeadFork), Kang et al., ICLR 2025.
 
     ``portion = sum_{S_v} (a + eps) / sum_I (a + eps)`` (eps added to every element, as the code),
     ``summation = sum_I a``; a row is selected iff ``portion <= rho`` and ``summation >= summ``.
@@ -212,7 +212,7 @@ def redistribute_sinks(model: nn.Module, sinks: dict[int, Sequence[int]], image:
     :func:`headfork_select` at query positions ``>= query_start`` are redistributed with
     :func:`var_redistribute`; the last ``except_last_layer`` layers are skipped.
 
-    Kang et al., ICLR 2025 (analysis spec A2.2-A2.3). During one-token decoding every selected row
+    Kang et al., ICLR 2025 (HeadFork then VAR). During one-token decoding every selected row
     is modified (the query offset applies to multi-token passes only).
     """
     from attnlab.analysis.hooks.intervene import attention_layers
@@ -239,7 +239,7 @@ def paint_modulate(scores: torch.Tensor, local: Sequence[int] | torch.Tensor,
                    last_row_only: bool = True) -> torch.Tensor:
     """PAINT pre-softmax boosting ``S <- S + alpha |S|`` (local tokens), ``S + beta |S|`` (summary tokens).
 
-    Arif et al., "PAINT: Paying Attention to INformed Tokens" (arXiv 2501.12206), analysis spec A6.2.
+    Arif et al., "PAINT: Paying Attention to INformed Tokens" (arXiv 2501.12206).
 
     Args:
         scores: ``[..., N, M]`` pre-softmax scores.
@@ -278,14 +278,14 @@ def boost_scores(model: nn.Module, local: Sequence[int], summary: Sequence[int] 
 
 
 def iqr_outlier_count(values: torch.Tensor) -> int:
-    """``#{ j : v_j > Q3 + 1.5 IQR }`` (PAINT's ``get_top_ratio``, analysis spec A6.1)."""
+    """``#{ j : v_j > Q3 + 1.5 IQR }`` (PAINT's ``get_top_ratio``)."""
     q1, q3 = torch.quantile(values.double(), torch.tensor([0.25, 0.75], dtype=torch.float64))
     return int((values.double() > q3 + 1.5 * (q3 - q1)).sum())
 
 
 def paint_select_tokens(first_layer_cls: torch.Tensor, penultimate_cls: torch.Tensor, *,
                         local_ratio: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
-    """PAINT's dual-stream token selection (analysis spec A6.1).
+    """PAINT's dual-stream token selection (Arif et al., arXiv 2501.12206).
 
     Args:
         first_layer_cls: CLS->patch attention summed over heads in the first ViT layer, ``[N_v]``.
@@ -307,7 +307,7 @@ def paint_select_tokens(first_layer_cls: torch.Tensor, penultimate_cls: torch.Te
 
 def prompt_balance(embeddings: torch.Tensor, key_tokens: Sequence[int], eot: int, *, beta: float = 1.0,
                    adjective_tokens: Sequence[int] = (), beta_adj: float = 1.0) -> torch.Tensor:
-    """T3-S2S prompt balance on text embeddings ``[T, C]`` (Sun et al., arXiv 2412.13486; spec B6).
+    """T3-S2S prompt balance on text embeddings ``[T, C]`` (Sun et al., arXiv 2412.13486).
 
     ``e_k <- sqrt(beta E_EOT / E_k) e_k`` for key-noun tokens (``E = ||e||^2``), and
     ``e_a <- sqrt(beta_adj max_k E_k / E_a) e_a`` for adjective tokens (max over the balanced key
@@ -328,7 +328,7 @@ def prompt_balance(embeddings: torch.Tensor, key_tokens: Sequence[int], eot: int
 def topk_prominence(out: torch.Tensor, values: torch.Tensor, key_tokens: Sequence[int], region: torch.Tensor, *,
                     k: int = 2, alpha: float = 2.0, exclude_first: bool = True,
                     legacy_zero_others: bool = False) -> torch.Tensor:
-    """T3-S2S characteristics prominence inside cross-attention (spec B6).
+    """T3-S2S characteristics prominence inside cross-attention (Sun et al., arXiv 2412.13486).
 
     For each channel c, the top-``k`` prompt tokens by ``|V[token, c]|`` (token 0, SOT, excluded);
     where such a token is a key noun and the pixel lies in that noun's region, ``O[pixel, c] *= alpha``.
@@ -354,7 +354,7 @@ def topk_prominence(out: torch.Tensor, values: torch.Tensor, key_tokens: Sequenc
 
 def dense_tuning(scores: torch.Tensor, mask: torch.Tensor, *, weight: float = 0.1, timestep: float = 1000.0,
                  area_factor: float = 1.0, cross: bool = True) -> torch.Tensor:
-    """DenseDiffusion-style score edit used by T3-S2S (spec B6): with ``r = w (t/1000)^5 s_reg``,
+    """DenseDiffusion-style score edit used by T3-S2S (arXiv 2412.13486): with ``r = w (t/1000)^5 s_reg``,
     ``S + r (max_k S - S)`` inside ``mask`` and, for cross-attention, ``S - r (S - min_k S)`` outside.
     ``weight = 0`` is the identity."""
     r = weight * (timestep / 1000.0) ** 5 * area_factor

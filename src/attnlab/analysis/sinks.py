@@ -1,7 +1,7 @@
 """Attention sinks: massive-activation dimensions, sink tokens, and the attention share they take.
 
 Kang et al., "See What You Are Told: Visual Attention Sink in Large Multimodal Models", ICLR 2025
-(analysis spec A2.1, DimProspector of the official ``src/logic/logic.py``):
+(DimProspector of the official ``src/logic/logic.py``):
 
 - parameter-free RMS normalisation of the hidden state entering layer ``l``:
   ``Z = X / sqrt(mean(X^2, -1) + 1e-6)`` (float32);
@@ -9,7 +9,7 @@ Kang et al., "See What You Are Told: Visual Attention Sink in Large Multimodal M
   (``tau = 20``), for the layers ``l >= 2``.
 
 The sink dimensions are fixed per model in the paper (LLaMA-2-7B: 2533, 1415). For other models
-:func:`find_sink_dims` ranks dimensions from the data; that ranking is inferred (spec A2.1), not
+:func:`find_sink_dims` ranks dimensions from the data; that ranking is ours (inferred), not
 the published method.
 """
 
@@ -27,7 +27,7 @@ __all__ = ["rms_normalize", "sink_tokens", "sinks_by_layer", "find_sink_dims", "
 
 
 def rms_normalize(hidden: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
-    """``X / sqrt(mean(X^2, -1) + eps)`` in float32, no learned gain (spec A2.1)."""
+    """``X / sqrt(mean(X^2, -1) + eps)`` in float32, no learned gain."""
     x = hidden.float()
     return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
@@ -63,7 +63,7 @@ def sinks_by_layer(record: AttentionRecord, dims: Sequence[int], *, tau: float =
 def find_sink_dims(record: AttentionRecord, *, top: int = 2, token_fraction: float = 0.05,
                    first_layer: int = 2) -> list[int]:
     """Rank hidden dimensions by how often ``|Z[t, d]|`` is the largest entry of a high-attention
-    token's row (inferred: the spec's library extension, not the paper's method; the paper
+    token's row (inferred: our extension, not the paper's method; the paper
     hard-codes the dimensions per model).
 
     High-attention tokens are, per recorded layer ``>= first_layer`` and batch element, the top
