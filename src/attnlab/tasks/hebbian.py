@@ -11,7 +11,7 @@ Worked example (``d_k = 4``, two pairs, keys orthonormal so there is no crosstal
 
 With random unit keys, ``k_i . k_j`` has variance ``1 / d_k``, so retrieving pair ``j`` returns
 ``v_j`` plus crosstalk of squared norm ``~ (P - 1) / d_k``: the predicted retrieval cosine is
-``1 / sqrt(1 + (P - 1) / d_k)`` (spec section 18, [INFERRED] derivation). The abstract's capacity
+``1 / sqrt(1 + (P - 1) / d_k)`` (our derivation, inferred; not in the paper). The abstract's capacity
 statement is ``O(sqrt(d_k))`` associations before interference degrades retrieval (worst case); the
 average-case fidelity falls once ``P ~ d_k``. :func:`hebbian_capacity` measures both numbers.
 """

@@ -17,8 +17,8 @@ Worked example (``d = 2``, ``L = 2``; numbers rounded)::
                [ 2.0,  1.0,  0.0]]      # z_q = [x_q; 0]
     target  = 0.0 + noise                # y_q = beta^T x_q + eps = 1.0 - 1.0 + eps
 
-Baselines (spec A8.4): ridge ``beta_hat = (X X^T + lambda I)^{-1} X y`` with ``lambda = sigma^2 / tau^2``
-(``= sigma^2 d`` for ``tau^2 = 1/d``), and the one-step gradient-descent predictor
+Baselines (the authors' ``RidgeEst`` / ``GDEst`` / ``DGDEst``): ridge ``beta_hat = (X X^T + lambda I)^{-1} X y``
+with ``lambda = sigma^2 / tau^2`` (``= sigma^2 d`` for ``tau^2 = 1/d``), and the one-step gradient-descent predictor
 ``y_GD = (eta / L) sum_l y_l x_l^T x_q``; its debiased form (what two sign-opposed softmax heads
 implement) centres the inputs: ``y_DGD = (eta / L) sum_l y_l (x_l - x_bar)^T x_q``.
 """
@@ -67,7 +67,7 @@ class ICLBatch:
 def sample_linear_regression(num_examples: int, *, dim: int = 5, length: int = 40, noise_variance: float = 0.1,
                              beta_scale: str = "1/d", generator: torch.Generator | None = None,
                              dtype: torch.dtype = torch.float32) -> ICLBatch:
-    """Draw ``num_examples`` prompts (spec A8.1)."""
+    """Draw ``num_examples`` prompts (the authors' ``LinearReg`` generator, see the module docstring)."""
     if beta_scale not in BETA_SCALES:
         raise ValueError(f"beta_scale={beta_scale!r} is not one of {BETA_SCALES}")
     if dim < 1 or length < 1:

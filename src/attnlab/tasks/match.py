@@ -3,7 +3,7 @@
 From Sanford, Hsu & Telgarsky, "Representational Strengths and Limitations of Transformers",
 arXiv 2306.02896, as used by Alman & Song, "How to Capture Higher-order Correlations? Generalizing
 Matrix Softmax Attention to Kronecker Computation", arXiv 2310.04064 (tensor attention solves Match3
-with small width; standard attention needs large width). Inferred (the spec's reading of the papers):
+with small width; standard attention needs large width). Inferred (our reading of the papers):
 the indices ``j, k`` range over all positions, ``i`` itself and ``j = k`` included.
 
 - Match2: ``y_i = 1`` iff there is a ``j`` with ``x_i + x_j ≡ 0 (mod M)``.
