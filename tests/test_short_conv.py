@@ -1,11 +1,14 @@
 """ShortConvolution: the gated form equals its loop transcription, causal (no look-ahead) or centred, the
-recurrent step equals the full pass, gradients flow, bad input is refused."""
+recurrent step equals the full pass, gradients flow, bad input is refused; in the models: short_conv=0 is the
+model it always was, the convolution is the only difference, no look-ahead whatever the mechanism, state sizes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+import attnlab
+from attnlab.models import LanguageModel, SequenceClassifier, VisionTransformer, mixer_refusal
 from attnlab.nn.short_conv import ShortConvolution, short_conv_layer_indices
 
 
@@ -143,3 +146,132 @@ def test_layer_indices() -> None:
     assert short_conv_layer_indices("all", 3) == (0, 1, 2)
     assert short_conv_layer_indices("first", 3) == (0,)
     assert short_conv_layer_indices((2, 0), 3) == (0, 2)
+
+
+# ------------------------------------------------------------------------------------------------ in the models
+
+
+def build(kind: str, mechanism: str = "softmax", **options) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "lm":
+        return LanguageModel(40, 16, 2, 2, mechanism=mechanism, max_len=12, **options)
+    if kind == "classifier":
+        return SequenceClassifier(3, 16, 2, 2, mechanism=mechanism, max_len=12, vocab_size=40, **options)
+    return VisionTransformer(8, 2, 1, 10, dim=16, depth=2, heads=2, mechanism=mechanism, **options)
+
+
+def model_input(kind: str) -> torch.Tensor:
+    if kind == "vit":
+        return torch.rand(2, 1, 8, 8, generator=seeded(30))
+    return torch.randint(40, (2, 12), generator=seeded(30))
+
+
+def by_hand(model: torch.nn.Module, kind: str, x: torch.Tensor) -> torch.Tensor:
+    """The plain pre-norm trunk written out from the model's own sub-modules (no Block.forward)."""
+    if kind == "vit":
+        p = model.patch_size
+        patches = x.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(x.shape[0], -1, p * p)
+        h = model.embed(patches) + model.position
+    else:
+        h = model.embed(x) + model.position(torch.arange(x.shape[1]))
+    for block in model.trunk.blocks:
+        h = h + block.mixer(block.norm1(h))
+        h = h + block.mlp(block.norm2(h))
+    h = model.trunk.norm(h)
+    return model.head(h) if kind == "lm" else model.head(h.mean(dim=1))
+
+
+@pytest.mark.parametrize("mechanism", ["softmax", "linear"])
+@pytest.mark.parametrize("kind", ["lm", "classifier", "vit"])
+def test_short_conv_zero_leaves_the_model_unchanged(kind: str, mechanism: str) -> None:
+    plain, zero = build(kind, mechanism).eval(), build(kind, mechanism, short_conv=0).eval()
+    assert [n for n, _ in plain.named_parameters()] == [n for n, _ in zero.named_parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), zero.state_dict().values(),
+                                                  strict=True))  # same seed, same draws
+    assert all(block.short_conv is None for block in zero.trunk.blocks)
+    x = model_input(kind)
+    with torch.no_grad():
+        out = zero(x)
+        torch.testing.assert_close(out, plain(x), rtol=0, atol=0)
+        torch.testing.assert_close(out, by_hand(zero, kind, x), rtol=1e-6, atol=1e-6)
+    assert zero.state_size == plain.state_size
+
+
+@pytest.mark.parametrize("kind", ["lm", "classifier", "vit"])
+def test_the_convolution_sub_layer_is_the_only_difference(kind: str) -> None:
+    plain, conv = build(kind).eval(), build(kind, short_conv=3).eval()
+    missing, unexpected = conv.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected
+    assert sorted(missing) == sorted(f"trunk.blocks.{i}.{name}" for i in range(2) for name in (
+        "short_conv.conv.weight", "short_conv.conv.bias", "short_conv.projection.weight",
+        "short_conv.projection.bias", "norm_conv.weight", "norm_conv.bias"))
+    x = model_input(kind)
+    with torch.no_grad():
+        assert not torch.allclose(conv(x), plain(x), atol=1e-4)
+        for block in conv.trunk.blocks:  # a zero norm output and zero biases make the sub-layer add nothing
+            for p in (block.norm_conv.weight, block.norm_conv.bias, block.short_conv.projection.bias):
+                p.zero_()
+        torch.testing.assert_close(conv(x), plain(x), rtol=1e-6, atol=1e-6)
+    # parameters by hand: per convolution K * dim + dim (depthwise filter, bias), dim^2 + dim (gate), 2 dim (norm)
+    assert conv.num_parameters - plain.num_parameters == 2 * ((3 * 16 + 16) + (16 * 16 + 16) + 2 * 16)
+
+
+def test_layer_placement_and_the_convolution_form_per_model() -> None:
+    first = build("lm", short_conv=3, short_conv_layers="first")
+    assert [b.short_conv is not None for b in first.trunk.blocks] == [True, False]
+    assert [b.short_conv is not None for b in build("lm", short_conv=2, short_conv_layers=(1,)).trunk.blocks] == [
+        False, True]
+    assert first.trunk.blocks[0].short_conv.causal and first.trunk.short_conv_layers == (0,)
+    # the bidirectional encoders use a centred kernel; a causal classifier a causal one
+    assert not build("classifier", short_conv=3).trunk.blocks[0].short_conv.causal
+    assert not build("vit", short_conv=5).trunk.blocks[1].short_conv.causal
+    assert build("classifier", short_conv=4, causal=True).trunk.blocks[0].short_conv.causal
+    with pytest.raises(ValueError, match="short_conv=4 must be odd in a bidirectional model"):
+        build("classifier", short_conv=4)
+    with pytest.raises(ValueError, match="short_conv must be a kernel size >= 0"):
+        build("lm", short_conv=-1)
+    with pytest.raises(ValueError, match="short_conv_layers must be 'all', 'first'"):
+        build("lm", short_conv=3, short_conv_layers="last")
+
+
+def test_every_causal_mixer_with_the_convolution_does_not_look_ahead() -> None:
+    built = []
+    for record in attnlab.mechanisms():
+        if mixer_refusal(record, causal=True) is not None:
+            continue
+        torch.manual_seed(0)
+        try:
+            model = LanguageModel(40, 16, 2, 2, mechanism=record.name, max_len=16, short_conv=4).eval()
+        except (ValueError, TypeError):
+            continue  # mechanisms the models refuse at this size (test_models covers them)
+        tokens = torch.randint(40, (2, 16), generator=seeded(31))
+        changed = tokens.clone()
+        changed[:, 9:] = (changed[:, 9:] + 1) % 40
+        with torch.no_grad():
+            torch.testing.assert_close(model(changed)[:, :9], model(tokens)[:, :9], msg=record.name)
+        built.append(record.name)
+    assert {"softmax", "linear", "lightning"} <= set(built)
+
+
+def test_gradients_reach_the_convolution_in_a_model() -> None:
+    model = build("lm", "linear", short_conv=3, feature_map="taylor", feature_dim=4)
+    logits = model(model_input("lm"))
+    logits.square().mean().backward()
+    for name, p in model.named_parameters():
+        if "short_conv" in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reached {name}"
+
+
+def test_state_size_counts_the_features_and_the_convolution() -> None:
+    torch.manual_seed(0)
+    # Based at zoology's MQAR size: width 64, one head, feature dim 16 (1 + 16 + 256 = 273 features), values
+    # 64 wide; the state is S (273 x 64) and z (273) per layer, plus the K - 1 = 2 last inputs of the convolution
+    based = LanguageModel(100, 64, 2, 1, mechanism="linear", max_len=64, feature_map="taylor", feature_dim=16,
+                          short_conv=3, short_conv_layers="first")
+    assert based.state_size == 2 * 273 * (64 + 1) + 2 * 64
+    elu = LanguageModel(100, 64, 2, 1, mechanism="linear", max_len=64)
+    assert elu.state_size == 2 * 64 * (64 + 1)
+    elu_conv = LanguageModel(100, 64, 2, 1, mechanism="linear", max_len=64, short_conv=3)
+    assert elu_conv.state_size == elu.state_size + 2 * (2 * 64)
+    # softmax keeps every key: no fixed state, with or without the convolution
+    assert LanguageModel(100, 64, 2, 1, mechanism="softmax", max_len=64, short_conv=3).state_size is None

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from attnlab.models.blocks import BlockStack, ModelSizes
+from attnlab.nn.short_conv import ShortConvLayers
 
 __all__ = ["SequenceClassifier", "POOLINGS"]
 
@@ -35,13 +36,18 @@ class SequenceClassifier(ModelSizes, nn.Module):
         causal: causal masking in the mixers.
         mlp_ratio: MLP width multiple (0: attention-only blocks). norm: layer norms on/off.
         positions: add learned position embeddings.
+        short_conv: kernel of a gated short convolution before the mixer (0: none), the same whatever
+            the mechanism (:class:`attnlab.nn.short_conv.ShortConvolution`): centred (odd kernel, it sees
+            ``K // 2`` tokens on each side) in the bidirectional encoder, causal with ``causal=True``.
+        short_conv_layers: the blocks that get it: "all", "first" or a tuple of block indices.
         **mechanism_options: options of the mechanism's op or layer.
     """
 
     def __init__(self, num_classes: int, dim: int, depth: int, heads: int, *, mechanism: str = "softmax",
                  max_len: int, vocab_size: int | None = None, input_dim: int | None = None,
                  pooling: str = "mean", causal: bool = False, mlp_ratio: int = 4, norm: bool = True,
-                 positions: bool = True, **mechanism_options: Any) -> None:
+                 positions: bool = True, short_conv: int = 0, short_conv_layers: ShortConvLayers = "all",
+                 **mechanism_options: Any) -> None:
         super().__init__()
         if (vocab_size is None) == (input_dim is None):
             raise ValueError(f"give exactly one of vocab_size= and input_dim= (got {vocab_size}, {input_dim})")
@@ -53,7 +59,8 @@ class SequenceClassifier(ModelSizes, nn.Module):
         self.embed = nn.Embedding(vocab_size, dim) if vocab_size is not None else nn.Linear(input_dim, dim)
         self.position = nn.Embedding(max_len, dim) if positions else None
         self.trunk = BlockStack(dim, depth, heads, mechanism=mechanism, causal=causal, mlp_ratio=mlp_ratio,
-                                norm=norm, seq_len=max_len, **mechanism_options)
+                                norm=norm, seq_len=max_len, short_conv=short_conv,
+                                short_conv_layers=short_conv_layers, **mechanism_options)
         self.head = nn.Linear(dim, num_classes)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from attnlab.models.blocks import BlockStack, ModelSizes
+from attnlab.nn.short_conv import ShortConvLayers
 
 __all__ = ["LanguageModel"]
 
@@ -33,6 +34,10 @@ class LanguageModel(ModelSizes, nn.Module):
         init_std: standard deviation of the token and position embeddings at initialisation
             (``None``: PyTorch's default, 1).
         tie_embeddings: use the token embedding as the read-out weight.
+        short_conv: kernel of a gated causal short convolution before the mixer (0: none; zoology and
+            Based use 3), :class:`attnlab.nn.short_conv.ShortConvolution`, the same whatever the mechanism.
+        short_conv_layers: the blocks that get it: "all", "first" (zoology's MQAR models) or a tuple of
+            block indices.
         **mechanism_options: options of the mechanism's op or layer.
 
     >>> model = LanguageModel(256, 32, 2, 4, mechanism="softmax", max_len=64)
@@ -42,6 +47,7 @@ class LanguageModel(ModelSizes, nn.Module):
 
     def __init__(self, vocab_size: int, dim: int, depth: int, heads: int, *, mechanism: str = "softmax",
                  max_len: int, mlp_ratio: int = 4, init_std: float | None = None, tie_embeddings: bool = False,
+                 short_conv: int = 0, short_conv_layers: ShortConvLayers = "all",
                  **mechanism_options: Any) -> None:
         super().__init__()
         if vocab_size < 2:
@@ -52,7 +58,8 @@ class LanguageModel(ModelSizes, nn.Module):
         self.embed = nn.Embedding(vocab_size, dim)
         self.position = nn.Embedding(max_len, dim)
         self.trunk = BlockStack(dim, depth, heads, mechanism=mechanism, causal=True, mlp_ratio=mlp_ratio,
-                                seq_len=max_len, **mechanism_options)
+                                seq_len=max_len, short_conv=short_conv, short_conv_layers=short_conv_layers,
+                                **mechanism_options)
         self.head = nn.Linear(dim, vocab_size, bias=False)
         if init_std is not None:
             if not init_std > 0:

@@ -9,6 +9,7 @@ from einops import rearrange
 from torch import nn
 
 from attnlab.models.blocks import BlockStack, ModelSizes
+from attnlab.nn.short_conv import ShortConvLayers
 
 __all__ = ["VisionTransformer"]
 
@@ -20,6 +21,11 @@ class VisionTransformer(ModelSizes, nn.Module):
     ``patch_size`` patches, a linear patch embedding, learned positions, bidirectional pre-norm blocks,
     mean pooling over patches and a linear head.
 
+    ``short_conv=K`` (odd; 0: none) puts a gated centred convolution over the patch sequence (raster
+    order, so it reaches ``K // 2`` patches left and right along a row, across row ends) before the
+    mixer of the blocks in ``short_conv_layers`` ("all", "first" or a tuple of indices), the same
+    :class:`attnlab.nn.short_conv.ShortConvolution` whatever the mechanism.
+
     >>> vit = VisionTransformer(8, 2, 1, 10, dim=32, depth=2, heads=4)
     >>> vit(torch.randn(3, 1, 8, 8)).shape
     torch.Size([3, 10])
@@ -27,6 +33,7 @@ class VisionTransformer(ModelSizes, nn.Module):
 
     def __init__(self, image_size: int, patch_size: int, channels: int, num_classes: int, *, dim: int = 64,
                  depth: int = 2, heads: int = 4, mechanism: str = "softmax", mlp_ratio: int = 4,
+                 short_conv: int = 0, short_conv_layers: ShortConvLayers = "all",
                  **mechanism_options: Any) -> None:
         super().__init__()
         if patch_size <= 0 or image_size % patch_size != 0:
@@ -36,8 +43,8 @@ class VisionTransformer(ModelSizes, nn.Module):
         self.embed = nn.Linear(channels * patch_size * patch_size, dim)
         self.position = nn.Parameter(torch.randn(self.num_patches, dim) * 0.02)
         self.trunk = BlockStack(dim, depth, heads, mechanism=mechanism, causal=False, mlp_ratio=mlp_ratio,
-                                seq_len=self.num_patches,
-                                **mechanism_options)
+                                seq_len=self.num_patches, short_conv=short_conv,
+                                short_conv_layers=short_conv_layers, **mechanism_options)
         self.head = nn.Linear(dim, num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -78,11 +78,16 @@ class Attention(nn.Module):
         kv_heads: key/value heads H_kv dividing ``heads`` (grouped-query attention); default ``heads``.
         causal: causal masking (self-attention only).
         bias: biases in the projections.
+        feature_dim: width of each head's queries and keys (default ``dim // heads``; values keep
+            ``dim // heads``). Based projects q and k to 16 before its Taylor feature map (Arora et al.,
+            "Simple linear attention language models balance the recall-throughput tradeoff",
+            arXiv 2402.18668): ``Attention(64, 1, mechanism="linear", feature_map="taylor", feature_dim=16)``.
         **mechanism_options: keyword options of the op (``decay=``, ``kernel_size=``, ...).
     """
 
     def __init__(self, dim: int, heads: int, *, mechanism: str = "softmax", kv_heads: int | None = None,
-                 causal: bool = False, bias: bool = False, **mechanism_options: Any) -> None:
+                 causal: bool = False, bias: bool = False, feature_dim: int | None = None,
+                 **mechanism_options: Any) -> None:
         super().__init__()
         record = get(mechanism)
         if record.layer is not None:
@@ -104,9 +109,13 @@ class Attention(nn.Module):
         self.record = record
         self.dim, self.heads, self.kv_heads, self.causal = dim, heads, kv_heads, causal
         self.head_dim = dim // heads
+        if feature_dim is not None and (isinstance(feature_dim, bool) or not isinstance(feature_dim, int)
+                                        or feature_dim < 1):
+            raise ValueError(f"feature_dim must be a positive integer (e.g. 16) or None, got {feature_dim!r}")
+        self.feature_dim = self.head_dim if feature_dim is None else feature_dim  # query/key width per head
         self.options = dict(mechanism_options)
-        self.to_q = nn.Linear(dim, dim, bias=bias)
-        self.to_kv = nn.Linear(dim, 2 * kv_heads * self.head_dim, bias=bias)
+        self.to_q = nn.Linear(dim, heads * self.feature_dim, bias=bias)
+        self.to_kv = nn.Linear(dim, kv_heads * (self.feature_dim + self.head_dim), bias=bias)
         self.to_out = nn.Linear(dim, dim, bias=bias)
         self.hooks: list[AttentionHooks] = []  # analysis hook points; empty = the plain op, no extra cost
 
@@ -129,8 +138,14 @@ class Attention(nn.Module):
                 raise ValueError(f"mechanism {self.record.name!r} does not take key_padding_mask")
             options["key_padding_mask"] = key_padding_mask
         source = x if context is None else context
-        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)  # (B, H, N, d)
-        k, v = rearrange(self.to_kv(source), "b m (two h d) -> two b h m d", two=2, h=self.kv_heads)
+        q = rearrange(self.to_q(x), "b n (h f) -> b h n f", h=self.heads)  # (B, H, N, f)
+        kv = self.to_kv(source)  # (B, M, H_kv * (f + d))
+        if self.feature_dim == self.head_dim:
+            k, v = rearrange(kv, "b m (two h d) -> two b h m d", two=2, h=self.kv_heads)
+        else:
+            k_flat, v_flat = kv.split([self.kv_heads * self.feature_dim, self.kv_heads * self.head_dim], dim=-1)
+            k = rearrange(k_flat, "b m (h f) -> b h m f", h=self.kv_heads)  # (B, H_kv, M, f)
+            v = rearrange(v_flat, "b m (h d) -> b h m d", h=self.kv_heads)  # (B, H_kv, M, d)
         if self.hooks:
             out = self._hooked_forward(q, k, v, options)  # (B, H, N, d)
         else:
