@@ -129,8 +129,8 @@ def test_hooks_edit_the_probabilities_used_for_the_output() -> None:
 @pytest.mark.parametrize("kwargs,error,words", [
     ({"on_scores": lambda s: s[..., :2]}, ValueError, "on_scores must return a tensor of shape (1, 2, 4, 4)"),
     ({"on_probs": lambda a: None}, ValueError, "on_probs must return a tensor"),
-    ({"dropout_p": 1.0}, ValueError, "dropout_p=1.0"),
-    ({"dropout_p": True}, ValueError, "dropout_p=True"),
+    ({"dropout": 1.0}, ValueError, "dropout=1.0"),
+    ({"dropout": True}, ValueError, "dropout=True"),
 ])
 def test_bad_hooks_and_options_are_refused_by_name(kwargs: dict, error: type, words: str) -> None:
     q = rand(1, 2, 4, 8, seed=11)
@@ -142,7 +142,7 @@ def test_bad_hooks_and_options_are_refused_by_name(kwargs: dict, error: type, wo
 def test_dropout_acts_on_the_output_only() -> None:
     q, k, v = (rand(2, 2, 16, 8, seed=s) for s in (12, 13, 14))
     torch.manual_seed(0)
-    out, probs = softmax_attention_hooked(q, k, v, dropout_p=0.5)
+    out, probs = softmax_attention_hooked(q, k, v, dropout=0.5)
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2, 16, dtype=torch.float64))
     torch.manual_seed(0)
     kept = torch.nn.functional.dropout(probs, p=0.5)

@@ -125,7 +125,7 @@ def _run_hook(hook: TensorHook | None, tensor: torch.Tensor, name: str) -> torch
 def softmax_attention_hooked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                              scale: float | None = None, attn_mask: torch.Tensor | None = None,
                              key_padding_mask: torch.Tensor | None = None, on_scores: TensorHook | None = None,
-                             on_probs: TensorHook | None = None, dropout_p: float = 0.0,
+                             on_probs: TensorHook | None = None, dropout: float = 0.0,
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """``softmax(Q K^T * scale + mask) V`` step by step, with hook points on the scores and probabilities.
 
@@ -144,7 +144,7 @@ def softmax_attention_hooked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         on_scores: ``f(S) -> S'`` on the masked scores ``[B, H, N, M]`` (query heads; grouped
             key/value heads are expanded first); ``None`` = no hook.
         on_probs: ``f(A) -> A'`` on the probabilities ``[B, H, N, M]``.
-        dropout_p: dropout on the probabilities used for the output (not on the returned ones).
+        dropout: dropout on the probabilities used for the output (not on the returned ones).
 
     Returns:
         ``(out [B, H, N, Dv]`` in the dtype of q, ``probs [B, H, N, M]`` in the compute dtype, as
@@ -155,8 +155,8 @@ def softmax_attention_hooked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     _check_masks(sizes, attn_mask, key_padding_mask, q.device)
     if causal:
         check_causal_lengths(sizes.length, sizes.key_length)
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, int | float) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a number in [0, 1), got dropout_p={dropout_p!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1), got dropout={dropout!r}")
     dtype = compute_dtype(q.dtype)
     qf = q.to(dtype)  # (B, H, N, D)
     kf = expand_kv(k, sizes.heads).to(dtype)  # (B, H, M, D)
@@ -174,7 +174,7 @@ def softmax_attention_hooked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     probs = torch.softmax(torch.where(empty, 0.0, scores), dim=-1)  # (B, H, N, M)
     probs = torch.where(empty, 0.0, probs)
     probs = _run_hook(on_probs, probs, "on_probs")
-    used = F.dropout(probs, p=dropout_p) if dropout_p > 0 else probs
+    used = F.dropout(probs, p=dropout) if dropout > 0 else probs
     out = torch.matmul(used, vf)  # (B, H, N, Dv)
     return out.to(q.dtype), probs
 

@@ -133,7 +133,7 @@ def _hooked_eager(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
         query, key, value, scale=scaling, attn_mask=attention_mask,
         on_scores=chain_hooks([(hooks.on_scores, layer) for hooks, layer in active]),
         on_probs=chain_hooks([(hooks.on_probs, layer) for hooks, layer in active]),
-        dropout_p=dropout if module.training else 0.0)  # (B, H, N, d), (B, H, N, M)
+        dropout=dropout if module.training else 0.0)  # (B, H, N, d), (B, H, N, M)
     for hooks, layer in active:
         out = apply_hook(hooks.on_head_output, out, layer)
     return out.transpose(1, 2).contiguous(), probs.to(query.dtype)
