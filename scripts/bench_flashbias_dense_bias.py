@@ -1,7 +1,7 @@
 """FlashBias (rank-2 causal ALiBi factors, one SDPA call) versus SDPA with a dense float bias.
 
 ``attnlab bench speed`` times flashbias against its own dense reference; this script adds the
-baseline the issue names, ``F.scaled_dot_product_attention(attn_mask=<dense float ALiBi bias>)``,
+usual baseline, ``F.scaled_dot_product_attention(attn_mask=<dense float ALiBi bias>)``,
 plus plain causal SDPA (no bias) as the floor. Every cell runs in a fresh subprocess: time (median
 of repeated calls after a warm-up, ``attnlab.bench.timing.time_callable``), peak resident memory above
 the process before the inputs were built (``cpu_peak_memory_inline``: the dense bias counts), and

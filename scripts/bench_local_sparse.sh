@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU benchmark of the issue "Mechanisms II: local, sparse and biased attention" (float32, B=1,
+# The CPU benchmark of the local, sparse and biased mechanisms (docs/local_sparse.md; float32, B=1,
 # H=4, D=64, causal, one run), preceded by a short CUDA check of the five ops and of the bf16 ALiBi
 # factors when a GPU is present. Installs nothing: attnlab runs from src/ via PYTHONPATH.
 #   bash scripts/bench_local_sparse.sh [OUT_DIR] [N_LOCAL] [N_BIAS] [THREADS]

@@ -7,8 +7,8 @@ the script, offline). Steps:
    gradients, bfloat16 forward at the record's realistic bf16 size; one PASS/FAIL line each (layer-
    only mechanisms: the layer in float32 against the same layer in float64);
 2. forward and forward+backward times (``triton.testing.do_bench`` medians, 25 ms warm-up, 100 ms
-   repeat, a ones output gradient), peak memory and relative error at the anchor shape of
-   ``shared/anchors/gpu_h200.md`` (bf16, H=16, D=128, 65,536 tokens per call, causal, N = 1024 ..
+   repeat, a ones output gradient), peak memory and relative error at the anchor shape
+   (bf16, H=16, D=128, 65,536 tokens per call, causal, N = 1024 ..
    65536) for softmax (each SDPA backend, SDPA's default, and ``impl="auto"``), lightning, linear,
    neighborhood and sliding window (window 1024; ``impl="auto"`` is compiled FlexAttention on CUDA,
    with the sliding window's "gather" path beside it), FlashBias (causal ALiBi) and, when importable,
@@ -49,7 +49,7 @@ from attnlab.ops.flex import auto_uses_flex  # noqa: E402
 from attnlab.ops.softmax_backends import sdpa_with_backend, softmax_backend_report  # noqa: E402
 from attnlab.testing import first_output, random_qkv, relative_error, run_options  # noqa: E402
 
-# shared/anchors/gpu_h200.md, measured 2026-11-28 on one H200: (fwd ms, fwd+bwd ms) per N
+# the anchors of docs/benchmarks.md, measured 2026-11-28 on one H200: (fwd ms, fwd+bwd ms) per N
 ANCHORS: dict[str, dict[int, tuple[float, float]]] = {
     "SDPA FlashAttention-2": {1024: (1.033, 4.940), 4096: (3.378, 13.609), 16384: (12.903, 47.775),
                               65536: (52.206, 188.380)},

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU run (see scripts/gpu_check.py): correctness of every registered op on CUDA in
-# float32 and bf16, then timings at the anchor shape of shared/anchors/gpu_h200.md, one table with
-# ratios to the anchors, JSON + Markdown written to $OUT (or --out DIR, else runs/gpu_check).
+# float32 and bf16, then timings at the anchor shape (bf16, H=16, D=128, 65,536 tokens per call), one
+# table with ratios to the anchors (docs/benchmarks.md), JSON + Markdown written to $OUT (or --out DIR, else runs/gpu_check).
 # Installs nothing from the network: attnlab runs from src/ via PYTHONPATH; an fla-core wheel
 # (fla_core-*.whl) placed beside this script is installed offline into a private folder.
 #   bash scripts/gpu_check.sh                      # on the GPU machine

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""GPU check of the Triton lightning kernels (issue 9): correctness first, then timings.
+"""GPU check of the Triton lightning kernels (docs/kernels.md): correctness first, then timings.
 
 Runs on one CUDA GPU with nothing from the network: attnlab from this checkout, fla (fla-core) when
 it imports (carry its wheel, see docs/kernels.md). Sections, each guarded by a time budget:

@@ -91,7 +91,7 @@ PRESETS: dict[str, SpeedConfig] = {
                        repeats=3, max_repeats=10, min_seconds=0.5, max_seconds=60.0, memory="subprocess",
                        max_cell_seconds=15.0,
                        externals=("natten",)),
-    # the anchor shape of shared/anchors/gpu_h200.md: bf16, H=16, D=128, 65,536 tokens per call
+    # the anchor shape of docs/benchmarks.md: bf16, H=16, D=128, 65,536 tokens per call
     "gpu": SpeedConfig(lengths=(1024, 4096, 16384, 65536), tokens=65536, heads=16, dim=128, dtype="bfloat16",
                        modes=("fwd", "fwdbwd"), memory="cuda", max_cell_seconds=5.0, device="cuda"),
 }
