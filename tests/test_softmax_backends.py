@@ -216,3 +216,19 @@ def test_forcing_an_unknown_backend_is_an_error() -> None:
     q, k, v = _qkv(3)
     with pytest.raises(ValueError, match="backend='fastest'"):
         sb.sdpa_with_backend("fastest", q, k, v)
+
+
+def test_bench_speed_times_the_backends_only_when_asked(tmp_path) -> None:
+    import json
+
+    from attnlab.cli import main
+
+    assert main(["bench", "speed", "--preset", "smoke", "--softmax-backends", "--device", "cpu",
+                 "--out", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "softmax_backends.jsonl").read_text().splitlines()]
+    assert [(r["N"], r["mode"]) for r in rows] == [(32, "fwd"), (64, "fwd")]  # the smoke preset's shapes
+    for row in rows:
+        assert {"math", "default"} <= set(row["times_ms"]) and all(t > 0 for t in row["times_ms"].values())
+        assert "cudnn" in row["errors"] and row["rule_order"] == [] and row["mask_kind"] == "causal"
+        assert row["shape"] == [1, 2, 2, row["N"], 16, 16]
+    assert not (tmp_path / "speed.jsonl").exists()  # no sweep ran

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-__all__ = ["add_commands", "cmd_bench_speed"]
+__all__ = ["add_commands", "cmd_bench_speed", "cmd_softmax_backends"]
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -36,6 +36,8 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
     if args.bidirectional:
         overrides["causal"] = False
     out = args.out or f"runs/speed-{args.preset}"
+    if args.softmax_backends:
+        return cmd_softmax_backends(args.preset, overrides, out)
     try:
         rows = run_speed_benchmark(preset=args.preset, out_dir=out, mechanisms=args.mechanisms,
                                    resume=not args.no_resume, **overrides)
@@ -44,6 +46,38 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
         return 2
     failed = [r for r in rows if r.get("status") == "error"]
     print(f"{len(rows)} cells, {len(failed)} failed; results in {out}/speed.jsonl, table in {out}/speed.md")
+    return 0
+
+
+def cmd_softmax_backends(preset: str, overrides: dict[str, Any], out: str) -> int:
+    """Time every SDPA backend at the sweep's shapes (``--softmax-backends``): the table, next to the
+    order that ``softmax_attention(impl="auto")`` uses by its fixed rule. Rows in OUT/softmax_backends.jsonl."""
+    import json
+    from pathlib import Path
+
+    from attnlab.bench.speed_config import DTYPES, resolve_config
+    from attnlab.ops.softmax_backends import measure_softmax_backends
+
+    try:
+        config = resolve_config(preset, overrides)
+    except (ValueError, TypeError) as error:
+        print(f"error: {error.args[0] if error.args else error}")
+        return 2
+    path = Path(out) / "softmax_backends.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as results:
+        for N in config.lengths:
+            for mode in config.modes:
+                table = measure_softmax_backends(
+                    device=config.device, dtype=DTYPES[config.dtype], batch=config.batch_for(N), heads=config.heads,
+                    length=N, head_dim=config.dim, mask_kind="causal" if config.causal else "none", mode=mode,
+                    warmup=config.warmup, repeats=config.repeats, seed=config.seed)
+                results.write(json.dumps({"N": N, **table.as_dict()}) + "\n")
+                times = ", ".join(f"{name} {ms:.3f} ms" for name, ms in table.times_ms.items())
+                refused = f"; refused: {', '.join(table.errors)}" if table.errors else ""
+                print(f"N={N} {mode} {config.dtype} D={config.dim}: {times}{refused}; fastest {table.fastest}; "
+                      f"impl='auto' order: {' > '.join(table.rule_order) or 'SDPA default'}")
+    print(f"results in {path}")
     return 0
 
 
@@ -74,4 +108,6 @@ def add_commands(sub: argparse._SubParsersAction, bench: argparse._SubParsersAct
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--out", default=None, help="results folder (default runs/speed-PRESET)")
     p.add_argument("--no-resume", action="store_true", help="run every cell again even if already in the file")
+    p.add_argument("--softmax-backends", action="store_true",
+                   help="instead of the sweep, time each SDPA backend at its shapes (what impl='auto' never does)")
     p.set_defaults(func=cmd_bench_speed)
