@@ -2,9 +2,23 @@
 
 Parametrized over ``attnlab.mechanisms()``: a mechanism registered later is checked here with no new
 test code. Sizes and tolerances come from each record's ``check`` (``attnlab.CheckConfig``).
+
+Every impl a record declares (the ``Literal`` of its op's ``impl`` parameter) is compared with the
+reference where it can run here: impls that run on the CPU in this process; impls that run under the
+Triton interpreter (``impl_devices``: "triton-interpreter") in ONE child process with
+``TRITON_INTERPRET=1`` set before triton is imported (this file run as a script with
+``--interpreter-worker``), at the conformance sizes; impls that can run nowhere here are listed with
+the reason by :func:`test_every_declared_impl_runs_here_or_is_reported` (run pytest with ``-s`` to see it).
 """
 
 from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,10 +28,16 @@ from attnlab.registry import Mechanism
 from attnlab.testing import first_output, random_qkv, relative_error, run_options
 
 OPS = [m for m in attnlab.mechanisms() if m.op is not None and m.reference is not None]
+DTYPES = {"f64": torch.float64, "f32": torch.float32}
 
 
 def modes(record: Mechanism) -> list[bool]:
     return [c for c in (False, True) if (record.supports_causal if c else record.supports_bidirectional)]
+
+
+def impl_modes(record: Mechanism, impl: str | None) -> list[bool]:
+    """The masking regimes ``impl`` computes (a causal-only impl is not asked for bidirectional attention)."""
+    return [c for c in modes(record) if c or impl not in record.causal_only_impls]
 
 
 def op_cases() -> list:
@@ -27,11 +47,43 @@ def op_cases() -> list:
 def impl_cases() -> list:
     cases = []
     for m in OPS:
-        impls = ("auto", *m.impls) if m.accepts("impl") else (None,)
-        for c in modes(m):
-            for impl in impls:
+        impls = ("auto", *m.impls_on("cpu")) if m.accepts("impl") else (None,)
+        for impl in impls:
+            for c in impl_modes(m, impl):
                 cases.append(pytest.param(m, c, impl, id=f"{m.name}-{'causal' if c else 'bidir'}-{impl or 'op'}"))
     return cases
+
+
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreter_impls(record: Mechanism) -> tuple[str, ...]:
+    """Impls that do not run on the CPU as such but do under the Triton interpreter (when triton is installed)."""
+    if not triton_installed():
+        return ()
+    return tuple(i for i in record.impls if not record.impl_runs_on(i, "cpu")
+                 and record.impl_runs_on(i, "triton-interpreter"))
+
+
+def interpreter_cases() -> list[tuple[str, bool, str, str]]:
+    """(mechanism, causal, impl, dtype id) of every interpreter run."""
+    return [(m.name, c, impl, d) for m in OPS for impl in interpreter_impls(m) for c in impl_modes(m, impl)
+            for d in DTYPES]
+
+
+def not_run_here() -> list[tuple[str, str, str]]:
+    """(mechanism, impl, why) for every declared impl this suite cannot run on this machine."""
+    skipped = []
+    for m in OPS:
+        for impl in m.impls:
+            if m.impl_runs_on(impl, "cpu") or impl in interpreter_impls(m):
+                continue
+            where = ", ".join(m.impl_devices[impl])
+            why = (f"runs on {where}; triton is not installed for the interpreter"
+                   if m.impl_runs_on(impl, "triton-interpreter") else f"runs on {where} only")
+            skipped.append((m.name, impl, why))
+    return skipped
 
 
 def with_impl(options: dict, impl: str | None) -> dict:
@@ -42,22 +94,95 @@ def seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.mark.parametrize("record,causal,impl", impl_cases())
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-def test_fast_path_equals_reference(record: Mechanism, causal: bool, impl: str | None, dtype: torch.dtype) -> None:
+def fast_path_errors(record: Mechanism, causal: bool, impl: str | None, dtype: torch.dtype) -> list[float]:
+    """Relative errors of ``impl`` against the float64 reference: plain heads, then grouped heads (GQA)."""
     c = record.check
+    errors = []
     for seed, grouped in ((1, False), (2, record.supports_gqa)):
         q, k, v = random_qkv(record, dtype=dtype, generator=seeded(seed),
                              kv_heads=c.kv_heads if grouped else None)
         options = run_options(record, causal=causal)
         out = first_output(record(q, k, v, **with_impl(options, impl)))
         expected = first_output(record.run_reference(q.double(), k.double(), v.double(), **options))
-        assert out.dtype == dtype, f"{record.name} returned {out.dtype} for {dtype} inputs"
+        assert out.dtype == dtype, f"{record.name} impl={impl} returned {out.dtype} for {dtype} inputs"
         assert out.shape == expected.shape
-        assert torch.isfinite(out).all()
-        tolerance = c.float64_tolerance if dtype == torch.float64 else c.float32_tolerance
-        error = relative_error(out, expected)
+        errors.append(relative_error(out, expected) if torch.isfinite(out).all() else float("inf"))
+    return errors
+
+
+@pytest.mark.parametrize("record,causal,impl", impl_cases())
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+def test_fast_path_equals_reference(record: Mechanism, causal: bool, impl: str | None, dtype: torch.dtype) -> None:
+    c = record.check
+    tolerance = c.float64_tolerance if dtype == torch.float64 else c.float32_tolerance
+    for grouped, error in zip((False, True), fast_path_errors(record, causal, impl, dtype), strict=True):
         assert error <= tolerance, f"{record.name} impl={impl} grouped={grouped}: rel. error {error:.2e}"
+
+
+def _interpreter_worker() -> None:
+    """Child process (``TRITON_INTERPRET=1``): the errors of every interpreter case, as one JSON line."""
+    results = {}
+    for name, causal, impl, dtype in interpreter_cases():
+        results[f"{name}-{causal}-{impl}-{dtype}"] = fast_path_errors(attnlab.get(name), causal, impl, DTYPES[dtype])
+    print("RESULTS " + json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def interpreter_results() -> dict[str, list[float]]:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), str(root / "tests"), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--interpreter-worker"], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS "))
+    return json.loads(line[len("RESULTS "):])
+
+
+@pytest.mark.parametrize("name,causal,impl,dtype", interpreter_cases(),
+                         ids=[f"{n}-{'causal' if c else 'bidir'}-{i}-{d}" for n, c, i, d in interpreter_cases()])
+def test_interpreted_kernel_equals_reference(interpreter_results: dict[str, list[float]], name: str, causal: bool,
+                                             impl: str, dtype: str) -> None:
+    """Triton impls run by the interpreter on CPU at the conformance sizes, against the float64 reference."""
+    c = attnlab.get(name).check
+    tolerance = c.float64_tolerance if dtype == "f64" else c.float32_tolerance
+    errors = interpreter_results[f"{name}-{causal}-{impl}-{dtype}"]
+    assert len(errors) == 2 and all(e <= tolerance for e in errors), f"{name} impl={impl}: rel. errors {errors}"
+
+
+def test_every_declared_impl_runs_here_or_is_reported() -> None:
+    """Each declared impl is compared with its reference above, or printed here with the reason it is not."""
+    in_process = {(p.values[0].name, p.values[2]) for p in impl_cases()}
+    interpreted = {(name, impl) for name, _, impl, _ in interpreter_cases()}
+    skipped = not_run_here()
+    for m in OPS:
+        for impl in m.impls:
+            covered = [(m.name, impl) in in_process, (m.name, impl) in interpreted,
+                       any(s[:2] == (m.name, impl) for s in skipped)]
+            assert sum(covered) == 1, f"{m.name} impl={impl!r}: covered {covered} (cpu, interpreter, reported)"
+    if triton_installed():
+        assert interpreted, "no impl declares the Triton interpreter, yet the lightning kernels run there"
+    print("\nimpls not run on this machine:" if skipped else "\nevery declared impl ran against its reference")
+    for name, impl, why in skipped:
+        print(f"  {name} impl={impl!r}: {why}")
+
+
+@pytest.mark.parametrize("record,causal", op_cases())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_bench_options_run_the_op(record: Mechanism, causal: bool, dtype: torch.dtype) -> None:
+    """What the speed benchmark passes (``record.bench_options``) runs the op at a benchmark-like shape."""
+    from attnlab.registry import BenchShape
+
+    shape = BenchShape(batch=2, heads=4, kv_heads=2 if record.supports_gqa else 4, length=160, head_dim=16,
+                       device=torch.device("cpu"), dtype=dtype)
+    options = record.options_for_bench(shape)
+    for value in options.values():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.ndim > 1:
+            assert value.dtype == dtype, f"{record.name}: a bench option tensor is {value.dtype}, not {dtype}"
+    q, k, v = random_qkv(record, dtype=dtype, generator=seeded(11), length=160, head_dim=16, heads=4,
+                         kv_heads=shape.kv_heads)
+    out = first_output(record(q, k, v, causal=causal, **options))
+    assert out.shape == q.shape[:3] + (v.shape[-1],) and out.dtype == dtype and torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("record,causal", [p for p in op_cases() if p.values[0].supports_cross])
@@ -187,3 +312,7 @@ def test_generic_layer_runs_the_op(record: Mechanism) -> None:
     assert y.shape == x.shape and torch.isfinite(y).all()
     y.sum().backward()
     assert all(p.grad is not None for p in layer.parameters())
+
+
+if __name__ == "__main__" and "--interpreter-worker" in sys.argv:
+    _interpreter_worker()

@@ -227,7 +227,7 @@ def test_tnl_layer_is_causal_only_and_the_plain_op_fits_the_generic_layer() -> N
     import attnlab
     from attnlab.nn import TNLAttention
 
-    with pytest.raises(NotImplementedError, match="causal only"):
+    with pytest.raises(NotImplementedError, match="causal attention only"):
         TNLAttention(16, 2, causal=False)
     layer = attnlab.nn.Attention(16, 2, mechanism="lightning", causal=True, decay=0.1)
     assert layer(rand(1, 9, 16, seed=41, dtype=torch.float32)).shape == (1, 9, 16)

@@ -167,7 +167,7 @@ class _NeedsLength(nn.Module):
 def test_a_required_sequence_length_option_is_filled_from_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
     softmax = attnlab.get("softmax")
     record = dataclasses.replace(softmax, name="fake_needs_length", op=None, reference=None, layer=_NeedsLength,
-                                 supports_causal=False)
+                                 supports_causal=False, model_options=lambda seq_len: {"seq_len": seq_len})
     monkeypatch.setitem(_REGISTRY, "fake_needs_length", record)
     model = SequenceClassifier(2, 16, 1, 2, mechanism="fake_needs_length", max_len=7, vocab_size=10)
     assert model.trunk.blocks[0].mixer.seq_len == 7 and model.trunk.mixer_options == {"seq_len": 7}
@@ -175,11 +175,11 @@ def test_a_required_sequence_length_option_is_filled_from_the_model(monkeypatch:
 
 
 def test_required_window_options_scale_with_the_model_length() -> None:
-    from attnlab.models.blocks import required_options
-
-    tested = attnlab.get("sliding_window").check.options["window"]
-    assert required_options("sliding_window", seq_len=64) == {"window": 16}
-    assert required_options("sliding_window", seq_len=8) == {"window": tested}  # never below the tested value
-    assert required_options("neighborhood", seq_len=64) == {"kernel_size": 15}  # odd kernel
+    assert attnlab.get("sliding_window").options_for_model(64) == {"window": 16}
+    assert attnlab.get("sliding_window").options_for_model(3) == {"window": 2}  # the key itself and one more
+    assert attnlab.get("neighborhood").options_for_model(64) == {"kernel_size": 15}  # odd kernel
+    assert attnlab.get("neighborhood").options_for_model(8) == {"kernel_size": 3}
+    assert attnlab.get("neighborhood").options_for_model(2) == {"kernel_size": 1}  # never longer than the input
+    assert attnlab.get("ninformer").options_for_model(13) == {"seq_len": 13}
     layer = build_mixer("sliding_window", 16, 2, causal=True, seq_len=64)
     assert layer.options == {"window": 16}

@@ -12,11 +12,11 @@ import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 import torch
 
-__all__ = ["CheckConfig", "Mechanism", "register", "get", "mechanisms", "attention"]
+__all__ = ["BenchShape", "CheckConfig", "DEVICES", "Mechanism", "register", "get", "mechanisms", "attention"]
 
 
 ROLES = ("mixer", "cross", "pooling", "probe")
@@ -88,14 +88,69 @@ class CheckConfig:
             object.__setattr__(self, "bf16_options", _frozen(self.bf16_options))
 
 
+DEVICES = ("cpu", "cuda", "triton-interpreter")
+"""Where an impl can run: a device type, or "triton-interpreter" (CPU with ``TRITON_INTERPRET=1`` set before
+triton is imported, the way Triton kernels are tested without a GPU)."""
+
+
+@dataclass(frozen=True)
+class BenchShape:
+    """The shape of one speed-benchmark cell: ``q [batch, heads, length, head_dim]``, ``k, v [batch, kv_heads,
+    length, head_dim]`` on ``device`` in ``dtype``. :attr:`Mechanism.bench_options` receives it."""
+
+    batch: int
+    heads: int
+    kv_heads: int
+    length: int
+    head_dim: int
+    device: torch.device
+    dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "device", torch.device(self.device))
+
+
+def _signature_target(op: Callable[..., Any] | None, layer: type[torch.nn.Module] | None) -> Callable[..., Any]:
+    return op if op is not None else layer  # type: ignore[return-value]
+
+
+def _options(function: Callable[..., Any], *, is_layer: bool) -> list[inspect.Parameter]:
+    """The option parameters of an op (keyword-only) or a layer (keyword-only, or positional with a default
+    other than its sizes ``dim``/``heads``)."""
+    options = []
+    for parameter in inspect.signature(function).parameters.values():
+        if parameter.kind is parameter.KEYWORD_ONLY:
+            options.append(parameter)
+        elif (is_layer and parameter.kind is parameter.POSITIONAL_OR_KEYWORD
+              and parameter.default is not parameter.empty and parameter.name not in ("dim", "heads")):
+            options.append(parameter)
+    return options
+
+
+def _impl_names(name: str, function: Callable[..., Any]) -> tuple[str, ...]:
+    """The fast paths named by the ``impl`` parameter's ``Literal[...]`` annotation (without "auto", "reference")."""
+    parameter = inspect.signature(function).parameters.get("impl")
+    if parameter is None:
+        return ()
+    annotation = parameter.annotation
+    if isinstance(annotation, str):  # modules use ``from __future__ import annotations``
+        target = getattr(function, "__init__", function) if isinstance(function, type) else function
+        namespace = {"Literal": Literal, **getattr(target, "__globals__", {})}
+        annotation = eval(annotation, namespace)  # noqa: S307 - the annotation text of attnlab's own op
+    if get_origin(annotation) is not Literal:
+        raise TypeError(f"mechanism {name!r}: the impl parameter must be annotated Literal['auto', 'reference', ...] "
+                        f"(the registry reads the impl names from it), got {parameter.annotation!r}")
+    return tuple(i for i in get_args(annotation) if i not in ("auto", "reference"))
+
+
 @dataclass(frozen=True)
 class Mechanism:
     """One attention mechanism as the rest of attnlab sees it.
 
     Attributes:
         name: the short name users pass as ``mechanism=``.
-        op: the public functional op ``op(q, k, v, *, ..., impl="auto")`` on ``[B, H, N, D]``
-            tensors, or ``None`` for a mechanism that only exists as a layer.
+        op: the public functional op ``op(q, k, v, *, causal=False, scale=None, ..., impl="auto")`` on
+            ``[B, H, N, D]`` tensors, or ``None`` for a mechanism that only exists as a layer.
         reference: the plain transcription of the paper's equations (the oracle), same signature
             as ``op`` without ``impl``; ``None`` for layer-only mechanisms.
         layer: the ``nn.Module`` class that carries the mechanism's own parameters, or ``None``
@@ -108,15 +163,28 @@ class Mechanism:
         supports_value_dim: v may have a head dim different from q, k.
         differentiable: gradients flow to q, k, v.
         complexity: asymptotic cost, e.g. ``"O(N^2 d)"``.
-        defaults: the option defaults of ``op`` (documentation and benchmarks read them).
-        impls: names of the fast paths the op accepts as ``impl=`` (besides "reference", "auto").
-        check: sizes and tolerances for the conformance suite.
+        impl_devices: where each fast path runs, for the impls that do not run everywhere, e.g.
+            ``{"triton": ("cuda", "triton-interpreter")}`` (names from :data:`DEVICES`).
+        causal_only_impls: fast paths that compute causal self-attention only (the op refuses other calls).
+        model_options: ``f(seq_len) -> options`` a model of that sequence length passes when it builds
+            the mechanism (a window of a quarter of the length, an odd kernel, a layer's fixed length);
+            ``None``: the defaults suffice.
+        bench_options: ``f(BenchShape) -> options`` the speed benchmark passes to the op at that shape
+            (tensors such as biases in the benchmark's device and dtype); ``None``: the defaults.
+        check: sizes and tolerances for the conformance suite (tests only).
         state_size: optional ``f(heads, head_dim, value_dim) -> int``, floats of recurrent state
             per sequence (benchmarks plot accuracy against it).
         role: how the layer fits a model. "mixer": self-attention ``x [B, N, dim] -> [B, N, dim]``,
             built as ``layer(dim, heads, *, causal=..., **options)``, usable in every model;
             "cross": needs a second input; "pooling": ``[B, N, dim] -> [B, n, dim]``;
             "probe": a read-out head. Models only take "mixer" mechanisms.
+
+    Read from the op's signature (the layer's for layer-only records) when the record is made, never
+    written by hand:
+        defaults: every option with a default, ``{name: default}``.
+        required_options: the options without a default (a model or benchmark must pass them).
+        impls: the fast paths the op accepts as ``impl=`` (besides "auto" and "reference"), from the
+            ``Literal[...]`` annotation of its ``impl`` parameter.
     """
 
     name: str
@@ -129,24 +197,71 @@ class Mechanism:
     supports_causal: bool
     supports_bidirectional: bool
     complexity: str
-    defaults: Mapping[str, Any] = field(default_factory=dict)
     supports_cross: bool = False
     supports_gqa: bool = False
     supports_value_dim: bool = True
     differentiable: bool = True
-    impls: tuple[str, ...] = ()
+    impl_devices: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    causal_only_impls: tuple[str, ...] = ()
+    model_options: Callable[[int], Mapping[str, Any]] | None = None
+    bench_options: Callable[[BenchShape], Mapping[str, Any]] | None = None
     check: CheckConfig = field(default_factory=CheckConfig)
     state_size: Callable[[int, int, int], int] | None = None
     role: str = "mixer"
+    defaults: Mapping[str, Any] = field(init=False)
+    required_options: tuple[str, ...] = field(init=False)
+    impls: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "defaults", _frozen(self.defaults))
         if not (self.supports_causal or self.supports_bidirectional):
             raise ValueError(f"mechanism {self.name!r} must support causal or bidirectional attention")
         if self.role not in ROLES:
             raise ValueError(f"mechanism {self.name!r}: role={self.role!r} is not one of {ROLES}")
         if self.op is None and self.layer is None:
             raise ValueError(f"mechanism {self.name!r} needs an op or a layer")
+        target = _signature_target(self.op, self.layer)
+        options = _options(target, is_layer=self.op is None)
+        object.__setattr__(self, "defaults", _frozen({p.name: p.default for p in options if p.default is not p.empty}))
+        object.__setattr__(self, "required_options", tuple(p.name for p in options if p.default is p.empty))
+        impls = _impl_names(self.name, target)
+        object.__setattr__(self, "impls", impls)
+        devices = {impl: tuple(d) for impl, d in self.impl_devices.items()}
+        for impl, where in devices.items():
+            if impl not in impls:
+                raise ValueError(f"mechanism {self.name!r}: impl_devices names {impl!r}, which is not one of the "
+                                 f"op's impls {impls}")
+            unknown = [d for d in where if d not in DEVICES]
+            if unknown or not where:
+                raise ValueError(f"mechanism {self.name!r}: impl_devices[{impl!r}]={where!r}; devices are "
+                                 f"{', '.join(DEVICES)}")
+        object.__setattr__(self, "impl_devices", _frozen(devices))
+        stray = [impl for impl in self.causal_only_impls if impl not in impls]
+        if stray:
+            raise ValueError(f"mechanism {self.name!r}: causal_only_impls names {stray}, not among the impls {impls}")
+
+    def impl_runs_on(self, impl: str, device: str) -> bool:
+        """Whether ``impl`` runs on ``device`` (one of :data:`DEVICES`); "auto"/"reference" run everywhere."""
+        if device not in DEVICES:
+            raise ValueError(f"device={device!r} is not one of {', '.join(DEVICES)}")
+        where = self.impl_devices.get(impl)
+        return where is None or device in where
+
+    def impls_on(self, device: str) -> tuple[str, ...]:
+        """The fast paths that run on ``device`` (one of :data:`DEVICES`)."""
+        return tuple(impl for impl in self.impls if self.impl_runs_on(impl, device))
+
+    def options_for_model(self, seq_len: int | None) -> dict[str, Any]:
+        """The options a model of sequence length ``seq_len`` passes (see ``model_options``)."""
+        if self.model_options is None:
+            return {}
+        if seq_len is None:
+            raise ValueError(f"mechanism {self.name!r} needs the model's sequence length to choose its options; "
+                             f"pass seq_len=")
+        return dict(self.model_options(seq_len))
+
+    def options_for_bench(self, shape: BenchShape) -> dict[str, Any]:
+        """The options the speed benchmark passes to the op at ``shape`` (see ``bench_options``)."""
+        return dict(self.bench_options(shape)) if self.bench_options is not None else {}
 
     @property
     def causal_only(self) -> bool:

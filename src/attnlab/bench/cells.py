@@ -7,7 +7,6 @@ returns the call, in the parent process and in the memory subprocess alike.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -16,7 +15,7 @@ import torch
 import attnlab
 from attnlab.bench.externals import EXTERNALS, ExternalBaseline
 from attnlab.bench.speed_config import DTYPES
-from attnlab.bench.speed_options import BENCH_OPTIONS, bench_options
+from attnlab.bench.speed_options import bench_options
 
 __all__ = ["cell_spec", "build_cell"]
 
@@ -51,11 +50,7 @@ def build_cell(spec: Mapping[str, Any], *, externals: Sequence[ExternalBaseline]
         leaves = [q, k, v, *getattr(call, "leaves", [])]
     elif spec["path"] == "layer":
         record = attnlab.get(spec["mechanism"])
-        layer_options = bench_options(record, ctx) if record.name in BENCH_OPTIONS else {}
-        accepted = inspect.signature(record.layer).parameters
-        for name in ("seq_len", "max_len", "max_seq_len"):  # layers sized for a fixed length
-            if name in accepted and name not in layer_options:
-                layer_options[name] = N
+        layer_options = record.options_for_model(N)  # built as a model of length N builds it
         layer = record.layer(H * D, H, causal=spec["causal"], **layer_options).to(device, dtype)
         x = draw(B, N, H * D)  # (B, N, dim)
 

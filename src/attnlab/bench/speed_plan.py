@@ -95,10 +95,11 @@ def plan_series(records: Sequence[Mechanism], config: SpeedConfig, externals: Se
             plan.append((record.name, "layer", "layer", causal, record))
             continue
         impls: list[str] = []
+        runnable = record.impls_on(torch.device(config.device).type)  # e.g. no Triton kernel on a CPU run
         for impl in config.impls:
             if impl == "all":
-                impls += ["auto", *record.impls]
-            elif impl == "auto" or impl == "reference" or impl in record.impls:
+                impls += ["auto", *runnable]
+            elif impl == "auto" or impl == "reference" or impl in runnable:
                 impls.append(impl)
         for impl in dict.fromkeys(impls):
             plan.append((record.name, impl, "op", causal, record))

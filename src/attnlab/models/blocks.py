@@ -6,7 +6,6 @@ that a comparison measures the mechanism and nothing else.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -17,7 +16,7 @@ from attnlab.nn.short_conv import ShortConvLayers, ShortConvolution, short_conv_
 from attnlab.ops.linear import feature_count
 from attnlab.registry import Mechanism, get
 
-__all__ = ["MechanismMismatch", "mixer_refusal", "check_mixer", "build_mixer", "required_options", "mixer_state_size",
+__all__ = ["MechanismMismatch", "mixer_refusal", "check_mixer", "build_mixer", "mixer_state_size",
            "Block", "BlockStack", "ModelSizes", "count_parameters"]
 
 
@@ -51,58 +50,17 @@ def check_mixer(mechanism: str | Mechanism, *, causal: bool) -> Mechanism:
     return record
 
 
-SEQUENCE_LENGTH_OPTIONS = ("seq_len", "max_len", "length", "seq_length", "max_seq_len")
-# Required window options get a quarter of the model's length (at least the conformance value), so local
-# mechanisms are compared at a window that is neither the tiny test value nor the whole sequence.
-WINDOW_OPTIONS = ("window", "window_size", "kernel_size")
-WINDOW_FRACTION = 4
-
-
-def _window(name: str, seq_len: int, tested: int) -> int:
-    size = max(int(tested), seq_len // WINDOW_FRACTION)
-    if name == "kernel_size" and size % 2 == 0:  # odd kernels: symmetric non-causal neighbourhoods
-        size -= 1
-    return size
-
-
-def required_options(mechanism: str | Mechanism, *, seq_len: int | None = None) -> dict[str, Any]:
-    """Values for the keyword options the mechanism's op or layer requires (no default of their own).
-
-    A required sequence-length option (``seq_len``, ``max_len``, ...) gets the model's ``seq_len``;
-    a required window option (``window``, ``window_size``, ``kernel_size``) gets ``seq_len // 4`` (odd for
-    ``kernel_size``), or the conformance value when that is larger; any other required option takes the
-    value the mechanism's own conformance config uses (``check.options`` for ops,
-    ``check.layer_configs[0]`` for layers). Options that are still missing are left out (building then
-    fails with the mechanism's own message).
-    """
-    record = get(mechanism) if isinstance(mechanism, str) else mechanism
-    function = record.layer.__init__ if record.layer is not None else record.op
-    known = dict(record.check.layer_configs[0]) if record.layer is not None and record.check.layer_configs else {}
-    if record.layer is None:
-        known = dict(record.check.options)
-    filled: dict[str, Any] = {}
-    for parameter in inspect.signature(function).parameters.values():
-        if parameter.kind is not parameter.KEYWORD_ONLY or parameter.default is not parameter.empty:
-            continue
-        if parameter.name in SEQUENCE_LENGTH_OPTIONS and seq_len is not None:
-            filled[parameter.name] = seq_len
-        elif parameter.name in known and not isinstance(known[parameter.name], torch.Tensor):
-            filled[parameter.name] = known[parameter.name]
-            if parameter.name in WINDOW_OPTIONS and seq_len is not None and isinstance(known[parameter.name], int):
-                filled[parameter.name] = _window(parameter.name, seq_len, known[parameter.name])
-    return filled
-
-
 def build_mixer(mechanism: str, dim: int, heads: int, *, causal: bool, seq_len: int | None = None,
                 **options: Any) -> nn.Module:
     """The mixer ``x [B, N, dim] -> [B, N, dim]`` of ``mechanism``.
 
     Ops go through :class:`attnlab.nn.Attention` (q/k/v/out projections around the op); mechanisms
     that register their own layer (role "mixer") are built as ``layer(dim, heads, causal=..., **options)``.
-    Options the mechanism requires and ``options`` does not give are filled by :func:`required_options`.
+    The record's ``model_options(seq_len)`` (a window of a quarter of the length, a layer's fixed length)
+    come first; ``options`` override them.
     """
     record = check_mixer(mechanism, causal=causal)
-    options = {**required_options(record, seq_len=seq_len), **options}
+    options = {**record.options_for_model(seq_len), **options}
     if record.layer is not None:
         return record.layer(dim, heads, causal=causal, **options)
     return Attention(dim, heads, mechanism=record.name, causal=causal, **options)
@@ -163,7 +121,8 @@ class BlockStack(nn.Module):
 
     Attributes:
         mechanism, causal, heads, depth: what the stack was built with.
-        mixer_options: the options the mixers were built with (given and filled-in required ones).
+        mixer_options: the options the mixers were built with (the record's model options at ``seq_len``,
+            overridden by the given ones).
         seq_len: the sequence length the model runs at, for mechanisms that need it at build time.
         short_conv, short_conv_layers: the kernel of the short convolutions (0: none) and the indices of
             the blocks that have one (from "all", "first" or a tuple; see
@@ -196,7 +155,7 @@ class BlockStack(nn.Module):
             for i in range(depth)
         )
         self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
-        self.mixer_options = {**required_options(mechanism, seq_len=seq_len), **mechanism_options}
+        self.mixer_options = {**get(mechanism).options_for_model(seq_len), **mechanism_options}
         self.state_size = mixer_state_size(mechanism, heads=heads, head_dim=dim // heads, depth=depth,
                                            options=self.mixer_options)
         if self.state_size is not None:

@@ -89,7 +89,6 @@ register(Mechanism(
     supports_causal=False,
     supports_bidirectional=True,
     complexity="O(T d^2)",
-    defaults={"hidden": None},
     check=CheckConfig(layer_build=_build, layer_inputs=_inputs),
     role="pooling",
 ))

@@ -9,6 +9,7 @@ from torch import nn
 
 from attnlab.nn.sequence_input import check_sequence
 from attnlab.ops.agent import _check_grid, _check_num_agents, agent_attention
+from attnlab.ops.validation import check_causal
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["AgentAttention"]
@@ -47,6 +48,7 @@ class AgentAttention(nn.Module):
     def __init__(self, dim: int, heads: int, *, causal: bool = False, num_agents: int = 49,
                  grid: tuple[int, int] | None = None, qkv_bias: bool = False, bias_size: int = 7) -> None:
         super().__init__()
+        check_causal(causal)
         if causal:
             raise NotImplementedError("AgentAttention defines no causal form (the paper and its code are "
                                       "bidirectional, for vision); use causal=False")
@@ -123,6 +125,5 @@ register(Mechanism(
     supports_causal=False,
     supports_bidirectional=True,
     complexity="O(N n d)",
-    defaults={"num_agents": 49, "grid": None, "qkv_bias": False, "bias_size": 7},
     check=CheckConfig(layer_configs=({"num_agents": 4}, {"num_agents": 4, "grid": (3, 4)})),
 ))

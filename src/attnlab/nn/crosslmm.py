@@ -16,6 +16,7 @@ from attnlab.nn.attention import Attention
 from attnlab.nn.dcal import _Projections
 from attnlab.nn.sequence_input import check_sequence
 from attnlab.ops.softmax import softmax_attention
+from attnlab.ops.validation import check_causal
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["merge_visual_tokens", "PooledVisualCrossAttention"]
@@ -72,6 +73,7 @@ class PooledVisualCrossAttention(nn.Module):
     def __init__(self, dim: int, heads: int, *, causal: bool = False, visual_length: int | None = None,
                  gate_init: float = 0.0, bias: bool = False) -> None:
         super().__init__()
+        check_causal(causal)
         self.dim, self.heads, self.causal = dim, heads, causal
         self.visual_length = visual_length
         self.self_attention = Attention(dim, heads, causal=causal, bias=bias)
@@ -123,7 +125,6 @@ register(Mechanism(
     supports_bidirectional=True,
     supports_cross=True,
     complexity="O(L^2 d + L N_v d)",
-    defaults={"causal": True, "visual_length": None, "gate_init": 0.0, "bias": False},
     check=CheckConfig(layer_build=_build, layer_inputs=_inputs),
     role="cross",
 ))

@@ -103,7 +103,6 @@ register(Mechanism(
     supports_bidirectional=True,
     supports_cross=True,
     complexity="O(T C C_r / r + T C_r k)",
-    defaults={"semantic_channels": None, "reduction": 16, "kernel_size": 3, "fusion": "sum"},
     check=CheckConfig(layer_configs=({}, {"fusion": "product", "kernel_size": 5}), layer_build=_build,
                       layer_inputs=_inputs),
     role="cross",

@@ -209,7 +209,6 @@ register(Mechanism(
     supports_bidirectional=True,
     supports_cross=True,
     complexity="O(R N d)",
-    defaults={"top_ratio": 0.1, "include_cls": True, "bias": True},
     check=CheckConfig(layer_configs=({"top_ratio": 0.3}, {"top_ratio": 1.0, "include_cls": False}),
                       layer_build=_bidirectional_build(GlobalLocalCrossAttention), layer_inputs=_glca_inputs),
     role="cross",
@@ -227,7 +226,6 @@ register(Mechanism(
     supports_bidirectional=True,
     supports_cross=True,
     complexity="O(N (N + M) d)",
-    defaults={"bias": True},
     check=CheckConfig(layer_build=_bidirectional_build(PairwiseCrossAttention), layer_inputs=_pwca_inputs),
     role="cross",
 ))

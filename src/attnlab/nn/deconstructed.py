@@ -16,7 +16,7 @@ from torch import nn
 
 from attnlab.nn.sequence_input import check_sequence
 from attnlab.ops.softmax import softmax_attention
-from attnlab.ops.validation import check_tensor
+from attnlab.ops.validation import check_causal, check_tensor
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["DeconstructedAttention", "VARIANTS", "variant_layers", "deconstructed_layer_inputs"]
@@ -52,6 +52,7 @@ class DeconstructedAttention(nn.Module):
                  max_length: int = 2048, fixed_sequence: Literal["learned", "random"] = "learned",
                  vocab_size: int | None = None, random_seed: int = 0) -> None:
         super().__init__()
+        check_causal(causal)
         if variant not in VARIANTS:
             raise ValueError(f"variant={variant!r} is not one of {VARIANTS} (the paper's 'Approximate' and "
                              f"'Non-approximate' forms are not implemented: their formulas are unknown)")
@@ -169,8 +170,6 @@ register(Mechanism(
     supports_causal=True,
     supports_bidirectional=True,
     complexity="O(N^2 d) (no_mixing: O(N dim^2))",
-    defaults={"variant": "standard", "max_length": 2048, "fixed_sequence": "learned", "vocab_size": None,
-              "random_seed": 0},
     check=CheckConfig(
         layer_configs=({"variant": "standard"}, {"variant": "no_mixing"}, {"variant": "static_embedding_qk"},
                        {"variant": "fixed_sequence_qk", "max_length": 32},

@@ -14,7 +14,8 @@ from einops import rearrange
 from torch import nn
 
 from attnlab.ops.dynamic_mask import dynamic_mask_attention, dynamic_mask_attention_reference
-from attnlab.registry import CheckConfig, Mechanism, register
+from attnlab.ops.validation import check_causal
+from attnlab.registry import BenchShape, CheckConfig, Mechanism, register
 
 __all__ = ["DynamicMaskAttention"]
 
@@ -41,6 +42,7 @@ class DynamicMaskAttention(nn.Module):
     def __init__(self, dim: int, heads: int, *, causal: bool = False, k_budget: int = 2048,
                  kv_heads: int | None = None, a_init: float = 0.0, bias: bool = False) -> None:
         super().__init__()
+        check_causal(causal)
         if dim <= 0 or heads <= 0 or dim % heads != 0:
             raise ValueError(f"dim={dim} must be a positive multiple of heads={heads}")
         kv_heads = heads if kv_heads is None else kv_heads
@@ -83,6 +85,14 @@ def _check_key_bias(length: int, seed: int) -> torch.Tensor:
     return torch.randn(1, 1, length, generator=generator, dtype=torch.float64)
 
 
+def _bench_options(shape: BenchShape) -> dict[str, object]:
+    """A fixed random key bias ``[B, H_kv, N]`` (standing in for the layer's ``A softplus(dt_proj(V))``) and a
+    budget of 128 keys per query, in the benchmark's device and dtype."""
+    generator = torch.Generator().manual_seed(2)
+    key_bias = torch.randn(shape.batch, shape.kv_heads, shape.length, generator=generator)  # (B, H_kv, N)
+    return {"key_bias": key_bias.to(shape.device, shape.dtype), "k_budget": min(128, shape.length)}
+
+
 register(Mechanism(
     name="dynamic_mask",
     op=dynamic_mask_attention,
@@ -96,8 +106,7 @@ register(Mechanism(
     supports_cross=True,
     supports_gqa=True,
     complexity="O(N w d + N M)",
-    defaults={"k_budget": 2048, "causal": True, "scale": None, "impl": "auto"},
-    impls=("gather",),
+    bench_options=_bench_options,
     # key_bias has the key length, so the op checks run at N = M = 8 (gradcheck too); a fixed random
     # bias [1, 1, M] broadcasts over batch and heads. The layer checks use A != 0 (with the paper's
     # A = 0 no gradient reaches dt_proj at initialisation).

@@ -17,7 +17,7 @@ from torch import nn
 
 from attnlab.nn.sequence_input import check_padding_mask, check_sequence
 from attnlab.ops.softmax import softmax_attention
-from attnlab.ops.validation import compute_dtype
+from attnlab.ops.validation import check_causal, compute_dtype
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["ExpertAttention", "PrunedAttention"]
@@ -61,6 +61,7 @@ class ExpertAttention(nn.Module):
                  router: Literal["sequence", "prefix", "token"] | None = None, usage_momentum: float = 0.99,
                  causal: bool = False) -> None:
         super().__init__()
+        check_causal(causal)
         if dim <= 0 or heads <= 0:
             raise ValueError(f"dim={dim} and heads={heads} must be positive")
         head_dim = dim // heads if head_dim is None else head_dim
@@ -209,6 +210,5 @@ register(Mechanism(
     supports_causal=True,
     supports_bidirectional=True,
     complexity="O(N^2 d H) + O(N d_h dim) expander",
-    defaults={"head_dim": None, "expander_hidden": None, "router": None, "usage_momentum": 0.99},
     check=CheckConfig(layer_configs=({"router": "token"}, {"router": "prefix"})),
 ))

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from attnlab.nn.sequence_input import check_sequence
-from attnlab.ops.validation import check_tensor, compute_dtype
+from attnlab.ops.validation import check_causal, check_tensor, compute_dtype
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["GaussianAdaptiveAttention", "MultiHeadGaussianAdaptiveAttention", "GaussianAdaptiveMixer",
@@ -165,6 +165,7 @@ class GaussianAdaptiveMixer(nn.Module):
                  norm_axis: Literal["sequence", "feature"] = "sequence", mixture: Literal["product", "sum"] = "product",
                  padding_value: float | None = None, eps: float = 1e-8) -> None:
         super().__init__()
+        check_causal(causal)
         if causal:
             raise NotImplementedError("GAAM defines no causal form (its statistics cover the whole axis)")
         if norm_axis not in ("sequence", "feature"):
@@ -189,7 +190,5 @@ register(Mechanism(
     supports_causal=False,
     supports_bidirectional=True,
     complexity="O(G N dim)",
-    defaults={"num_gaussians": 5, "norm_axis": "sequence", "mixture": "product", "padding_value": None,
-              "eps": 1e-8},
     check=CheckConfig(layer_configs=({}, {"mixture": "sum", "num_gaussians": 3}, {"norm_axis": "feature"})),
 ))

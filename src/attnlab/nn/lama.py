@@ -12,7 +12,7 @@ from einops import rearrange
 from torch import nn
 
 from attnlab.nn.sequence_input import check_padding_mask, check_sequence
-from attnlab.ops.validation import compute_dtype
+from attnlab.ops.validation import check_causal, compute_dtype
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["LowRankAttentionPooling", "lama_layer_inputs"]
@@ -38,6 +38,7 @@ class LowRankAttentionPooling(nn.Module):
     def __init__(self, dim: int, heads: int, *, rank: int = 1, out_features: int | None = None,
                  causal: bool = False) -> None:
         super().__init__()
+        check_causal(causal)
         if causal:
             raise NotImplementedError("LAMA defines no causal form (its context vector is the mean of the sequence)")
         if dim <= 0 or heads <= 0 or rank <= 0:
@@ -93,7 +94,6 @@ register(Mechanism(
     supports_causal=False,
     supports_bidirectional=True,
     complexity="O(N dim heads rank)",
-    defaults={"rank": 1, "out_features": None},
     role="pooling",
     check=CheckConfig(layer_configs=({}, {"rank": 3}), layer_inputs=lama_layer_inputs),
 ))

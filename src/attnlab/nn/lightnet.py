@@ -12,6 +12,7 @@ from torch import nn
 from attnlab.nn.sequence_input import check_sequence
 from attnlab.ops.lightnet import lightnet_attention
 from attnlab.ops.lightning import check_chunk_size
+from attnlab.ops.validation import check_causal
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["LightNetAttention", "md_lrpe", "md_lrpe_angles", "lrpe_theta"]
@@ -86,6 +87,7 @@ class LightNetAttention(nn.Module):
                  use_lrpe: bool = True, lrpe_base: float = 10000.0, gate_dim: int | None = None,
                  norm_eps: float = 1e-5, chunk_size: int = 32, bias: bool = False) -> None:
         super().__init__()
+        check_causal(causal)
         if dim <= 0 or heads <= 0 or dim % heads != 0:
             raise ValueError(f"dim={dim} must be a positive multiple of heads={heads}")
         if grid is not None and not (isinstance(grid, tuple | list) and len(grid) >= 1 and all(
@@ -140,8 +142,6 @@ register(Mechanism(
     supports_causal=True,
     supports_bidirectional=True,
     complexity="O(N d^2)",
-    defaults={"grid": None, "use_lrpe": True, "lrpe_base": 10000.0, "gate_dim": None, "norm_eps": 1e-5,
-              "chunk_size": 32, "bias": False},
     check=CheckConfig(layer_configs=({"chunk_size": 4}, {"grid": (3, 4)}, {"use_lrpe": False})),
     state_size=lambda heads, head_dim, value_dim: heads * 2 * head_dim * (value_dim + 1),
 ))

@@ -15,7 +15,7 @@ from einops import rearrange
 from torch import nn
 
 from attnlab.nn.sequence_input import check_sequence
-from attnlab.ops.validation import check_scale, compute_dtype
+from attnlab.ops.validation import check_causal, check_scale, compute_dtype
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["MinimalAttention", "MinimalBlock"]
@@ -49,6 +49,7 @@ class MinimalAttention(nn.Module):
                  symmetric_rank: int | None = None, head_combine: Literal["mean", "sum"] = "mean",
                  scale: float | None = None) -> None:
         super().__init__()
+        check_causal(causal)
         if dim <= 0 or heads <= 0:
             raise ValueError(f"dim={dim} and heads={heads} must be positive")
         if similarity not in SIMILARITIES:
@@ -166,8 +167,6 @@ register(Mechanism(
     supports_causal=True,
     supports_bidirectional=True,
     complexity="O(N^2 dim H)",
-    defaults={"similarity": "qk", "value_output": True, "head_dim": None, "symmetric_rank": None,
-              "head_combine": "mean", "scale": None},
     check=CheckConfig(layer_configs=({"similarity": "qk"}, {"similarity": "collapsed"},
                                      {"similarity": "symmetric"}, {"similarity": "symmetric", "symmetric_rank": 3},
                                      {"similarity": "collapsed", "value_output": False})),

@@ -15,6 +15,7 @@ from torch import nn
 
 from attnlab.nn.sequence_input import check_sequence
 from attnlab.ops.softmax import softmax_attention
+from attnlab.ops.validation import check_causal
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["DuplexAlignmentAttention", "duplex_align"]
@@ -85,6 +86,7 @@ class DuplexAlignmentAttention(nn.Module):
                  fuse_init: Literal["identity", "random"] = "identity", bias: bool = False,
                  eps: float = 1e-6) -> None:
         super().__init__()
+        check_causal(causal)
         if dim <= 0 or heads <= 0 or dim % heads != 0:
             raise ValueError(f"dim={dim} must be a positive multiple of heads={heads}")
         if alignment not in ("global", "prefix"):
@@ -163,7 +165,6 @@ register(Mechanism(
     supports_causal=True,
     supports_bidirectional=True,
     complexity="O(N^2 d + N d^2)",
-    defaults={"causal": True, "duplex": False, "alignment": "global", "fuse_init": "identity", "bias": False},
     # the suite's no-look-ahead check needs the causal-safe "prefix" basis (see the class docstring)
     check=CheckConfig(layer_configs=({"alignment": "prefix"}, {"alignment": "prefix", "duplex": True}),
                       layer_build=_build, layer_inputs=_inputs),

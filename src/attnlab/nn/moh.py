@@ -16,7 +16,7 @@ from torch import nn
 
 from attnlab.nn.sequence_input import check_sequence
 from attnlab.ops.softmax import softmax_attention
-from attnlab.ops.validation import compute_dtype
+from attnlab.ops.validation import check_causal, compute_dtype
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["MoHAttention", "MoHGates", "moh_load_balance_loss"]
@@ -85,6 +85,7 @@ class MoHAttention(nn.Module):
                  routed_heads_per_token: int | None = None, causal: bool = False, qkv_bias: bool = False,
                  qk_norm: bool = False) -> None:
         super().__init__()
+        check_causal(causal)
         if dim <= 0 or heads <= 0 or dim % heads != 0:
             raise ValueError(f"dim={dim} must be a positive multiple of heads={heads}")
         shared = heads // 2 if shared_heads is None else shared_heads
@@ -163,7 +164,6 @@ register(Mechanism(
     supports_causal=True,
     supports_bidirectional=True,
     complexity="O(N^2 d H) + O(N C H) routing",
-    defaults={"shared_heads": None, "routed_heads_per_token": None, "qkv_bias": False, "qk_norm": False},
     check=CheckConfig(layer_configs=({"shared_heads": 2, "routed_heads_per_token": 1},
                                      {"shared_heads": 1, "routed_heads_per_token": 2},
                                      {"shared_heads": 0, "routed_heads_per_token": 2},

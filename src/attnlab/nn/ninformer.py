@@ -12,6 +12,7 @@ from einops import rearrange
 from torch import nn
 
 from attnlab.nn.sequence_input import check_sequence
+from attnlab.ops.validation import check_causal
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["MixerFeedForward", "MixerBlock", "MixerGatingUnit", "NiNBlock"]
@@ -68,6 +69,7 @@ class MixerGatingUnit(nn.Module):
     def __init__(self, dim: int, heads: int = 1, *, seq_len: int, token_dim: int | None = None,
                  channel_dim: int | None = None, dropout: float = 0.0, causal: bool = False) -> None:
         super().__init__()
+        check_causal(causal)
         if causal:
             raise NotImplementedError("NiNformer defines no causal form (its token MLP mixes every position)")
         if dim <= 0 or seq_len <= 0:
@@ -114,6 +116,6 @@ register(Mechanism(
     supports_causal=False,
     supports_bidirectional=True,
     complexity="O(N token_dim dim + N dim channel_dim)",
-    defaults={"seq_len": None, "token_dim": None, "channel_dim": None, "dropout": 0.0},
+    model_options=lambda seq_len: {"seq_len": seq_len},  # the token-mixing MLP is sized for one length
     check=CheckConfig(layer_configs=({"seq_len": 13}, {"seq_len": 13, "token_dim": 5, "channel_dim": 7})),
 ))

@@ -112,7 +112,6 @@ register(Mechanism(
     supports_causal=False,
     supports_bidirectional=True,
     complexity="O(M N C)",
-    defaults={"num_queries": 32, "num_classes": None, "d_out": 1, "qkv_bias": False, "scale": None},
     check=CheckConfig(layer_configs=({"num_queries": 8}, {"num_queries": 4, "d_out": 2}),
                       layer_build=_build_probe, layer_inputs=_probe_inputs),
     role="probe",

@@ -14,6 +14,7 @@ from torch import nn
 
 from attnlab.nn.sequence_input import check_sequence
 from attnlab.ops.rcmha import relative_attention
+from attnlab.ops.validation import check_causal
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["RCMHA", "DepthwiseCausalConv"]
@@ -74,6 +75,7 @@ class RCMHA(nn.Module):
     def __init__(self, dim: int, heads: int, *, causal: bool = False, kernel_size: int = 3,
                  max_distance: int = 4096) -> None:
         super().__init__()
+        check_causal(causal)
         if dim <= 0 or heads <= 0 or dim % heads != 0:
             raise ValueError(f"dim={dim} must be a positive multiple of heads={heads}")
         if max_distance < 1:
@@ -127,6 +129,5 @@ register(Mechanism(
     supports_causal=True,
     supports_bidirectional=True,
     complexity="O(N (N + M0) d) + O(N dim kernel) conv",
-    defaults={"kernel_size": 3, "max_distance": 4096},
     check=CheckConfig(layer_configs=({"max_distance": 64},)),
 ))

@@ -182,7 +182,6 @@ register(Mechanism(
     supports_bidirectional=True,
     supports_cross=True,
     complexity="O((N_o + L + N_v)^2 d)",
-    defaults={"text_dim": 768, "dropout": 0.1, "drop_key": 0.0},
     check=CheckConfig(layer_build=_build, layer_inputs=_inputs),
     role="cross",
 ))

@@ -10,7 +10,7 @@ from torch import nn
 
 from attnlab.nn.sequence_input import check_sequence
 from attnlab.ops.tensor import IMPLS, tensor_attention
-from attnlab.ops.validation import check_impl, check_scale
+from attnlab.ops.validation import check_causal, check_impl, check_scale
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["TensorAttention"]
@@ -37,10 +37,10 @@ class TensorAttention(nn.Module):
         bias: biases in the projections.
     """
 
-    def __init__(self, dim: int, heads: int, *, causal: bool = False, scale: float | None = None,
-                 impl: Literal["auto", "reference", "chunked", "taylor"] = "auto", degree: int = 8,
-                 bias: bool = False) -> None:
+    def __init__(self, dim: int, heads: int, *, causal: bool = False, scale: float | None = None, degree: int = 8,
+                 bias: bool = False, impl: Literal["auto", "reference", "chunked", "taylor"] = "auto") -> None:
         super().__init__()
+        check_causal(causal)
         if dim <= 0 or heads <= 0 or dim % heads != 0:
             raise ValueError(f"dim={dim} must be a positive multiple of heads={heads}")
         check_impl(impl, IMPLS)
@@ -71,8 +71,6 @@ register(Mechanism(
     supports_causal=True,
     supports_bidirectional=True,
     complexity="O(N^3 d) exact; O(N C(d+g,g) d) Taylor",
-    defaults={"scale": None, "impl": "auto", "degree": 8, "bias": False},
-    impls=("chunked", "taylor"),
     check=CheckConfig(length=7, head_dim=4, heads=2,
                       layer_configs=({}, {"impl": "reference"}, {"impl": "taylor", "degree": 4})),
     role="mixer",

@@ -9,6 +9,7 @@ from torch import nn
 
 from attnlab.nn.sequence_input import check_sequence
 from attnlab.ops.lightning import check_chunk_size, lightning_attention, lightning_decay_slopes
+from attnlab.ops.validation import check_causal
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["TNLAttention"]
@@ -44,9 +45,7 @@ class TNLAttention(nn.Module):
                  bias: bool = False, gate_dim: int | None = None, chunk_size: int = 64, norm_eps: float = 1e-5,
                  ) -> None:
         super().__init__()
-        if not causal:
-            raise NotImplementedError("TNLAttention is causal only (lightning attention has no bidirectional form); "
-                                      "pass causal=True")
+        check_causal(causal, causal_only="TNLAttention (lightning attention has no bidirectional form)")
         if dim <= 0 or heads <= 0 or dim % heads != 0:
             raise ValueError(f"dim={dim} must be a positive multiple of heads={heads}")
         self.dim, self.heads, self.causal = dim, heads, True
@@ -88,7 +87,6 @@ register(Mechanism(
     supports_causal=True,
     supports_bidirectional=False,
     complexity="O(N d^2)",
-    defaults={"layer_idx": 0, "num_layers": 1, "bias": False, "gate_dim": None, "chunk_size": 64, "norm_eps": 1e-5},
     check=CheckConfig(layer_configs=({"chunk_size": 4}, {"layer_idx": 1, "num_layers": 3, "bias": True})),
     state_size=lambda heads, head_dim, value_dim: heads * head_dim * value_dim,
 ))

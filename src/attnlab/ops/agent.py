@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from attnlab.ops.validation import Sizes, check_impl, check_qkv, compute_dtype, expand_kv
+from attnlab.ops.validation import Sizes, check_causal, check_impl, check_qkv, check_scale, compute_dtype, expand_kv
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["agent_attention", "agent_attention_reference", "agent_tokens", "adaptive_pool_matrix"]
@@ -157,14 +157,17 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_agents: i
 
 def agent_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_agents: int = 49,
                               agents: torch.Tensor | None = None, grid: tuple[int, int] | None = None,
-                              causal: bool = False, agent_bias: torch.Tensor | None = None,
+                              causal: bool = False, scale: float | None = None,
+                              agent_bias: torch.Tensor | None = None,
                               query_bias: torch.Tensor | None = None) -> torch.Tensor:
     """The two softmax products written out (arXiv 2312.08874, eq. 3), agents pooled by an explicit
-    averaging matrix: ``V_A = softmax(s A K^T + B1) V``, ``O = softmax(s Q A^T + B2) V_A``, ``s = D^-0.5``."""
+    averaging matrix: ``V_A = softmax(s A K^T + B1) V``, ``O = softmax(s Q A^T + B2) V_A``, ``s = scale``
+    (default ``D^-0.5``)."""
+    check_causal(causal)
     sizes, qf, kf, vf, A, b1, b2 = _prepare(q, k, v, num_agents=num_agents, agents=agents, grid=grid,
                                             causal=causal, agent_bias=agent_bias, query_bias=query_bias,
                                             reference=True)
-    scale = sizes.head_dim**-0.5
+    scale = check_scale(scale, sizes.head_dim)
     scores1 = torch.einsum("bhad,bhmd->bham", A, kf) * scale  # (B, H, n, M)
     if b1 is not None:
         scores1 = scores1 + b1
@@ -178,9 +181,10 @@ def agent_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def agent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_agents: int = 49,
                     agents: torch.Tensor | None = None, grid: tuple[int, int] | None = None, causal: bool = False,
-                    agent_bias: torch.Tensor | None = None, query_bias: torch.Tensor | None = None,
+                    scale: float | None = None, agent_bias: torch.Tensor | None = None,
+                    query_bias: torch.Tensor | None = None,
                     impl: Literal["auto", "reference", "sdpa"] = "auto") -> torch.Tensor:
-    """Agent attention: ``O = softmax(s Q A^T + B2) softmax(s A K^T + B1) V`` with ``s = D ** -0.5``.
+    """Agent attention: ``O = softmax(s Q A^T + B2) softmax(s A K^T + B1) V`` with ``s = scale``.
 
     "Agent Attention: On the Integration of Softmax and Linear Attention" (arXiv 2312.08874), eq. 3.
 
@@ -192,6 +196,7 @@ def agent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_ag
         grid: ``(h, w)`` when the tokens are an image (``N = h * w``, or ``h * w + 1`` with a leading CLS
             token that is not pooled): agents are a 2-D adaptive average pooling.
         causal: must be False: the paper defines no causal form (``NotImplementedError``).
+        scale: ``s`` of both softmax steps (default ``D ** -0.5``, the paper's).
         agent_bias: ``B1`` broadcastable to ``[B, H, n, M]`` (the layer's agent position bias).
         query_bias: ``B2`` broadcastable to ``[B, H, N, n]``.
         impl: "sdpa" (= "auto": two ``scaled_dot_product_attention`` calls) or "reference".
@@ -199,14 +204,15 @@ def agent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_ag
     Returns:
         ``[B, H, N, Dv]`` in q's dtype.
     """
+    check_causal(causal)
     check_impl(impl, IMPLS)
     if impl == "reference":
         return agent_attention_reference(q, k, v, num_agents=num_agents, agents=agents, grid=grid, causal=causal,
-                                         agent_bias=agent_bias, query_bias=query_bias)
+                                         scale=scale, agent_bias=agent_bias, query_bias=query_bias)
     sizes, qf, kf, vf, A, b1, b2 = _prepare(q, k, v, num_agents=num_agents, agents=agents, grid=grid,
                                             causal=causal, agent_bias=agent_bias, query_bias=query_bias,
                                             reference=False)
-    scale = sizes.head_dim**-0.5
+    scale = check_scale(scale, sizes.head_dim)
     agent_values = F.scaled_dot_product_attention(A, kf, vf, attn_mask=b1, scale=scale)  # (B, H, n, Dv)
     out = F.scaled_dot_product_attention(qf, A, agent_values, attn_mask=b2, scale=scale)  # (B, H, N, Dv)
     return out.to(q.dtype)
@@ -225,8 +231,6 @@ register(Mechanism(
     supports_cross=True,
     supports_gqa=True,
     complexity="O(N n d)",
-    defaults={"num_agents": 49, "agents": None, "grid": None, "agent_bias": None, "query_bias": None,
-              "impl": "auto"},
-    impls=("sdpa",),
+    bench_options=lambda shape: {"num_agents": min(49, shape.length)},
     check=CheckConfig(options={"num_agents": 4}, bf16_options={"num_agents": 49}),
 ))

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from attnlab.ops.softmax import attention_mask
 from attnlab.ops.validation import (
+    check_causal,
     check_causal_lengths,
     check_impl,
     check_qkv,
@@ -69,6 +70,7 @@ def flashbias_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     factors are cast to that dtype. Causal queries are aligned to the end of the keys.
     """
     sizes = check_qkv(q, k, v)
+    check_causal(causal)
     B, H, Hkv, N, M, D, _ = sizes
     scale = check_scale(scale, D)
     _check_factors(q_bias, k_bias, B, H, Hkv, N, M)
@@ -113,6 +115,7 @@ def flashbias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_
         ``[B, H, N, Dv]`` in the dtype of q.
     """
     check_impl(impl, IMPLS)
+    check_causal(causal)
     if impl == "reference":
         return flashbias_attention_reference(q, k, v, q_bias=q_bias, k_bias=k_bias, causal=causal, scale=scale)
     sizes = check_qkv(q, k, v)
@@ -313,8 +316,9 @@ register(Mechanism(
     supports_cross=True,
     supports_gqa=True,
     complexity="O(N M (d + R))",
-    defaults={"causal": False, "scale": None, "impl": "auto"},
-    impls=("sdpa",),
+    # causal ALiBi as rank-2 factors, built in the benchmark dtype (exact in bf16)
+    bench_options=lambda shape: dict(zip(("q_bias", "k_bias"), alibi_bias_factors(
+        shape.heads, shape.length, dtype=shape.dtype, device=shape.device), strict=True)),
     # The factors have the length of the sequence, so every check runs at N = M = 8 (gradcheck too);
     # cross-attention lengths (M != N) are tested in tests/test_flashbias.py.
     check=CheckConfig(length=8, key_length=8, gradcheck_length=8,

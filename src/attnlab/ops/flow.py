@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 
 from attnlab.ops.linear import linear_attention_chunked
-from attnlab.ops.validation import check_impl, check_qkv, compute_dtype, expand_kv
+from attnlab.ops.validation import check_causal, check_impl, check_qkv, compute_dtype, expand_kv
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["flow_attention", "flow_attention_reference"]
@@ -51,6 +51,7 @@ def flow_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     Flowformer (arXiv 2202.06258), eqs. 4-9; every (prefix) sum is written as a product with an
     all-ones (lower-triangular when causal) matrix. Shapes as in :func:`flow_attention`.
     """
+    check_causal(causal)
     qp, kp, vf, eps = _prepare(q, k, v, causal=causal, eps=eps)
     N, M = qp.shape[2], kp.shape[2]
     if causal:
@@ -136,6 +137,7 @@ def flow_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     Returns:
         ``[B, H, N, Dv]`` in q's dtype.
     """
+    check_causal(causal)
     check_impl(impl, IMPLS)
     if impl == "reference":
         return flow_attention_reference(q, k, v, causal=causal, eps=eps)
@@ -155,7 +157,5 @@ register(Mechanism(
     supports_cross=False,  # M != N works without causal (see flow_attention); the causal form needs M == N
     supports_gqa=True,
     complexity="O(N d^2)",
-    defaults={"causal": False, "eps": 1e-6, "impl": "auto"},
-    impls=("linear",),
     check=CheckConfig(),
 ))

@@ -21,6 +21,7 @@ import torch
 from attnlab.ops.lightning import check_chunk_size, check_state
 from attnlab.ops.validation import (
     Sizes,
+    check_causal,
     check_causal_lengths,
     check_impl,
     check_qkv,
@@ -96,6 +97,7 @@ def lightnet_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     An initial state ``(S0, z0)`` is one extra "token" per channel with log-weight ``z0[c]`` and value
     ``S0[c, :]``. ``key_gain`` multiplies each weight (LRPE). ``chunk_size`` is accepted and ignored.
     """
+    check_causal(causal)
     check_chunk_size(chunk_size)
     sizes, qf, kf, vf, gain, state = _prepare(q, k, v, causal=causal, key_gain=key_gain,
                                               initial_state=initial_state)
@@ -264,6 +266,7 @@ def lightnet_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cau
     Returns:
         ``o [B, H, N, Dv]`` in q's dtype, or ``(o, (S, z))``.
     """
+    check_causal(causal)
     check_impl(impl, IMPLS)
     form = {"reference": lightnet_attention_reference, "recurrent": lightnet_attention_recurrent}.get(
         impl, lightnet_attention_chunked)
@@ -284,9 +287,6 @@ register(Mechanism(
     supports_cross=True,
     supports_gqa=True,
     complexity="O(N d^2) (chunked: O(N C d + N d^2))",
-    defaults={"causal": True, "key_gain": None, "chunk_size": 32, "initial_state": None, "return_state": False,
-              "impl": "auto"},
-    impls=("chunked", "recurrent"),
     check=CheckConfig(options={"chunk_size": 4}, bf16_options={"chunk_size": 32}),
     state_size=lambda heads, head_dim, value_dim: heads * head_dim * (value_dim + 1),
 ))

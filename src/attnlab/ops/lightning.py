@@ -364,9 +364,9 @@ register(Mechanism(
     supports_bidirectional=False,
     supports_gqa=True,
     complexity="O(N d^2) (chunked: O(N C d + N d^2))",
-    defaults={"decay": None, "scale": 1.0, "chunk_size": 64, "initial_state": None, "return_state": False,
-              "impl": "auto"},
-    impls=("chunked", "recurrent"),
+    impl_devices={"triton": ("cuda", "triton-interpreter")},
+    # the benchmark runs the paper's per-head decay schedule (TransNormerLLM's ALiBi slopes)
+    bench_options=lambda shape: {"decay": lightning_decay_slopes(shape.heads).to(shape.device)},
     check=CheckConfig(
         options={"decay": 0.3, "chunk_size": 4},
         bf16_options={"decay": 0.01, "chunk_size": 64},

@@ -23,6 +23,7 @@ from einops import rearrange
 from attnlab.ops.lightning import check_chunk_size, check_state
 from attnlab.ops.validation import (
     Sizes,
+    check_causal,
     check_causal_lengths,
     check_impl,
     check_qkv,
@@ -211,6 +212,7 @@ def linear_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     An initial state ``(S0, z0)`` adds ``phi(q_i) S0`` to the numerator and ``phi(q_i) . z0`` to the
     denominator. ``chunk_size`` is accepted and ignored. Shapes as in :func:`linear_attention`.
     """
+    check_causal(causal)
     check_chunk_size(chunk_size)
     fq, fk, vf, scale, eps, state = _prepare(q, k, v, causal=causal, feature_map=feature_map, eps=eps,
                                              scale=scale, initial_state=initial_state)
@@ -390,6 +392,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     Returns:
         ``o [B, H, N, Dv]`` in q's dtype, or ``(o, (S, z))``.
     """
+    check_causal(causal)
     check_impl(impl, IMPLS)
     if impl == "triton" or (impl == "auto" and q.is_cuda and causal and q.shape[-2] == k.shape[-2]):
         from attnlab.kernels.lightning import linear_attention_triton, triton_runs_on
@@ -417,9 +420,8 @@ register(Mechanism(
     supports_cross=True,
     supports_gqa=True,
     complexity="O(N d^2)",
-    defaults={"feature_map": "elu+1", "normalize": True, "eps": 1e-6, "scale": 1.0, "chunk_size": 64,
-              "initial_state": None, "return_state": False, "impl": "auto"},
-    impls=("chunked", "recurrent"),
+    impl_devices={"triton": ("cuda", "triton-interpreter")},
+    causal_only_impls=("triton",),
     check=CheckConfig(options={"chunk_size": 4}, bf16_options={"chunk_size": 64}),
     state_size=lambda heads, head_dim, value_dim: heads * head_dim * (value_dim + 1),
 ))

@@ -284,6 +284,12 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     return gathered_block_attention(q, k, v, key_index=key_index, allowed=allowed, scale=scale)
 
 
+def _odd_kernel(size: int, length: int) -> int:
+    """The odd kernel size closest to ``size`` from below, at least 1 and at most ``length``."""
+    size = max(1, min(size, length))
+    return size if size % 2 else size - 1 if size > 1 else 1
+
+
 register(Mechanism(
     name="neighborhood",
     op=neighborhood_attention,
@@ -297,7 +303,9 @@ register(Mechanism(
     supports_cross=False,
     supports_gqa=True,
     complexity="O(N K d)",
-    defaults={"shape": None, "stride": 1, "dilation": 1, "causal": False, "scale": None, "impl": "auto"},
-    impls=("gather", "flex"),
+    # odd kernels give symmetric neighbourhoods: a quarter of the model length (at least 3), half of the
+    # benchmark length up to 127
+    model_options=lambda seq_len: {"kernel_size": _odd_kernel(max(3, seq_len // 4), seq_len)},
+    bench_options=lambda shape: {"kernel_size": _odd_kernel(min(shape.length // 2, 127), shape.length)},
     check=CheckConfig(options={"kernel_size": 3}, bf16_options={"kernel_size": 63}),
 ))

@@ -26,7 +26,7 @@ from einops import rearrange
 
 from attnlab.ops.flex import auto_uses_flex, flex_masked_attention
 from attnlab.ops.softmax import softmax_attention_reference
-from attnlab.ops.validation import check_impl, check_qkv, check_scale, compute_dtype
+from attnlab.ops.validation import check_causal, check_impl, check_qkv, check_scale, compute_dtype
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = [
@@ -73,10 +73,13 @@ def gathered_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         kg, vg = k[:, :, flat], v[:, :, flat]  # (B, H_kv, G*S, D), (B, H_kv, G*S, Dv)
         bias = key_bias[:, :, flat] if key_bias is not None else None  # (B, H_kv, G*S)
     else:
-        flat = key_index.reshape(B, Hkv, G * S)
-        kg = torch.gather(k, 2, flat[..., None].expand(-1, -1, -1, D))
-        vg = torch.gather(v, 2, flat[..., None].expand(-1, -1, -1, Dv))
-        bias = torch.gather(key_bias, 2, flat) if key_bias is not None else None
+        M = k.shape[2]
+        # rows of the flattened (B*H_kv*M) keys: index_select is several times faster than gather
+        flat = (key_index.reshape(B, Hkv, G * S) + torch.arange(B * Hkv, device=q.device).reshape(B, Hkv, 1) * M)
+        flat = flat.reshape(-1)
+        kg = k.reshape(B * Hkv * M, D).index_select(0, flat).reshape(B, Hkv, G * S, D)
+        vg = v.reshape(B * Hkv * M, Dv).index_select(0, flat).reshape(B, Hkv, G * S, Dv)
+        bias = key_bias.reshape(-1).index_select(0, flat).reshape(B, Hkv, G * S) if key_bias is not None else None
     # One fused SDPA call over every block (flash kernel on CPU, backward included). The key bias
     # rides in one extra feature: [scale q, 1] . [k, bias] = scale q.k + bias; the fused kernels want
     # one width for q, k and v, so all three are zero-padded to a multiple of 8.
@@ -172,6 +175,7 @@ def sliding_window_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torc
     Longformer (arXiv 2004.05150) sec. 3.1 sliding window, with StreamingLLM's attention sinks
     (arXiv 2309.17453) when ``sink_tokens > 0``; band as in :func:`sliding_window_mask`.
     """
+    check_causal(causal)
     sizes = check_qkv(q, k, v)
     _check_self(sizes.length, sizes.key_length, "sliding_window_attention")
     mask = sliding_window_mask(sizes.length, window, causal=causal, sink_tokens=sink_tokens,
@@ -252,6 +256,7 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     Returns:
         ``[B, H, N, Dv]`` in the dtype of q.
     """
+    check_causal(causal)
     check_impl(impl, IMPLS)
     if impl == "reference":
         return sliding_window_attention_reference(q, k, v, window=window, causal=causal, sink_tokens=sink_tokens,

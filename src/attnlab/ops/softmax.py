@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from attnlab.ops.softmax_backends import choose_backends, sdpa_with_backends
 from attnlab.ops.validation import (
     Sizes,
+    check_causal,
     check_causal_lengths,
     check_impl,
     check_qkv,
@@ -188,6 +189,7 @@ def softmax_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     :func:`softmax_attention`. The oracle of the conformance suite: :func:`softmax_attention_hooked`
     without hooks.
     """
+    check_causal(causal)
     out, _ = softmax_attention_hooked(q, k, v, causal=causal, scale=scale, attn_mask=attn_mask,
                                       key_padding_mask=key_padding_mask)
     return out
@@ -248,6 +250,7 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
     Returns:
         ``[B, H, N, Dv]`` in the dtype of q. A query row that may attend to no key returns zeros.
     """
+    check_causal(causal)
     check_impl(impl, IMPLS)
     if impl == "reference":
         return softmax_attention_reference(q, k, v, causal=causal, scale=scale, attn_mask=attn_mask,
@@ -274,7 +277,5 @@ register(Mechanism(
     supports_cross=True,
     supports_gqa=True,
     complexity="O(N^2 d)",
-    defaults={"scale": None, "attn_mask": None, "key_padding_mask": None, "impl": "auto"},
-    impls=("sdpa",),
     check=CheckConfig(),
 ))
