@@ -7,6 +7,7 @@ import torch
 
 from attnlab.nn import Attention
 from attnlab.ops import hip_attention, hip_select_blocks, softmax_attention
+from attnlab.ops.hip import hip_select_blocks_vectorized
 
 
 def inputs(N: int, M: int, *, seed: int, heads: int = 4, kv_heads: int = 2, scale: float = 1.0,
@@ -124,3 +125,31 @@ def test_drop_in_for_softmax_in_a_trained_layer() -> None:
         sparse.options["k_budget"] = 16  # a real budget: close to, not equal to, the dense layer
         error = float((sparse(x) - dense(x)).norm() / dense(x).norm())
     assert 0 < error < 0.5
+
+
+@pytest.mark.parametrize("N,M,bq,bk,budget,window,stride", [
+    pytest.param(200, 200, 8, 2, 12, 8, 2, id="N200-bq8-bk2-k12"),
+    pytest.param(75, 300, 16, 4, 20, 0, 1, id="N75-M300-bq16-bk4-k20"),  # partial last query block
+    pytest.param(64, 64, 4, 1, 64, 4, 2, id="N64-budget-covers"),
+])
+def test_vectorised_search_equals_the_per_block_search(N, M, bq, bk, budget, window, stride) -> None:
+    """Every query block searched at once selects the same key blocks as the loop over query blocks."""
+    q, k, _ = inputs(N, M, seed=N + M)
+    options = dict(k_budget=budget, block_size_q=bq, block_size_k=bk, window=window, query_stride=stride)
+    expected = hip_select_blocks(q, k, **options)
+    actual = hip_select_blocks_vectorized(q, k, **options)
+    assert torch.equal(actual, expected)
+    assert (expected >= 0).any()
+
+
+def test_gather_float32_and_bfloat16_at_realistic_lengths() -> None:
+    """The default options at N=2048 (float32: 1e-5 of the float64 reference) and bf16 at N=4096."""
+    g = torch.Generator().manual_seed(30)
+    for N, dtype, tolerance in ((2048, torch.float32, 1e-5), (4096, torch.bfloat16, 1e-2)):
+        q, k, v = (torch.randn(1, 4, N, 64, generator=g).to(dtype) for _ in range(3))
+        out = hip_attention(q, k, v)  # auto = gather, default k_budget=512, window=128
+        starts = hip_select_blocks(q.double(), k.double())  # fixes the selection for the reference
+        expected = hip_attention(q.double(), k.double(), v.double(), block_starts=starts, impl="reference")
+        assert out.dtype == dtype
+        error = float((out.double() - expected).norm() / expected.norm())
+        assert error < tolerance, (N, dtype, error)

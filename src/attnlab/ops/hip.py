@@ -44,7 +44,8 @@ from attnlab.ops.validation import (
 )
 from attnlab.registry import CheckConfig, Mechanism, register
 
-__all__ = ["hip_attention", "hip_attention_reference", "hip_select_blocks", "hip_mask"]
+__all__ = ["hip_attention", "hip_attention_reference", "hip_select_blocks", "hip_select_blocks_vectorized",
+           "hip_mask"]
 
 IMPLS = ("auto", "reference", "gather")
 
@@ -132,6 +133,70 @@ def hip_select_blocks(q: torch.Tensor, k: torch.Tensor, *, k_budget: int = 512, 
     return result
 
 
+_SEARCH_CHUNK = 32  # query blocks searched at once: O(chunk * k_budget * d) gathered keys
+
+
+def hip_select_blocks_vectorized(q: torch.Tensor, k: torch.Tensor, *, k_budget: int = 512, block_size_q: int = 32,
+                                 block_size_k: int = 2, window: int = 128, query_stride: int = 2,
+                                 causal: bool = True) -> torch.Tensor:
+    """:func:`hip_select_blocks` with every query block searched at once (chunks of query blocks).
+
+    Same result (same scores, same ``torch.topk`` per group list). The query blocks differ only in
+    how many candidate key blocks they have; a block whose groups are already single key blocks
+    keeps them through the extra halving rounds of the others (the empty half scores ``-inf``, the
+    other half is the group itself), so all run the same number of rounds, ``log2(M / k_budget)``.
+    Cost: ``O(N / block_size_q * k_budget * log(M / k_budget) * d)``, in ``ceil(G / 32)`` chunks.
+    """
+    _check_options(k_budget, block_size_q, block_size_k, window, 0, query_stride, causal)
+    B, H, N, D = q.shape
+    M = k.shape[2]
+    check_causal_lengths(N, M)
+    dtype = compute_dtype(q.dtype)
+    device = q.device
+    # the search picks indices: nothing in it is differentiated, so no graph is recorded
+    q, k = q.detach(), k.detach()
+    kh = expand_kv(k, H).to(dtype).reshape(B * H * M, D)  # rows of every (batch, head)
+    row0 = (torch.arange(B * H, device=device) * M).reshape(B, H, 1)  # first row of each (batch, head)
+    bk, K, G = block_size_k, -(-k_budget // block_size_k), -(-N // block_size_q)
+    ninf = float("-inf")
+    stop = torch.clamp(torch.arange(1, G + 1, device=device) * block_size_q, max=N)  # (G,) last query + 1
+    candidates = stop + (M - N) - window  # (G,) keys [0, candidates) per query block
+    blocks = torch.div(candidates.clamp(min=0) + bk - 1, bk, rounding_mode="floor")  # (G,)
+    # the strided queries of every block, padded: (B, H, G, nq, D) and which of them exist
+    qp = torch.nn.functional.pad(q.to(dtype), (0, 0, 0, G * block_size_q - N))
+    qs = qp.reshape(B, H, G, block_size_q, D)[:, :, :, ::query_stride]
+    q_ok = (torch.arange(G * block_size_q, device=device).reshape(G, block_size_q)[:, ::query_stride] < N)
+    offsets = torch.arange(bk, device=device)
+    j = torch.arange(K + 1, device=device)
+    result = torch.full((B, H, G, K), -1, dtype=torch.long, device=device)
+    few = (blocks <= K)[:, None] & (j[None, :K] < blocks[:, None])  # (G, K) blocks <= K: keep them all
+    result = torch.where(few, j[:K] * bk, result)
+    searched = (blocks > K).nonzero().flatten()
+    for part in searched.split(_SEARCH_CHUNK) if searched.numel() else ():
+        C = part.numel()
+        cand, n_blocks = candidates[part], blocks[part]  # (C,)
+        qc, okc = qs[:, :, part], q_ok[part]  # (B, H, C, nq, D), (C, nq)
+        bounds = (n_blocks[:, None] * j) // K  # (C, K + 1)
+        starts = bounds[:, :-1].expand(B, H, C, K)  # (B, H, C, K) group starts, in key blocks
+        sizes = (bounds[:, 1:] - bounds[:, :-1]).expand(B, H, C, K)
+        while int(sizes.max()) > 1:
+            half = sizes // 2
+            child_start = torch.cat([starts, starts + half], dim=-1)  # (B, H, C, 2K)
+            child_size = torch.cat([half, sizes - half], dim=-1)
+            pos = child_start[..., None] * bk + offsets  # (B, H, C, 2K, bk) keys of the representatives
+            valid = pos < cand[:, None, None]
+            flat = torch.minimum(pos, (cand - 1)[:, None, None]).reshape(B, H, -1) + row0
+            keys = kh.index_select(0, flat.reshape(-1)).reshape(B, H, C, -1, D)  # (B, H, C, 2K*bk, D)
+            scores = torch.einsum("bhcqd,bhckd->bhcqk", qc, keys)  # (B, H, C, nq, 2K*bk)
+            scores = scores.masked_fill(~okc[:, :, None], ninf).reshape(B, H, C, -1, 2 * K, bk)
+            scores = scores.masked_fill(~valid[:, :, :, None], ninf).amax(dim=(3, 5))  # (B, H, C, 2K)
+            scores = scores.masked_fill(child_size == 0, ninf)
+            top = torch.topk(scores, K, dim=-1).indices  # (B, H, C, K)
+            starts, sizes = child_start.gather(-1, top), child_size.gather(-1, top)
+        result[:, :, part] = starts.sort(dim=-1).values * bk
+    return result
+
+
 def hip_mask(block_starts: torch.Tensor, length: int, key_length: int, *, block_size_q: int,
              block_size_k: int, window: int, sink_tokens: int) -> torch.Tensor:
     """Dense boolean ``[B, H, N, M]`` mask of HiP: causal AND (sink OR window OR selected block).
@@ -157,13 +222,13 @@ def hip_mask(block_starts: torch.Tensor, length: int, key_length: int, *, block_
 
 def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_starts: torch.Tensor | None, *,
              k_budget: int, block_size_q: int, block_size_k: int, window: int, sink_tokens: int,
-             query_stride: int, causal: bool) -> torch.Tensor:
+             query_stride: int, causal: bool, search: object = hip_select_blocks) -> torch.Tensor:
     sizes = check_qkv(q, k, v)
     _check_options(k_budget, block_size_q, block_size_k, window, sink_tokens, query_stride, causal)
     check_causal_lengths(sizes.length, sizes.key_length)
     if block_starts is None:
-        return hip_select_blocks(q, k, k_budget=k_budget, block_size_q=block_size_q, block_size_k=block_size_k,
-                                 window=window, query_stride=query_stride)
+        return search(q, k, k_budget=k_budget, block_size_q=block_size_q, block_size_k=block_size_k,
+                      window=window, query_stride=query_stride)
     G = -(-sizes.length // block_size_q)
     if not isinstance(block_starts, torch.Tensor) or block_starts.dtype != torch.long:
         raise TypeError(f"block_starts must be an int64 torch.Tensor, got {block_starts!r:.80}")
@@ -250,8 +315,10 @@ def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, k_budget
             (v1.0 ``reduce_stride=2``).
         block_starts: skip the search and use these ``[B, H, G, K]`` block starts (``-1`` = none),
             as :func:`hip_select_blocks` returns.
-        impl: "reference" (dense masked softmax), "gather" (each query block gathers its sinks, window
-            and selected blocks: ``O(N * (k_budget + window) / ...)`` memory) or "auto" (= "gather").
+        impl: "reference" (the search one query block at a time, then dense masked softmax) or
+            "gather" (= "auto": the search vectorised over query blocks, then each query block gathers
+            its sinks, window and selected blocks for one fused SDPA call:
+            ``O(N (k_budget + window + block_size_q) d)`` time and memory).
 
     Returns:
         ``[B, H, N, Dv]`` in the dtype of q.
@@ -264,7 +331,7 @@ def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, k_budget
         return hip_attention_reference(q, k, v, **options)
     block_starts = _prepare(q, k, v, block_starts, k_budget=k_budget, block_size_q=block_size_q,
                             block_size_k=block_size_k, window=window, sink_tokens=sink_tokens,
-                            query_stride=query_stride, causal=causal)
+                            query_stride=query_stride, causal=causal, search=hip_select_blocks_vectorized)
     scale = check_scale(scale, q.shape[-1])
     H = q.shape[1]
     index, allowed = _gather_lists(block_starts, q.shape[2], k.shape[2], block_size_q=block_size_q,
