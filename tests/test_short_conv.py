@@ -275,3 +275,20 @@ def test_state_size_counts_the_features_and_the_convolution() -> None:
     assert elu_conv.state_size == elu.state_size + 2 * (2 * 64)
     # softmax keeps every key: no fixed state, with or without the convolution
     assert LanguageModel(100, 64, 2, 1, mechanism="softmax", max_len=64, short_conv=3).state_size is None
+
+
+def test_the_mqar_benchmark_builds_the_convolution_variant() -> None:
+    from attnlab.bench.presets import get_preset
+    from attnlab.bench.quality_tasks import TASKS
+    from attnlab.tasks.mqar import MQARConfig
+
+    task = TASKS["mqar"]
+    config = MQARConfig(vocab_size=64, seq_len=16, num_pairs=2, dim=16, short_conv=3, short_conv_layers="first")
+    model = task.build(config, "linear", True)
+    assert [b.short_conv is not None for b in model.trunk.blocks] == [True, False]
+    assert task.label(config) == "V64-L16-P2-d16-conv3-first"
+    assert task.label(MQARConfig(vocab_size=64, seq_len=16, num_pairs=2, dim=16)) == "V64-L16-P2-d16"
+    standard = get_preset("standard").tasks["mqar"]
+    # every standard MQAR setting is listed without and with the convolution
+    plain = {(c.seq_len, c.num_pairs, c.dim) for c in standard if c.short_conv == 0}
+    assert plain == {(c.seq_len, c.num_pairs, c.dim) for c in standard if c.short_conv == 3} and len(plain) == 4

@@ -11,7 +11,8 @@
   150 steps; the ranking it shows is indicative, not the paper's.
 - ``standard``: zoology's MQAR settings (vocabulary 8192; length 64 with 8 pairs and 256 with 16
   pairs; widths 64 and 128; one head, GPT-2 initialisation with a tied read-out; 2500 steps, batch 64,
-  AdamW 3e-3, cosine), the in-context regression
+  AdamW 3e-3, cosine), each without and with a kernel-3 gated short convolution in the first block
+  (the form zoology and Based train, ``-conv3-first`` in the labels), the in-context regression
   paper setting (d=5, L=40, noise variance 0.1, Adam 1e-3, batch 256; 4 heads and 1 head; 5000 steps with
   a cosine schedule where the paper trains 500k), Match3 and
   Match2 at length 16, needle at length 128, digits and byte-level Wikipedia.
@@ -93,12 +94,14 @@ QUICK = QualityPreset(
 
 STANDARD = QualityPreset(
     name="standard",
-    description="zoology's MQAR (vocab 8192; L64/8 pairs and L256/16 pairs; widths 64, 128; one head) and "
-                "the paper settings of the other tasks",
+    description="zoology's MQAR (vocab 8192; L64/8 pairs and L256/16 pairs; widths 64, 128; one head; "
+                "without and with a kernel-3 short convolution in block 0) and the paper settings of the other "
+                "tasks",
     seeds=3,
     tasks={
-        "mqar": [MQARConfig(seq_len=length, num_pairs=pairs, dim=width)
-                 for length, pairs in ((64, 8), (256, 16)) for width in (64, 128)],
+        "mqar": [MQARConfig(seq_len=length, num_pairs=pairs, dim=width, short_conv=conv,
+                            short_conv_layers="first")
+                 for conv in (0, 3) for length, pairs in ((64, 8), (256, 16)) for width in (64, 128)],
         "incontext_regression": [ICLRegressionConfig(heads=4, steps=5000),
                                  ICLRegressionConfig(heads=1, steps=5000)],
         "match3": [MatchConfig(order=3, length=16, modulus=185, dim=32, depth=1, heads=4, steps=3000)],
@@ -114,8 +117,10 @@ FULL = QualityPreset(
     description="longer sequences, more pairs, wider models and 5 seeds (a GPU or a long CPU run)",
     seeds=5,
     tasks={
-        "mqar": [MQARConfig(seq_len=length, num_pairs=pairs, dim=width, steps=5000)
-                 for length, pairs in ((64, 8), (128, 16), (256, 32), (512, 64)) for width in (64, 128, 256)],
+        "mqar": [MQARConfig(seq_len=length, num_pairs=pairs, dim=width, steps=5000, short_conv=conv,
+                            short_conv_layers="first")
+                 for conv in (0, 3) for length, pairs in ((64, 8), (128, 16), (256, 32), (512, 64))
+                 for width in (64, 128, 256)],
         "incontext_regression": [ICLRegressionConfig(heads=h, steps=100000) for h in (1, 2, 4, 8)],
         "match3": [MatchConfig(order=3, length=32, modulus=700, dim=w, depth=1, heads=4, steps=10000)
                    for w in (32, 64, 128)],

@@ -296,10 +296,12 @@ TASKS: dict[str, QualityTask] = {task.name: task for task in (
         name="mqar", metric="accuracy", higher_is_better=True, masking="causal", config_type=MQARConfig,
         build=lambda c, m, causal: LanguageModel(c.vocab_size, c.dim, c.depth, c.heads, mechanism=m,
                                                  max_len=c.seq_len, init_std=c.init_std,
-                                                 tie_embeddings=c.tie_embeddings),
+                                                 tie_embeddings=c.tie_embeddings, short_conv=c.short_conv,
+                                                 short_conv_layers=c.short_conv_layers),
         probe=lambda c: torch.randint(c.vocab_size, (2, c.seq_len)),
         data=_mqar_data, loss=answer_loss, weight_decay=0.1,  # MQARConfig carries its own weight_decay
-        label=lambda c: f"V{c.vocab_size}-L{c.seq_len}-P{c.num_pairs}-d{c.dim}",
+        label=lambda c: f"V{c.vocab_size}-L{c.seq_len}-P{c.num_pairs}-d{c.dim}"
+                        + (f"-conv{c.short_conv}-{c.short_conv_layers}" if c.short_conv else ""),
         description="multi-query associative recall (zoology), decoder LM"),
     QualityTask(
         name="incontext_regression", metric="mse", higher_is_better=False, masking="any",

@@ -45,6 +45,10 @@ class MQARConfig:
     steps 900 and 1300); four heads of dim 16 stayed at 0.08-0.09 for 1200 steps; one head with
     PyTorch's default initialisation and an untied read-out did not learn (loss 8.34 = ln 4096 at
     step 1000).
+
+    ``short_conv=K`` (0: none) gives the model a gated causal short convolution of kernel ``K`` before the
+    mixer of the blocks named by ``short_conv_layers`` ("all" or "first", zoology's placement), the same
+    for every mechanism (:class:`attnlab.nn.short_conv.ShortConvolution`).
     """
 
     vocab_size: int = 8192
@@ -61,6 +65,8 @@ class MQARConfig:
     test_examples: int = 1000
     init_std: float | None = 0.02
     tie_embeddings: bool = True
+    short_conv: int = 0
+    short_conv_layers: str = "all"
 
 
 def _check_sizes(vocab_size: int, seq_len: int, num_pairs: int, power_a: float) -> None:
