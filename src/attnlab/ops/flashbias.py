@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from attnlab.ops.alibi import alibi_slopes
 from attnlab.ops.softmax import attention_mask
 from attnlab.ops.validation import (
     check_causal,
@@ -69,8 +70,8 @@ def flashbias_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     FlashBias (arXiv 2505.12044), sec. 3. Computes in float32 (float64 for float64 inputs); the
     factors are cast to that dtype. Causal queries are aligned to the end of the keys.
     """
-    sizes = check_qkv(q, k, v)
     check_causal(causal)
+    sizes = check_qkv(q, k, v)
     B, H, Hkv, N, M, D, _ = sizes
     scale = check_scale(scale, D)
     _check_factors(q_bias, k_bias, B, H, Hkv, N, M)
@@ -114,8 +115,8 @@ def flashbias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_
     Returns:
         ``[B, H, N, Dv]`` in the dtype of q.
     """
-    check_impl(impl, IMPLS)
     check_causal(causal)
+    check_impl(impl, IMPLS)
     if impl == "reference":
         return flashbias_attention_reference(q, k, v, q_bias=q_bias, k_bias=k_bias, causal=causal, scale=scale)
     sizes = check_qkv(q, k, v)
@@ -140,16 +141,6 @@ def flashbias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_
     out = F.scaled_dot_product_attention(q_cat, k_cat, v_in, attn_mask=mask, is_causal=causal and mask is None,
                                          scale=1.0, enable_gqa=Hkv != H)  # (B, H, N, max(D + R + pad, Dv))
     return out[..., :Dv] if v_in is not v else out
-
-
-def alibi_slopes(heads: int, *, dtype: torch.dtype = torch.float64,
-                 device: torch.device | str | None = None) -> torch.Tensor:
-    """ALiBi slopes ``m_h = 2^(-8 (h + 1) / H)``, ``h = 0..H-1`` (Press et al., arXiv 2108.12409 sec. 3;
-    the formula of the FlashBias ALiBi example)."""
-    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
-        raise ValueError(f"heads must be a positive int, got heads={heads!r}")
-    h = torch.arange(1, heads + 1, dtype=torch.float64, device=device)
-    return torch.pow(2.0, -8.0 * h / heads).to(dtype)
 
 
 def _slopes(heads: int, slopes: torch.Tensor | None, device: torch.device | str | None) -> torch.Tensor:

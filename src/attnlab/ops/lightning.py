@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from einops import rearrange
 
+from attnlab.ops.alibi import alibi_slopes
 from attnlab.ops.validation import Sizes, check_causal, check_impl, check_qkv, check_scale, compute_dtype, expand_kv
 from attnlab.registry import CheckConfig, Mechanism, register
 
@@ -316,17 +317,6 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ca
 # decay schedule
 
 
-def _alibi_slopes(heads: int) -> list[float]:
-    def power_of_two(n: int) -> list[float]:
-        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
-        return [start * start**i for i in range(n)]
-
-    if math.log2(heads).is_integer():
-        return power_of_two(heads)
-    closest = 2 ** math.floor(math.log2(heads))
-    return power_of_two(closest) + _alibi_slopes(2 * closest)[0::2][: heads - closest]
-
-
 def lightning_decay_slopes(heads: int, *, layer_idx: int = 0, num_layers: int = 1) -> torch.Tensor:
     """The per-head decay rates ``s_h`` of TransNormerLLM / TNL for layer ``layer_idx`` of ``num_layers``.
 
@@ -349,7 +339,7 @@ def lightning_decay_slopes(heads: int, *, layer_idx: int = 0, num_layers: int = 
     if not 0 <= layer_idx < num_layers:
         raise ValueError(f"layer_idx must be in [0, num_layers={num_layers}), got layer_idx={layer_idx}")
     depth = layer_idx / (num_layers - 1) if num_layers > 1 else 0.0
-    return torch.tensor(_alibi_slopes(heads), dtype=torch.float32) * (1 - depth + 1e-5)
+    return alibi_slopes(heads, dtype=torch.float32) * (1 - depth + 1e-5)
 
 
 register(Mechanism(
