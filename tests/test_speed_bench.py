@@ -339,3 +339,15 @@ def test_fla_baselines_are_wired_in_fla_layout_and_decay(monkeypatch: pytest.Mon
     call = cells.build_cell(spec)
     call()
     call()
+
+
+def test_markdown_to_html_covers_what_both_reports_write() -> None:
+    from attnlab.bench.markdown_html import markdown_to_html
+
+    text = "\n".join(["# dropped title", "## mqar (L32)", "Settings: a < b.", "**Time per call (ms)**", "",
+                      "| name | N=1 |", "|---|---:|", "| softmax | 1.5 (x1.00) |", "- linear: skipped"])
+    assert markdown_to_html(text, table_class="speed").splitlines() == [
+        "<h2>mqar (L32)</h2>", "<p>Settings: a &lt; b.</p>", "<h4>Time per call (ms)</h4>",
+        '<table class="speed"><tr><th>name</th><th>N=1</th></tr><tr><td>softmax</td><td>1.5 (x1.00)</td></tr></table>',
+        '<div class="note">linear: skipped</div>']
+    assert markdown_to_html("| a |\n|---|\n| 1 |").startswith("<table><tr><th>a</th>")

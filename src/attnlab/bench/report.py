@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from attnlab.bench.markdown_html import markdown_to_html
 from attnlab.bench.results import load_results
 
 __all__ = ["Row", "aggregate", "leaderboard_markdown", "print_leaderboard", "write_report", "state_size_of"]
@@ -207,34 +208,6 @@ def _plots(rows: Sequence[Row], records: Sequence[dict[str, Any]]) -> list[tuple
     return images
 
 
-def _markdown_table_to_html(markdown: str) -> str:
-    """The leaderboard markdown as HTML (headings, paragraphs and pipe tables only)."""
-    out, table = [], []
-
-    def flush() -> None:
-        if table:
-            head, *body = [[html.escape(c.strip()) for c in line.strip("|").split("|")] for line in table
-                           if not set(line.replace("|", "").strip()) <= set("-: ")]
-            out.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in head) + "</tr>"
-                       + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in body)
-                       + "</table>")
-            table.clear()
-
-    for line in markdown.splitlines():
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        flush()
-        if line.startswith("## "):
-            out.append(f"<h2>{html.escape(line[3:])}</h2>")
-        elif line.startswith("# "):
-            continue
-        elif line.strip():
-            out.append(f"<p>{html.escape(line)}</p>")
-    flush()
-    return "\n".join(out)
-
-
 def _speed_section(run_dir: Path) -> tuple[str, str] | None:
     if not (run_dir / "speed.jsonl").exists():
         return None
@@ -272,7 +245,7 @@ def write_report(run_dir: str | Path, *, title: str | None = None) -> tuple[Path
     if rows:
         versions = records[-1].get("versions", {})
         parts.append(f"<p>{len(records)} runs; versions: {html.escape(str(versions))}</p>")
-        parts.append(_markdown_table_to_html(leaderboard_markdown(rows, title=title)))
+        parts.append(markdown_to_html(leaderboard_markdown(rows, title=title)))
         for caption, data in _plots(rows, records):
             parts.append(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
                          f"<figcaption>{html.escape(caption)}</figcaption></figure>")

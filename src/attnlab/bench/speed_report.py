@@ -8,13 +8,13 @@ softmax attention (SDPA) measured in the same run, plus the fitted exponent of N
 from __future__ import annotations
 
 import base64
-import html
 import io
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from attnlab.bench.markdown_html import markdown_to_html
 from attnlab.bench.results import load_results, result_key
 from attnlab.bench.scaling import scaling_exponents
 from attnlab.bench.speed_config import BASELINE, KEY_FIELDS, RESULTS_FILE
@@ -171,34 +171,6 @@ def speed_plots(rows: Sequence[Mapping[str, Any]]) -> dict[str, bytes]:
     return out
 
 
-def _markdown_table_to_html(markdown: str) -> str:
-    """The tables of :func:`speed_tables_markdown` as HTML (no Markdown library needed)."""
-    out, in_table = [], False
-    for line in markdown.splitlines():
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            if all(set(c) <= {"-"} for c in cells):
-                continue
-            tag = "th" if not in_table else "td"
-            if not in_table:
-                out.append('<table class="speed">')
-                in_table = True
-            out.append("<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>")
-            continue
-        if in_table:
-            out.append("</table>")
-            in_table = False
-        if line.startswith("**") and line.endswith("**"):
-            out.append(f"<h4>{html.escape(line.strip('*'))}</h4>")
-        elif line.startswith("- "):
-            out.append(f"<div class=\"note\">{html.escape(line[2:])}</div>")
-        elif line.strip():
-            out.append(f"<p>{html.escape(line)}</p>")
-    if in_table:
-        out.append("</table>")
-    return "\n".join(out)
-
-
 def render_speed_section(run_dir: str | os.PathLike[str]) -> tuple[str, str]:
     """``(html_fragment, markdown)`` for the speed results in ``run_dir/speed.jsonl``.
 
@@ -214,7 +186,7 @@ def render_speed_section(run_dir: str | os.PathLike[str]) -> tuple[str, str]:
         f'<img alt="{what} versus N (log-log)" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
         for what, png in speed_plots(rows).items()
     )
-    body = _markdown_table_to_html(speed_tables_markdown(rows))
+    body = markdown_to_html(speed_tables_markdown(rows), table_class="speed")
     fragment = f'<section class="speed">\n<div class="plots">{images}</div>\n{body}\n</section>'
     return fragment, markdown
 
