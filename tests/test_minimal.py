@@ -88,3 +88,38 @@ def test_block_is_residual_attention_without_mlp_and_bad_options_raise() -> None
         MinimalAttention(8, 2, similarity="qk", symmetric_rank=2)
     with pytest.raises(ValueError, match="collapsed"):
         MinimalAttention(8, 2, similarity="symmetric").collapsed()
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+@pytest.mark.parametrize("options", [
+    pytest.param({"similarity": "qk"}, id="qk"),
+    pytest.param({"similarity": "collapsed"}, id="collapsed"),
+    pytest.param({"similarity": "symmetric"}, id="symmetric"),
+    pytest.param({"similarity": "symmetric", "symmetric_rank": 3}, id="symmetric-rank3"),
+    pytest.param({"similarity": "collapsed", "value_output": False}, id="collapsed-no-vo"),
+    pytest.param({"similarity": "qk", "value_output": False, "head_combine": "sum"}, id="qk-no-vo-sum"),
+])
+def test_sdpa_forward_equals_the_explicit_probabilities(causal: bool, options: dict) -> None:
+    """The fused forward (SDPA) equals softmax of :meth:`scores` times the values, with gradients."""
+    torch.manual_seed(7)
+    layer = MinimalAttention(12, 3, causal=causal, **options).double()
+    x = torch.randn(2, 17, 12, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 17, 12, dtype=torch.float64)
+    results = []
+    for form in (layer.forward_explicit, layer.forward):
+        out = form(x)
+        results.append((out, *torch.autograd.grad((out * grad).sum(), (x, *layer.parameters()))))
+    for expected, actual in zip(*results, strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_sdpa_forward_float32_and_bfloat16_at_length_1024() -> None:
+    torch.manual_seed(8)
+    layer = MinimalAttention(64, 4, similarity="collapsed", causal=True)
+    x = torch.randn(1, 1024, 64)
+    with torch.no_grad():
+        expected = layer.double().forward_explicit(x.double())
+        torch.testing.assert_close(layer.float()(x).double(), expected, rtol=1e-5, atol=1e-5)
+        out = layer.bfloat16()(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert float((out.double() - expected).norm() / expected.norm()) < 2e-2

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -110,7 +111,39 @@ class MinimalAttention(nn.Module):
         return torch.einsum("bnc,hce,bme->bhnm", xf, W, xf) * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [B, N, dim] -> [B, N, dim]``."""
+        """``x [B, N, dim] -> [B, N, dim]``: one fused SDPA call, the ``N x N`` scores never stored.
+
+        "qk": SDPA on ``q = X W_Q^h``, ``k = X W_K^h``. "collapsed"/"symmetric": the scores
+        ``X W^h X^T`` are SDPA's ``q . k`` with ``q = X W^h`` (``[B, H, N, dim]``) and ``k = X``.
+        The fused kernels want one width for q, k and v, so a narrower v is zero-padded (sliced off
+        after). :meth:`forward_explicit` is the same computation through :meth:`scores`.
+        """
+        x = check_sequence("x", x, self.dim)
+        dtype = compute_dtype(x.dtype)
+        xf = x.to(dtype)
+        B, N, _ = x.shape
+        if self.similarity == "qk":
+            q = torch.einsum("bnc,hcd->bhnd", xf, self.w_q.to(dtype))  # (B, H, N, d)
+            k = torch.einsum("bnc,hcd->bhnd", xf, self.w_k.to(dtype))  # (B, H, N, d)
+        else:
+            q = torch.einsum("bnc,hce->bhne", xf, self.similarity_matrix().to(dtype))  # (B, H, N, dim)
+            k = xf[:, None].expand(B, self.heads, N, self.dim)  # (B, H, N, dim)
+        if self.value_output:
+            v = rearrange(self.to_v(x), "b n (h d) -> b h n d", h=self.heads).to(dtype)  # (B, H, N, d)
+        else:
+            v = xf[:, None].expand(B, self.heads, N, self.dim)  # (B, H, N, dim)
+        width = max(q.shape[-1], v.shape[-1])
+        value_width = v.shape[-1]
+        q, k, v = (F.pad(t, (0, width - t.shape[-1])) if t.shape[-1] < width else t for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=self.scale)
+        out = out[..., :value_width]  # (B, H, N, d | dim)
+        if self.value_output:
+            return self.to_out(rearrange(out, "b h n d -> b n (h d)").to(x.dtype))
+        combined = out.mean(dim=1) if self.head_combine == "mean" else out.sum(dim=1)
+        return combined.to(x.dtype)
+
+    def forward_explicit(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` with the ``[B, H, N, N]`` probabilities formed explicitly (the readable form)."""
         scores = self.scores(x)  # (B, H, N, N)
         N = x.shape[1]
         if self.causal:
