@@ -386,8 +386,9 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
         initial_state: ``(S0 [B, H, F, Dv], z0 [B, H, F])`` added to the running sums.
         return_state: also return the final ``(S, z)`` (float32; float64 for float64 inputs).
         impl: "chunked", "recurrent", "reference" (quadratic) or "triton" (the lightning kernels with no
-            decay, causal self-attention only: CUDA, or CPU under ``TRITON_INTERPRET=1``). "auto" runs
-            "triton" for causal self-attention on CUDA devices and "chunked" otherwise.
+            decay, causal self-attention only, ``F <= 256``: CUDA, or CPU under ``TRITON_INTERPRET=1``). "auto"
+            runs "triton" for causal self-attention on CUDA devices when the features fit and "chunked"
+            otherwise.
 
     Returns:
         ``o [B, H, N, Dv]`` in q's dtype, or ``(o, (S, z))``.
@@ -395,9 +396,11 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     check_causal(causal)
     check_impl(impl, IMPLS)
     if impl == "triton" or (impl == "auto" and q.is_cuda and causal and q.shape[-2] == k.shape[-2]):
-        from attnlab.kernels.lightning import linear_attention_triton, triton_runs_on
+        from attnlab.kernels.lightning import _MAX_HEAD_DIM, linear_attention_triton, triton_runs_on
 
-        if impl == "triton" or triton_runs_on(q):
+        # "auto" keeps to feature maps whose state fits the kernels' tile (F <= 256): Based's Taylor map at
+        # D = 16 has 273 features and runs chunked
+        if impl == "triton" or (triton_runs_on(q) and feature_count(feature_map, q.shape[-1]) <= _MAX_HEAD_DIM):
             return _linear_attention_kernel(q, k, v, causal=causal, feature_map=feature_map, normalize=normalize,
                                             eps=eps, scale=scale, chunk_size=chunk_size, initial_state=initial_state,
                                             return_state=return_state, kernel=linear_attention_triton)
