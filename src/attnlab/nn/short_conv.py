@@ -1,9 +1,9 @@
 """``ShortConvolution``: the gated depthwise short convolution that sub-quadratic models put beside their mixer.
 
-"Zoology: Measuring and Improving Recall in Efficient Language Models" (Arora et al., arXiv 2312.04927),
-section 4 (the ``BaseConv`` layer), and "Simple linear attention language models balance the
-recall-throughput tradeoff" (Based, Arora et al., arXiv 2402.18668), section 3, where a short
-convolution before linear attention is what lets it solve associative recall.
+"Zoology: Measuring and Improving Recall in Efficient Language Models" (Arora et al., arXiv 2312.04927:
+the ``BaseConv`` layer), and "Simple linear attention language models balance the recall-throughput
+tradeoff" (Based, Arora et al., arXiv 2402.18668), whose models put a short convolution before linear
+attention to solve associative recall.
 """
 
 from __future__ import annotations

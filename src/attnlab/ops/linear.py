@@ -63,8 +63,9 @@ def taylor_feature_map(x: torch.Tensor) -> torch.Tensor:
     """Based's order-2 Taylor feature map ``[..., d] -> [..., 1 + d + d^2]``.
 
     "Simple linear attention language models balance the recall-throughput tradeoff" (Arora et al.,
-    arXiv 2402.18668), section 3: ``phi(x) = [1, x / d^{1/4}, (x x^T flattened) / (sqrt(2) sqrt(d))]``,
-    so that ``phi(q) . phi(k) = 1 + s + s^2 / 2`` with ``s = q . k / sqrt(d)``: the second-order Taylor
+    arXiv 2402.18668; the ``TaylorExp`` map of the authors' code):
+    ``phi(x) = [1, x / d^{1/4}, (x x^T flattened) / (sqrt(2) sqrt(d))]``, so that
+    ``phi(q) . phi(k) = 1 + s + s^2 / 2`` with ``s = q . k / sqrt(d)``: the second-order Taylor
     expansion of ``exp(q . k / sqrt(d))``. Every ordered pair ``(i, j)`` is kept (``d^2`` entries, as
     Based's code does), not the ``d (d + 1) / 2`` distinct products; the state then has
     ``1 + d + d^2`` rows per head.
