@@ -41,3 +41,14 @@ def test_check_exits_non_zero_when_a_fast_path_disagrees(monkeypatch: pytest.Mon
 def test_console_script_help() -> None:
     result = subprocess.run([sys.executable, "-m", "attnlab.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "list" in result.stdout and "check" in result.stdout
+
+
+def test_an_unknown_preset_exits_2_naming_the_presets(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--preset", "quik", "--out", str(tmp_path / "demo")]) == 2
+    out = capsys.readouterr().out
+    assert "unknown preset 'quik'" in out and "quick" in out and "attnlab" not in out  # refused before the list
+    assert not (tmp_path / "demo").exists()
+    assert main(["bench", "quality", "--preset", "quik", "--out", str(tmp_path / "q")]) == 2
+    assert "unknown preset 'quik'" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # the demo's unused --seed is gone
+        main(["demo", "--seed", "1"])

@@ -82,14 +82,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """What ``make demo`` runs: the quality benchmark's quick preset over the registered mechanisms on
     mqar, in-context regression and digits, a CPU speed sweep, then the report."""
     from attnlab.bench.demo import run_demo
+    from attnlab.bench.presets import get_preset
 
     console = make_console()
-    cmd_list(args)
     try:
-        return run_demo(preset=args.preset, out=args.out, console=console)
-    except KeyError as error:  # an unknown preset
+        get_preset(args.preset)
+    except KeyError as error:  # an unknown preset, refused before anything runs
         console.print(f"[red]{error.args[0]}[/red]")
         return 2
+    cmd_list(args)
+    return run_demo(preset=args.preset, out=args.out, console=console)
 
 
 def build_parser() -> argparse.ArgumentParser:
