@@ -128,13 +128,20 @@ def _capability(device: torch.device) -> tuple[int, int] | None:
     return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
+@functools.cache
+def _built_in() -> tuple[bool, bool]:
+    """Whether this torch build has cuDNN attention (cuDNN 9 or newer) and FlashAttention (fixed per process)."""
+    cudnn = torch.backends.cudnn.is_available() and (torch.backends.cudnn.version() or 0) >= 90000
+    return cudnn, torch.backends.cuda.is_flash_attention_available()
+
+
 def available_sdpa_backends() -> frozenset[str]:
     """The SDPA backends this torch build has and that are enabled now (global flags, ``sdpa_kernel``)."""
     cuda = torch.backends.cuda
-    cudnn_built = torch.backends.cudnn.is_available() and (torch.backends.cudnn.version() or 0) >= 90000
+    cudnn_built, flash_built = _built_in()
     enabled = {
         "cudnn": cudnn_built and cuda.cudnn_sdp_enabled(),
-        "flash": cuda.is_flash_attention_available() and cuda.flash_sdp_enabled(),
+        "flash": flash_built and cuda.flash_sdp_enabled(),
         "efficient": cuda.mem_efficient_sdp_enabled(),
         "math": cuda.math_sdp_enabled(),
     }
