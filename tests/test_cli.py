@@ -52,3 +52,12 @@ def test_an_unknown_preset_exits_2_naming_the_presets(tmp_path, capsys: pytest.C
     assert "unknown preset 'quik'" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # the demo's unused --seed is gone
         main(["demo", "--seed", "1"])
+
+
+def test_the_demo_prefers_registered_mechanisms_only() -> None:
+    from attnlab.bench.demo import PREFERRED_MECHANISMS
+    from attnlab.registry import mechanisms
+
+    registered = {m.name for m in mechanisms()}
+    assert [n for n in PREFERRED_MECHANISMS if n not in registered] == []
+    assert PREFERRED_MECHANISMS[0] == "softmax" and len(set(PREFERRED_MECHANISMS)) == len(PREFERRED_MECHANISMS)
