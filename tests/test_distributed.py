@@ -278,6 +278,52 @@ def _auto_choices() -> dict[str, str]:
     return chosen
 
 
+LM_MECHANISMS = {  # label: LanguageModel options (auto picks the strategy named in the label)
+    "softmax-mqa-ring": {"mechanism": "softmax", "kv_heads": 1},
+    "softmax-ulysses": {"mechanism": "softmax"},
+    "lightning-state": {"mechanism": "lightning", "decay": 0.2},
+    "sliding_window-halo": {"mechanism": "sliding_window", "window": 5},
+}
+
+
+def _train_language_model(options: dict[str, Any], *, steps: int = 10) -> dict[str, list[float]]:
+    """Losses of ``steps`` Adam steps on one process and with each sequence split over the ranks."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from attnlab.distributed import shard_sequence
+    from attnlab.models import LanguageModel
+
+    vocab, B, N = 32, 2, 16
+    torch.manual_seed(0)
+    whole = LanguageModel(vocab, 32, 2, 4, max_len=N, **options)
+    sharded = LanguageModel(vocab, 32, 2, 4, max_len=N, context_parallel_group=dist.group.WORLD, **options)
+    sharded.load_state_dict(whole.state_dict())
+    optimizers = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (whole, sharded)]
+    generator = torch.Generator().manual_seed(1)
+    losses: dict[str, list[float]] = {"one_process": [], "sharded": []}
+    tokens = torch.randint(vocab, (B, N + 1), generator=generator)  # one batch, learned by heart
+    for _ in range(steps):
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        loss = F.cross_entropy(whole(inputs).reshape(-1, vocab), targets.reshape(-1))
+        loss.backward()
+        losses["one_process"].append(float(loss))
+        # sharded: each rank's share of the mean over all B * N tokens; gradients summed over ranks
+        logits = sharded(shard_sequence(inputs, dim=1))  # (B, n, vocab)
+        local = F.cross_entropy(logits.reshape(-1, vocab), shard_sequence(targets, dim=1).reshape(-1),
+                                reduction="sum") / (B * N)
+        local.backward()
+        for parameter in sharded.parameters():
+            dist.all_reduce(parameter.grad)
+        total = local.detach().clone()
+        dist.all_reduce(total)
+        losses["sharded"].append(float(total))
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+    return losses
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str, ids: list[str]) -> None:
     import torch.distributed as dist
 
@@ -295,6 +341,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, ids: list[str]) -> N
         report["errors"] = _errors_on_bad_input()
         if world == 2:
             report["auto"] = _auto_choices()
+            report["lm"] = {label: _train_language_model(options) for label, options in LM_MECHANISMS.items()}
         report["after_errors"] = _compare(Case(world, "softmax", "ring", "zigzag", True), seed=7)
     finally:
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
@@ -397,6 +444,16 @@ def test_auto_picks_the_cheapest_exact_strategy() -> None:
     for report in run_world(2):
         assert report["auto"] == {"softmax-mqa": "ring", "softmax-mha": "ulysses", "lightning": "state",
                                   "linear": "state", "sliding_window": "halo", "agent": "ulysses"}
+
+
+@pytest.mark.parametrize("label", list(LM_MECHANISMS))
+def test_language_model_trained_on_two_ranks_matches_one_process(label: str) -> None:
+    for rank, report in enumerate(run_world(2)):
+        losses = report["lm"][label]
+        assert len(losses["sharded"]) == 10
+        assert losses["one_process"][-1] < losses["one_process"][0]  # it trained
+        worst = max(abs(a - b) for a, b in zip(losses["sharded"], losses["one_process"], strict=True))
+        assert worst <= TOLERANCE, f"rank {rank}: {losses}"
 
 
 def test_case_ids_are_unique() -> None:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from attnlab.models.blocks import BlockStack, ModelSizes
+from attnlab.nn.attention import Attention
 from attnlab.nn.short_conv import ShortConvLayers
 
 __all__ = ["LanguageModel"]
@@ -38,6 +39,11 @@ class LanguageModel(ModelSizes, nn.Module):
             Based use 3), :class:`attnlab.nn.short_conv.ShortConvolution`, the same whatever the mechanism.
         short_conv_layers: the blocks that get it: "all", "first" (zoology's MQAR models) or a tuple of
             block indices.
+        context_parallel_group: a ``torch.distributed`` process group whose ranks each hold a shard of every
+            sequence (``tokens [B, n]``, :func:`attnlab.distributed.shard_sequence` with ``dim=1``); positions
+            are the shard's global ones and every mixer runs through
+            :func:`attnlab.distributed.context_parallel_attention`. ``None``: the whole sequence is here.
+        context_parallel_layout: "contiguous" or "zigzag" (how ``shard_sequence`` split the tokens).
         **mechanism_options: options of the mechanism's op or layer.
 
     >>> model = LanguageModel(256, 32, 2, 4, mechanism="softmax", max_len=64)
@@ -48,6 +54,7 @@ class LanguageModel(ModelSizes, nn.Module):
     def __init__(self, vocab_size: int, dim: int, depth: int, heads: int, *, mechanism: str = "softmax",
                  max_len: int, mlp_ratio: int = 4, init_std: float | None = None, tie_embeddings: bool = False,
                  short_conv: int = 0, short_conv_layers: ShortConvLayers = "all",
+                 context_parallel_group: Any = None, context_parallel_layout: str = "contiguous",
                  **mechanism_options: Any) -> None:
         super().__init__()
         if vocab_size < 2:
@@ -68,6 +75,17 @@ class LanguageModel(ModelSizes, nn.Module):
             nn.init.normal_(self.position.weight, std=init_std)
         if tie_embeddings:
             self.head.weight = self.embed.weight
+        self.context_parallel_group, self.context_parallel_layout = context_parallel_group, context_parallel_layout
+        if context_parallel_group is not None:
+            if short_conv:
+                raise ValueError("context_parallel_group: the short convolution reads tokens of the previous shard; "
+                                 "use short_conv=0 with a sharded sequence")
+            for block in self.trunk.blocks:
+                if not isinstance(block.mixer, Attention):
+                    raise ValueError(f"context_parallel_group needs mixers that are attnlab.nn.Attention (a functional "
+                                     f"op); mechanism {mechanism!r} has its own layer")
+                block.mixer.context_parallel_group = context_parallel_group
+                block.mixer.context_parallel_layout = context_parallel_layout
 
     def forward(self, tokens: torch.Tensor, *, select: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[B, N, vocab_size]``, or ``[K, vocab_size]`` at the ``K`` positions where the boolean
@@ -75,9 +93,16 @@ class LanguageModel(ModelSizes, nn.Module):
         if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens must be an integer tensor [B, N], got {tuple(tokens.shape)} {tokens.dtype}")
         n = tokens.shape[1]
+        positions = torch.arange(n, device=tokens.device)  # (N,)
+        if self.context_parallel_group is not None:  # this rank's shard: its tokens' global positions
+            from attnlab.distributed import shard_positions
+
+            positions = shard_positions(n, group=self.context_parallel_group, layout=self.context_parallel_layout,
+                                        device=tokens.device)
+            n = int(positions.max()) + 1 if n else 0  # the whole sequence's length
         if n > self.max_len:
             raise ValueError(f"sequence length {n} is longer than max_len={self.max_len}")
-        x = self.embed(tokens) + self.position(torch.arange(n, device=tokens.device))  # (B, N, dim)
+        x = self.embed(tokens) + self.position(positions)  # (B, N, dim)
         h = self.trunk(x)  # (B, N, dim)
         if select is not None:
             if select.dtype != torch.bool or select.shape != tokens.shape:

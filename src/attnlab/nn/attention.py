@@ -82,11 +82,18 @@ class Attention(nn.Module):
             ``dim // heads``). Based projects q and k to 16 before its Taylor feature map (Arora et al.,
             "Simple linear attention language models balance the recall-throughput tradeoff",
             arXiv 2402.18668): ``Attention(64, 1, mechanism="linear", feature_map="taylor", feature_dim=16)``.
+        context_parallel_group: a ``torch.distributed`` process group (``torch.distributed.group.WORLD``
+            for all ranks) whose ranks each hold a shard of the sequence: ``x`` is this rank's shard
+            ``[B, n, dim]`` and the op runs through :func:`attnlab.distributed.context_parallel_attention`
+            (strategy "auto"); ``None`` (default): the whole sequence is here.
+        context_parallel_layout: how the sequence is split, "contiguous" or "zigzag"
+            (:func:`attnlab.distributed.shard_sequence`).
         **mechanism_options: keyword options of the op (``decay=``, ``kernel_size=``, ...).
     """
 
     def __init__(self, dim: int, heads: int, *, mechanism: str = "softmax", kv_heads: int | None = None,
                  causal: bool = False, bias: bool = False, feature_dim: int | None = None,
+                 context_parallel_group: Any = None, context_parallel_layout: str = "contiguous",
                  **mechanism_options: Any) -> None:
         super().__init__()
         record = get(mechanism)
@@ -118,6 +125,8 @@ class Attention(nn.Module):
         self.to_kv = nn.Linear(dim, kv_heads * (self.feature_dim + self.head_dim), bias=bias)
         self.to_out = nn.Linear(dim, dim, bias=bias)
         self.hooks: list[AttentionHooks] = []  # analysis hook points; empty = the plain op, no extra cost
+        self.context_parallel_group = context_parallel_group
+        self.context_parallel_layout = context_parallel_layout
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -146,11 +155,24 @@ class Attention(nn.Module):
             k_flat, v_flat = kv.split([self.kv_heads * self.feature_dim, self.kv_heads * self.head_dim], dim=-1)
             k = rearrange(k_flat, "b m (h f) -> b h m f", h=self.kv_heads)  # (B, H_kv, M, f)
             v = rearrange(v_flat, "b m (h d) -> b h m d", h=self.kv_heads)  # (B, H_kv, M, d)
-        if self.hooks:
+        if self.context_parallel_group is not None:
+            out = self._context_parallel_forward(q, k, v, options, context is not None)  # (B, H, n, d)
+        elif self.hooks:
             out = self._hooked_forward(q, k, v, options)  # (B, H, N, d)
         else:
             out = self.record(q, k, v, causal=self.causal, **options)  # (B, H, N, d)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+    def _context_parallel_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  options: dict[str, Any], cross: bool) -> torch.Tensor:
+        """The op on a sequence sharded over ``context_parallel_group`` (self-attention, no hooks)."""
+        if cross or self.hooks or "key_padding_mask" in options:
+            raise ValueError("context_parallel_group runs sharded self-attention: context=, key_padding_mask= "
+                             "and analysis hooks are not supported with it")
+        from attnlab.distributed import context_parallel_attention
+
+        return context_parallel_attention(q, k, v, mechanism=self.record.name, group=self.context_parallel_group,
+                                          layout=self.context_parallel_layout, causal=self.causal, **options)
 
     def _hooked_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         options: dict[str, Any]) -> torch.Tensor:
