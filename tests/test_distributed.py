@@ -324,6 +324,56 @@ def _train_language_model(options: dict[str, Any], *, steps: int = 10) -> dict[s
     return losses
 
 
+def _sharding_checks() -> dict[str, float]:
+    """shard_sequence then gather_sequence gives the sequence back; gather_sequence's gradient sums over ranks."""
+    import torch.distributed as dist
+
+    from attnlab.distributed import gather_sequence, shard_sequence
+
+    world = dist.get_world_size()
+    generator = torch.Generator().manual_seed(3)
+    errors = {}
+    for layout in ("contiguous", "zigzag"):
+        for N in (8 * world, 8 * world + 3):
+            x = torch.randn(2, 3, N, 4, generator=generator)
+            g = torch.randn(2, 3, N, 4, generator=generator)
+            local = shard_sequence(x, layout=layout, pad=N % (2 * world) != 0).requires_grad_()
+            whole = gather_sequence(local, layout=layout, length=N)
+            (whole * g).sum().backward()  # every rank's loss reads every shard: W copies of g reach each
+            label = f"{layout}-N{N}"
+            errors[f"{label}-values"] = float((whole.detach() - x).abs().max())
+            expected = world * shard_sequence(g, layout=layout, pad=N % (2 * world) != 0)
+            errors[f"{label}-grad"] = float((local.grad - expected).abs().max())
+    tokens = torch.arange(2 * 4 * world).reshape(2, 4 * world)  # [B, N] along dim=1, as LanguageModel takes
+    errors["tokens-dim1"] = float((gather_sequence(shard_sequence(tokens, dim=1), dim=1) - tokens).abs().max())
+    return errors
+
+
+def _traffic_checks() -> dict[str, list[int]]:
+    """Bytes this rank sent in one forward and backward pass of each strategy, and the formula's figure."""
+    import torch.distributed as dist
+
+    from attnlab.distributed import context_parallel_attention, strategy_bytes, traffic
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    B, H, Hkv, n, D = 1, 4, world, 16, 8
+    found = {}
+    for strategy, mechanism, options in (("ring", "softmax", {"causal": True}), ("ulysses", "softmax", {}),
+                                         ("state", "lightning", {}), ("halo", "sliding_window", {"window": 5})):
+        for layout in ("contiguous", "zigzag"):
+            q = torch.randn(B, H, n, D, requires_grad=True)
+            k, v = (torch.randn(B, Hkv, n, D, requires_grad=True) for _ in range(2))
+            with traffic() as sent:
+                out = context_parallel_attention(q, k, v, mechanism=mechanism, strategy=strategy, layout=layout,
+                                                 **options)
+                out.sum().backward()
+            reach = (4, 0) if mechanism == "sliding_window" else (0, 0)  # causal window 5: 4 keys back
+            formula = strategy_bytes(strategy, mechanism=mechanism, world=world, batch=B, heads=H, kv_heads=Hkv,
+                                     local_length=n, head_dim=D, value_dim=D, layout=layout, reach=reach, rank=rank)
+            found[f"{strategy}-{layout}"] = [sent.total, formula]
+    return found
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str, ids: list[str]) -> None:
     import torch.distributed as dist
 
@@ -338,6 +388,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str, ids: list[str]) -> N
             except Exception:  # noqa: BLE001 - reported per case; a broken case must not hang the others
                 report["cases"][case.id] = {"exception": traceback.format_exc()}
                 raise
+        report["sharding"] = _sharding_checks()
+        report["traffic"] = _traffic_checks()
         report["errors"] = _errors_on_bad_input()
         if world == 2:
             report["auto"] = _auto_choices()
@@ -454,6 +506,21 @@ def test_language_model_trained_on_two_ranks_matches_one_process(label: str) -> 
         assert losses["one_process"][-1] < losses["one_process"][0]  # it trained
         worst = max(abs(a - b) for a, b in zip(losses["sharded"], losses["one_process"], strict=True))
         assert worst <= TOLERANCE, f"rank {rank}: {losses}"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_shard_then_gather_round_trip_and_gradient(world: int) -> None:
+    for rank, report in enumerate(run_world(world)):
+        assert len(report["sharding"]) == 9
+        assert max(report["sharding"].values()) <= 1e-6, f"rank {rank}: {report['sharding']}"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_bytes_sent_match_the_formula(world: int) -> None:
+    for rank, report in enumerate(run_world(world)):
+        assert len(report["traffic"]) == 8
+        for name, (measured, formula) in report["traffic"].items():
+            assert measured == formula, f"rank {rank}, {name}: sent {measured} bytes, the formula says {formula}"
 
 
 def test_case_ids_are_unique() -> None:

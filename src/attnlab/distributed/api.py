@@ -67,9 +67,9 @@ def strategy_bytes(strategy: str, *, mechanism: str, world: int, batch: int, hea
       ``B n (H D + H_kv (D + Dv) + H Dv) e`` in total;
     - state: an all-gather of one state per chunk, and its reduce-scatter: ``2 (W-1) cpr s c`` with
       ``s`` floats of state (``cpr`` chunks per rank);
-    - halo: the last ``L`` and first ``R`` keys/values of each chunk to its neighbours, forward and
-      backward: ``2 (sum over this rank's chunks) B H_kv (D+Dv) e`` (``rank`` picks the rank; the
-      default is the largest over ranks).
+    - halo: forward, the last ``L`` and first ``R`` keys/values of each chunk to the neighbouring chunks held
+      by other ranks; backward, the gradients of the halos received go back: ``(L + R) B H_kv (D+Dv) e``
+      per chunk border with another rank (``rank`` picks the rank; the default is the largest over ranks).
     """
     W, B, n = world, batch, local_length
     compute = 8 if element_size == 8 else 4
@@ -90,9 +90,14 @@ def strategy_bytes(strategy: str, *, mechanism: str, world: int, batch: int, hea
         for r in range(W) if rank is None else [rank]:
             tokens = 0
             for chunk in spec.chunks(r):
-                tokens += (before if chunk + 1 < spec.num_chunks else 0) + (after if chunk > 0 else 0)
+                # forward: my boundary keys to a neighbour chunk on another rank; backward: the gradient of
+                # each halo I received goes back to its owner (neighbours on this rank are copies)
+                if chunk + 1 < spec.num_chunks and spec.owner(chunk + 1)[0] != r:
+                    tokens += before + after  # my last L keys out, the gradient of its first R keys back
+                if chunk > 0 and spec.owner(chunk - 1)[0] != r:
+                    tokens += after + before
             sent.append(tokens)
-        return 2 * max(sent) * per_token
+        return max(sent) * per_token
     raise ValueError(f"strategy={strategy!r} is not one of {', '.join(map(repr, STRATEGIES))}")
 
 
