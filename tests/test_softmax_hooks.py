@@ -131,6 +131,8 @@ def test_hooks_edit_the_probabilities_used_for_the_output() -> None:
     ({"on_probs": lambda a: None}, ValueError, "on_probs must return a tensor"),
     ({"dropout": 1.0}, ValueError, "dropout=1.0"),
     ({"dropout": True}, ValueError, "dropout=True"),
+    ({"on_probs": 0.5}, TypeError, "on_probs must be a function"),
+    ({"causal": 1}, TypeError, "causal must be a bool"),
 ])
 def test_bad_hooks_and_options_are_refused_by_name(kwargs: dict, error: type, words: str) -> None:
     q = rand(1, 2, 4, 8, seed=11)

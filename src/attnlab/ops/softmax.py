@@ -151,6 +151,7 @@ def softmax_attention_hooked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         ``(out [B, H, N, Dv]`` in the dtype of q, ``probs [B, H, N, M]`` in the compute dtype, as
         returned by ``on_probs``).
     """
+    check_causal(causal)
     sizes = check_qkv(q, k, v)
     scale = check_scale(scale, sizes.head_dim)
     _check_masks(sizes, attn_mask, key_padding_mask, q.device)
@@ -158,6 +159,9 @@ def softmax_attention_hooked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         check_causal_lengths(sizes.length, sizes.key_length)
     if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a number in [0, 1), got dropout={dropout!r}")
+    for name, hook in (("on_scores", on_scores), ("on_probs", on_probs)):
+        if hook is not None and not callable(hook):
+            raise TypeError(f"{name} must be a function f(tensor) -> tensor or None, got {type(hook).__name__}")
     dtype = compute_dtype(q.dtype)
     qf = q.to(dtype)  # (B, H, N, D)
     kf = expand_kv(k, sizes.heads).to(dtype)  # (B, H, M, D)

@@ -1,7 +1,10 @@
 """Which SDPA backend ``softmax_attention(impl="auto")`` runs: a fixed rule, and timings on request.
 
-``torch.nn.functional.scaled_dot_product_attention`` has four CUDA backends (cuDNN, FlashAttention-2,
-memory-efficient, math), and the one it picks on its own depends on the torch version and build.
+``torch.nn.functional.scaled_dot_product_attention`` has four CUDA backends: cuDNN's fused attention,
+FlashAttention-2 ("FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning",
+arXiv 2307.08691), memory-efficient attention ("Self-attention Does Not Need O(n^2) Memory",
+arXiv 2112.05682) and math (the written-out softmax of "Attention Is All You Need", arXiv 1706.03762).
+The one it picks on its own depends on the torch version and build.
 ``impl="auto"`` therefore passes SDPA an explicit priority order, decided by
 :func:`softmax_backend_order`: a pure function of the device type, the CUDA capability, the dtype,
 the head dims, the mask kind, grouped heads and the set of backends enabled in this process. PyTorch
