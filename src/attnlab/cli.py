@@ -34,18 +34,21 @@ def options_text(record: attnlab.Mechanism) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    """Print the registry as a table, with each mechanism's options and their defaults."""
+    """Print the registry as a table, then each mechanism's options with their defaults."""
     console = make_console()
     table = Table(title=f"attnlab {attnlab.__version__}: {len(attnlab.mechanisms())} mechanisms")
-    for column in ("name", "family", "causal", "bidir.", "kind", "complexity", "options (defaults; ?: required)",
-                   "paper", "arXiv"):
+    for column in ("name", "family", "causal", "bidir.", "kind", "complexity", "paper", "arXiv"):
         table.add_column(column, overflow="fold")
+    options = Table(title="options (name=default; ?: required, no default)")
+    for column in ("name", "options"):
+        options.add_column(column, overflow="fold")
     for m in attnlab.mechanisms():
         kind = "op" if m.layer is None else ("op+layer" if m.op is not None else "layer")
         table.add_row(m.name, m.family, "yes" if m.supports_causal else "-",
-                      "yes" if m.supports_bidirectional else "-", kind, m.complexity, options_text(m), m.paper,
-                      m.arxiv or "-")
+                      "yes" if m.supports_bidirectional else "-", kind, m.complexity, m.paper, m.arxiv or "-")
+        options.add_row(m.name, options_text(m))
     console.print(table)
+    console.print(options)
     return 0
 
 

@@ -95,7 +95,9 @@ def plan_series(records: Sequence[Mechanism], config: SpeedConfig, externals: Se
             plan.append((record.name, "layer", "layer", causal, record))
             continue
         impls: list[str] = []
-        runnable = record.impls_on(torch.device(config.device).type)  # e.g. no Triton kernel on a CPU run
+        # e.g. no Triton kernel on a CPU run; an unresolved preset (device None) runs where resolving puts it
+        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        runnable = record.impls_on(torch.device(device).type)
         for impl in config.impls:
             if impl == "all":
                 impls += ["auto", *runnable]
