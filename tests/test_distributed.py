@@ -42,6 +42,7 @@ class Case:
     heads: int = 4
     kv_heads: int = 2
     head_dim: int = 8
+    value_dim: int = 8  # != head_dim: the ring's explicit einsum blocks instead of the CPU flash kernels
     options: dict[str, Any] = field(default_factory=dict)
     learned_decay: bool = False  # lightning: decay is a tensor that needs a gradient
     state: bool = False  # pass initial_state and return_state
@@ -50,7 +51,7 @@ class Case:
     def id(self) -> str:
         extra = "".join(f"-{k}{v}" for k, v in sorted(self.options.items()))
         flags = ("-decay" if self.learned_decay else "") + ("-state" if self.state else "")
-        gqa = f"H{self.heads}kv{self.kv_heads}"
+        gqa = f"H{self.heads}kv{self.kv_heads}" + (f"-Dv{self.value_dim}" if self.value_dim != self.head_dim else "")
         return (f"W{self.world}-{self.mechanism}-{self.strategy}-{self.layout}-"
                 f"{'causal' if self.causal else 'bidir'}-N{self.length}-{gqa}{extra}{flags}")
 
@@ -73,6 +74,7 @@ def _cases() -> list[Case]:
         cases.append(Case(world, "linear", "state", "zigzag", False, length=13, state=True))
         cases.append(Case(world, "sliding_window", "halo", "contiguous", False, length=30, options={"window": 5}))
         cases.append(Case(world, "softmax", "ulysses", "zigzag", True, length=14, kv_heads=4))
+        cases.append(Case(world, "softmax", "ring", "zigzag", True, length=30, value_dim=4))
     world = 2
     cases += [
         Case(world, "lightning", "state", "zigzag", True, learned_decay=True, state=True, length=24),
@@ -80,6 +82,8 @@ def _cases() -> list[Case]:
         Case(world, "lightnet", "state", "contiguous", True, state=True),
         Case(world, "lightnet", "state", "zigzag", False),
         Case(world, "softmax", "ring", "zigzag", True, kv_heads=1, length=32),
+        Case(world, "softmax", "ring", "zigzag", True, value_dim=6),
+        Case(world, "softmax", "ring", "contiguous", False, value_dim=6, length=13),
         Case(world, "neighborhood", "halo", "contiguous", False, length=32,
              options={"kernel_size": 5, "stride": 2, "dilation": 2}),
         Case(world, "neighborhood", "halo", "zigzag", True, length=32, options={"kernel_size": 5, "dilation": 2}),
@@ -117,7 +121,7 @@ def _draw(case: Case, seed: int) -> dict[str, Any]:
     B, H, Hkv, N, D = 2, case.heads, case.kv_heads, case.length, case.head_dim
     q = torch.randn(B, H, N, D, generator=generator)
     k = torch.randn(B, Hkv, N, D, generator=generator)
-    v = torch.randn(B, Hkv, N, D, generator=generator)
+    v = torch.randn(B, Hkv, N, case.value_dim, generator=generator)
     options = {**dict(record.check.options), **case.options}
     if case.mechanism in ("sliding_window", "neighborhood"):
         options = dict(case.options)

@@ -35,20 +35,50 @@ TILE_ELEMENTS = 1 << 24
 
 
 def _pair_mask(query_chunk: int, key_chunk: int, size: int, causal: bool, length: int,
-               device: torch.device) -> tuple[str, torch.Tensor | None]:
-    """``("skip" | "run", mask [size, size] or None)`` for a query chunk against a key chunk."""
+               device: torch.device) -> tuple[str, bool, torch.Tensor | None]:
+    """``(action, diagonal, mask)`` for a query chunk against a key chunk.
+
+    action: "skip" (nothing visible) or "run"; diagonal: the causal lower triangle of a chunk against
+    itself; mask: ``[size, size]`` boolean (True = attend) when padded keys must be hidden too, else
+    ``None`` (then ``diagonal`` says everything).
+    """
     if causal and key_chunk > query_chunk:
-        return "skip", None
-    mask = None
-    if causal and key_chunk == query_chunk:
-        mask = torch.ones(size, size, dtype=torch.bool, device=device).tril()
+        return "skip", False, None
+    diagonal = causal and key_chunk == query_chunk
     key_end = (key_chunk + 1) * size
-    if key_end > length:  # padded keys at the end of the sequence
-        real = torch.arange(key_chunk * size, key_end, device=device) < length  # (size,)
-        if not bool(real.any()):
-            return "skip", None
-        mask = real[None, :].expand(size, size) if mask is None else mask & real[None, :]
-    return "run", mask
+    if key_end <= length:
+        return "run", diagonal, None
+    real = torch.arange(key_chunk * size, key_end, device=device) < length  # (size,): padded keys at the end
+    if not bool(real.any()):
+        return "skip", False, None
+    mask = real[None, :].expand(size, size)
+    if diagonal:
+        mask = mask & torch.ones(size, size, dtype=torch.bool, device=device).tril()
+    return "run", diagonal, mask
+
+
+def _dense_mask(diagonal: bool, mask: torch.Tensor | None, size: int, device: torch.device) -> torch.Tensor | None:
+    if mask is not None or not diagonal:
+        return mask
+    return torch.ones(size, size, dtype=torch.bool, device=device).tril()
+
+
+# FlashAttention-2's CPU kernels (forward returns the log-sum-exp; backward takes the merged output and
+# log-sum-exp, FlashAttention Algorithm 2): used on the CPU when D == Dv, else the explicit einsum blocks
+_FLASH_FORWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def _use_flash(q: torch.Tensor, v: torch.Tensor) -> bool:
+    return (_FLASH_FORWARD is not None and _FLASH_BACKWARD is not None and q.device.type == "cpu"
+            and q.shape[-1] == v.shape[-1] and q.dtype in (torch.float32, torch.float64))
+
+
+def _additive(diagonal: bool, mask: torch.Tensor | None, dtype: torch.dtype) -> tuple[bool, torch.Tensor | None]:
+    """``(is_causal, attn_mask)`` for the flash kernels (an additive mask of the inputs' dtype)."""
+    if mask is None:
+        return diagonal, None
+    return False, torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))[None, None]
 
 
 def _tiles(rows: int, keys: int, batch_heads: int) -> list[tuple[int, int]]:
@@ -86,6 +116,7 @@ class _Ring:
         self.group, self.layout, self.causal, self.length, self.scale = group, layout, causal, length, scale
         self.world, self.rank = group_size(group), group_rank(group)
         self.chunk = local_length // layout.chunks_per_rank
+        self.flash = False
 
     def source(self, step: int) -> int:
         return (self.rank - step) % self.world
@@ -102,14 +133,15 @@ class _Ring:
             operations.append(dist.P2POp(dist.irecv, t, group=self.group, group_peer=before))
         return received, dist.batch_isend_irecv(operations)
 
-    def pairs(self, source: int, device: torch.device) -> list[tuple[slice, slice, torch.Tensor | None]]:
-        """(query rows, key rows, mask) of the chunk pairs to compute against ``source``'s keys."""
+    def pairs(self, source: int, device: torch.device) -> list[tuple[slice, slice, bool, torch.Tensor | None]]:
+        """(query rows, key rows, diagonal, mask) of the chunk pairs to compute against ``source``'s keys."""
         size, result = self.chunk, []
         for a, query_chunk in enumerate(self.layout.chunks(self.rank)):
             for b, key_chunk in enumerate(self.layout.chunks(source)):
-                action, mask = _pair_mask(query_chunk, key_chunk, size, self.causal, self.length, device)
+                action, diagonal, mask = _pair_mask(query_chunk, key_chunk, size, self.causal, self.length, device)
                 if action == "run":
-                    result.append((slice(a * size, (a + 1) * size), slice(b * size, (b + 1) * size), mask))
+                    result.append((slice(a * size, (a + 1) * size), slice(b * size, (b + 1) * size), diagonal,
+                                   mask))
         return result
 
 
@@ -129,11 +161,19 @@ class _RingAttention(torch.autograd.Function):
             if step < ring.world - 1:  # overlap: the next block travels while this one is computed
                 (next_keys, next_values), pending = ring.pass_on([keys, values])
             kf, vf = expand_kv(keys, H).to(dtype), expand_kv(values, H).to(dtype)  # (B, H, n, D|Dv)
-            for rows, cols, mask in ring.pairs(ring.source(step), q.device):
+            for rows, cols, diagonal, mask in ring.pairs(ring.source(step), q.device):
+                if ring.flash:
+                    is_causal, bias = _additive(diagonal, mask, dtype)
+                    o_b, l_b = _FLASH_FORWARD(qf[:, :, rows].contiguous(), kf[:, :, cols].contiguous(),
+                                              vf[:, :, cols].contiguous(), 0.0, is_causal, attn_mask=bias,
+                                              scale=ring.scale)
+                    out[:, :, rows], lse[:, :, rows] = _merge(out[:, :, rows], lse[:, :, rows], o_b, l_b)
+                    continue
+                dense = _dense_mask(diagonal, mask, ring.chunk, q.device)
                 for i, j in _tiles(rows.stop - rows.start, cols.stop - cols.start, B * H):
                     r = slice(rows.start + i, rows.start + j)
                     o_b, l_b = _block_forward(qf[:, :, r], kf[:, :, cols], vf[:, :, cols],
-                                              None if mask is None else mask[i:j], ring.scale)
+                                              None if dense is None else dense[i:j], ring.scale)
                     out[:, :, r], lse[:, :, r] = _merge(out[:, :, r], lse[:, :, r], o_b, l_b)
             for request in pending:
                 request.wait()
@@ -155,6 +195,7 @@ class _RingAttention(torch.autograd.Function):
         qf, do = q.to(dtype), grad_out.to(dtype)  # (B, H, n, D), (B, H, n, Dv)
         delta = (do * out).sum(-1)  # (B, H, n): rowsum(dO * O)
         finite_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+        flash_lse = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse)  # no key: P = 0
         dq = torch.zeros_like(qf)
         keys, values = k, v
         dk = torch.zeros(k.shape, dtype=dtype, device=k.device)  # accumulators travelling with the block
@@ -166,7 +207,18 @@ class _RingAttention(torch.autograd.Function):
             kf, vf = expand_kv(keys, H).to(dtype), expand_kv(values, H).to(dtype)
             dk_full = torch.zeros_like(kf)  # (B, H, n, D): per query head, summed to H_kv below
             dv_full = torch.zeros_like(vf)
-            for rows, cols, mask in ring.pairs(ring.source(step), q.device):
+            for rows, cols, diagonal, mask in ring.pairs(ring.source(step), q.device):
+                if ring.flash:
+                    is_causal, bias = _additive(diagonal, mask, dtype)
+                    dq_b, dk_b, dv_b = _FLASH_BACKWARD(
+                        do[:, :, rows].contiguous(), qf[:, :, rows].contiguous(), kf[:, :, cols].contiguous(),
+                        vf[:, :, cols].contiguous(), out[:, :, rows].contiguous(), flash_lse[:, :, rows].contiguous(),
+                        0.0, is_causal, attn_mask=bias, scale=ring.scale)
+                    dq[:, :, rows] += dq_b
+                    dk_full[:, :, cols] += dk_b
+                    dv_full[:, :, cols] += dv_b
+                    continue
+                mask = _dense_mask(diagonal, mask, ring.chunk, q.device)
                 for i, j in _tiles(rows.stop - rows.start, cols.stop - cols.start, B * H):
                     r = slice(rows.start + i, rows.start + j)
                     scores = torch.einsum("bhtd,bhsd->bhts", qf[:, :, r], kf[:, :, cols]) * ring.scale
@@ -194,7 +246,8 @@ class _RingAttention(torch.autograd.Function):
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: dist.ProcessGroup | None,
-                   layout: SequenceLayout, causal: bool, length: int, scale: float | None) -> torch.Tensor:
+                   layout: SequenceLayout, causal: bool, length: int, scale: float | None,
+                   flash: bool | None = None) -> torch.Tensor:
     """Softmax attention of this rank's queries against the keys of every rank, passed around the ring.
 
     Vaswani et al., "Attention Is All You Need" (arXiv 1706.03762), eq. 1, computed blockwise as in Ring
@@ -205,6 +258,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: 
         layout: which chunks each rank holds. causal: global causal mask.
         length: real tokens in the whole sequence (keys at positions ``>= length`` are padding).
         scale: default ``D ** -0.5``.
+        flash: compute each block with PyTorch's FlashAttention CPU kernels (``None``: on the CPU when
+            ``D == Dv``) or with explicit einsum blocks (``False``; any device).
 
     Returns:
         ``[B, H, n, Dv]`` in q's dtype.
@@ -213,4 +268,5 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: 
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     ring = _Ring(group, layout, q.shape[2], causal, length, scale)
+    ring.flash = _use_flash(q, v) if flash is None else flash
     return _RingAttention.apply(q, k, v, ring)
