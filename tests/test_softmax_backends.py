@@ -153,6 +153,21 @@ def test_auto_forward_and_backward_follow_the_rule_without_timing(monkeypatch: p
     assert orders == [()]
 
 
+def test_torch_sets_its_own_default_order_before_the_first_ordered_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    _cpu_as_sm90(monkeypatch)
+    monkeypatch.setattr(sb, "_TORCH_ORDER_READY", set())
+    events: list[str] = []
+    choice, kernel = torch._fused_sdp_choice, sb.sdpa_kernel
+    monkeypatch.setattr(torch, "_fused_sdp_choice", lambda *a, **k: (events.append("choice"), choice(*a, **k))[1])
+    monkeypatch.setattr(sb, "sdpa_kernel", lambda *a, **k: (events.append("sdpa_kernel"), kernel(*a, **k))[1])
+    priority = torch._C._get_sdp_priority_order()
+    for seed in (5, 6):
+        q, k, v = _qkv(seed, dtype=BF16)
+        softmax_attention(q, k, v, causal=True)
+    assert events == ["choice", "sdpa_kernel", "sdpa_kernel"]  # once per process, before the first order
+    assert torch._C._get_sdp_priority_order() == priority
+
+
 def test_a_mask_tensor_changes_the_order(monkeypatch: pytest.MonkeyPatch) -> None:
     _cpu_as_sm90(monkeypatch)
     _forbid_timing(monkeypatch)

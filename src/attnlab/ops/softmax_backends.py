@@ -169,6 +169,23 @@ def sdpa_call_of(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal
 # What impl="auto" decided so far, for softmax_backend_report(): a log of the rule's answers
 # (the rule is pure; nothing here changes what a later call does).
 _SEEN: dict[SdpaCall, tuple[str, ...]] = {}
+_TORCH_ORDER_READY: set[str] = set()
+
+
+def _let_torch_set_its_default_order(q: torch.Tensor) -> None:
+    """Have PyTorch set its own default SDPA priority before ``sdpa_kernel`` first saves and restores it.
+
+    Recent PyTorch sets its default order lazily, at its first backend selection on CUDA (cuDNN first
+    on some GPUs). If that first selection happened inside our ``sdpa_kernel`` context, it would
+    replace our order for that call, and leaving the context would restore the order saved before
+    the initialisation, so plain SDPA calls would lose PyTorch's default for the rest of the process.
+    ``torch._fused_sdp_choice`` runs that selection without running attention; once per device type.
+    """
+    if q.device.type in _TORCH_ORDER_READY:
+        return
+    probe = q.new_zeros(1, 1, 1, q.shape[-1])  # (1, 1, 1, D)
+    torch._fused_sdp_choice(probe, probe, probe)
+    _TORCH_ORDER_READY.add(q.device.type)
 
 
 def choose_backends(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool,
@@ -184,6 +201,8 @@ def choose_backends(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_cau
     order = softmax_backend_order(call)
     if call not in _SEEN:
         _SEEN[call] = order
+    if order:
+        _let_torch_set_its_default_order(q)
     return order
 
 
