@@ -183,7 +183,7 @@ def _let_torch_set_its_default_order(q: torch.Tensor) -> None:
     """
     if q.device.type in _TORCH_ORDER_READY:
         return
-    probe = q.new_zeros(1, 1, 1, q.shape[-1])  # (1, 1, 1, D)
+    probe = q.new_empty(1, 1, 1, q.shape[-1])  # (1, 1, 1, D); only its dtype, device and shape are read
     torch._fused_sdp_choice(probe, probe, probe)
     _TORCH_ORDER_READY.add(q.device.type)
 
