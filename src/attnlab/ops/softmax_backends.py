@@ -8,15 +8,15 @@ The one it picks on its own depends on the torch version and build.
 ``impl="auto"`` therefore passes SDPA an explicit priority order, decided by
 :func:`softmax_backend_order`: a pure function of the device type, the CUDA capability, the dtype,
 the head dims, the mask kind, grouped heads and the set of backends enabled in this process. PyTorch
-runs the first backend of that order whose own checks accept the call. Nothing is timed or cached
-inside a forward, so every process (and every rank of a distributed job) makes the same choice for
+runs the first backend of that order whose own checks accept the call. Nothing is timed inside a
+forward and no measurement steers it, so every process (and every rank of a distributed job) makes the same choice for
 the same inputs; ``torch.nn.attention.sdpa_kernel`` around a call still restricts what may run.
 
 The rule, on CUDA (off CUDA, SDPA keeps its own dispatch):
 
 1. cuDNN first on Hopper (capability 9.x) for float16/bfloat16 with equal query and value head dims
    of at most 128 (a multiple of 8), no mask tensor (none or causal) and no grouped heads: there it
-   ran causal bf16 attention 1.6-1.8x faster than FlashAttention-2 (``docs/benchmarks.md``);
+   ran causal bf16 attention 1.6-1.9x faster than FlashAttention-2 on an H200 (``docs/benchmarks.md``);
 2. then FlashAttention-2 (capability 8.0 and up, float16/bfloat16, equal head dims up to 256, no
    mask tensor);
 3. then memory-efficient attention (capability 5.0 and up; bfloat16 from 8.0; not float64);
@@ -24,8 +24,8 @@ The rule, on CUDA (off CUDA, SDPA keeps its own dispatch):
 
 A backend missing from this torch build or disabled (``torch.backends.cuda.enable_*_sdp(False)``,
 an enclosing ``sdpa_kernel``) leaves the order. :func:`measure_softmax_backends` times the backends
-when a person asks for it (``attnlab bench speed --softmax-backends``, ``scripts/gpu_check.sh``)
-and returns the table; the op never calls it.
+when a person asks for it (``attnlab bench speed --softmax-backends`` calls it) and returns the
+table; the op never calls it.
 """
 
 from __future__ import annotations
