@@ -77,7 +77,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
 
     rows = []
     B, H, Hkv, D = 1, args.heads, args.heads, args.head_dim
-    for N in args.lengths:
+    for N in [1024 * world, *args.lengths]:  # the first length warms every code path up, untimed
         n = N // world
         for label, strategy, mechanism, causal, layout, options in CONFIGS:
             if args.only and not any(word in label for word in args.only):
@@ -114,6 +114,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
                    "layout": layout, "B": B, "H": H, "H_kv": Hkv, "D": D, "cp_seconds": min(times),
                    "single_seconds": single, "bytes_per_rank": sent, "formula_bytes": formula,
                    "loopback_bytes_per_rank": loopback}
+            if N == 1024 * world and N not in args.lengths:
+                continue  # warm-up
             rows.append(row)
             if rank == 0:
                 print(json.dumps(row), flush=True)

@@ -378,6 +378,17 @@ def _traffic_checks() -> dict[str, list[int]]:
     return found
 
 
+def _quality_job(*, context_parallel: int) -> dict[str, Any]:
+    """The quality benchmark's smoke MQAR job for softmax, trained with ``context_parallel`` ranks per sequence."""
+    from attnlab.bench.presets import get_preset
+    from attnlab.bench.quality_jobs import Job, run_job
+
+    config = get_preset("smoke").tasks["mqar"][0]
+    result, _ = run_job(Job("mqar", "softmax", 0, config, "smoke"), context_parallel=context_parallel)
+    return {"loss_curve": result["loss_curve"], "metrics": result["metrics"],
+            "context_parallel": result["context_parallel"]}
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str, ids: list[str]) -> None:
     import torch.distributed as dist
 
@@ -398,6 +409,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, ids: list[str]) -> N
         if world == 2:
             report["auto"] = _auto_choices()
             report["lm"] = {label: _train_language_model(options) for label, options in LM_MECHANISMS.items()}
+            report["quality"] = _quality_job(context_parallel=2)
         report["after_errors"] = _compare(Case(world, "softmax", "ring", "zigzag", True), seed=7)
     finally:
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
@@ -525,6 +537,31 @@ def test_bytes_sent_match_the_formula(world: int) -> None:
         assert len(report["traffic"]) == 8
         for name, (measured, formula) in report["traffic"].items():
             assert measured == formula, f"rank {rank}, {name}: sent {measured} bytes, the formula says {formula}"
+
+
+def test_quality_benchmark_context_parallel_matches_one_process() -> None:
+    """``bench quality --context-parallel 2``'s training loop: the loss curve and metrics of one process."""
+    reference = _quality_job(context_parallel=1)  # here, without torch.distributed
+    for rank, report in enumerate(run_world(2)):
+        sharded = report["quality"]
+        assert sharded["context_parallel"] == 2 and reference["context_parallel"] == 1
+        assert [step for step, _ in sharded["loss_curve"]] == [step for step, _ in reference["loss_curve"]]
+        for (_, a), (_, b) in zip(sharded["loss_curve"], reference["loss_curve"], strict=True):
+            assert abs(a - b) <= TOLERANCE * abs(b), f"rank {rank}: {sharded['loss_curve']} vs {reference}"
+        assert sharded["metrics"]["accuracy"] == reference["metrics"]["accuracy"]
+        assert abs(sharded["metrics"]["test_loss"] - reference["metrics"]["test_loss"]) <= 1e-4
+
+
+def test_quality_benchmark_refuses_context_parallel_where_it_cannot_split(tmp_path: Path) -> None:
+    from attnlab.bench.ddp import worker_command
+    from attnlab.bench.quality import QualityError, run_quality
+
+    with pytest.raises(QualityError, match="decoder tasks; 'digits' is not one"):
+        run_quality(tasks=["digits"], mechanisms=["softmax"], preset="smoke", out_dir=tmp_path, context_parallel=2)
+    with pytest.raises(QualityError, match="mechanism 'tnl' has its own layer"):
+        run_quality(tasks=["mqar"], mechanisms=["tnl"], preset="smoke", out_dir=tmp_path, context_parallel=2)
+    command = worker_command(tmp_path / "jobs.json", out_dir=tmp_path, nproc=4, context_parallel=2)
+    assert command[command.index("--context-parallel") + 1] == "2" and "--nproc_per_node=4" in command
 
 
 def test_case_ids_are_unique() -> None:

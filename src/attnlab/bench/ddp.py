@@ -26,19 +26,24 @@ __all__ = ["launch", "main", "worker_command"]
 
 
 def worker_command(jobs_file: Path, *, out_dir: Path, nproc: int, device: str | None = None,
-                   save_parameters: bool = False) -> list[str]:
+                   save_parameters: bool = False, context_parallel: int = 1) -> list[str]:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "attnlab.bench.ddp", "--jobs", str(jobs_file), "--out", str(out_dir)]
     if device:
         command += ["--device", device]
     if save_parameters:
         command.append("--save-parameters")
+    if context_parallel > 1:
+        command += ["--context-parallel", str(context_parallel)]
     return command
 
 
 def launch(jobs: Sequence[object], *, out_dir: str | Path, nproc: int, device: str | None = None,
-           save_parameters: bool = False, timeout: float | None = None) -> None:
-    """Train ``jobs`` (:class:`attnlab.bench.quality_jobs.Job`) on ``nproc`` processes; raises if torchrun fails."""
+           save_parameters: bool = False, timeout: float | None = None, context_parallel: int = 1) -> None:
+    """Train ``jobs`` (:class:`attnlab.bench.quality_jobs.Job`) on ``nproc`` processes; raises if torchrun fails.
+
+    ``context_parallel=C``: groups of ``C`` consecutive ranks split each sequence (``nproc / C`` replicas).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", suffix=".json", dir=out_dir, delete=False) as handle:
@@ -47,7 +52,8 @@ def launch(jobs: Sequence[object], *, out_dir: str | Path, nproc: int, device: s
     environment = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     try:
         completed = subprocess.run(worker_command(jobs_file, out_dir=out_dir, nproc=nproc, device=device,
-                                                  save_parameters=save_parameters),
+                                                  save_parameters=save_parameters,
+                                                  context_parallel=context_parallel),
                                    env=environment, timeout=timeout)
     finally:
         jobs_file.unlink(missing_ok=True)
@@ -62,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default=None)
     parser.add_argument("--save-parameters", action="store_true")
+    parser.add_argument("--context-parallel", type=int, default=1)
     args = parser.parse_args(argv)
 
     from attnlab.bench.quality_jobs import Job, execute
@@ -84,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, args.out / name)
 
         execute(jobs, results_path=args.out / "results.jsonl", device=device, progress=is_main, write=is_main,
-                after_job=save)
+                after_job=save, context_parallel=args.context_parallel)
         torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()

@@ -99,6 +99,28 @@ def fitting_mechanisms(task: str, preset: QualityPreset, candidates: Sequence[st
     return [n for n in names if n not in refused]
 
 
+def _context_parallel_refusals(tasks: Sequence[str], per_task: Mapping[str, Sequence[str]], preset: QualityPreset,
+                               context_parallel: int) -> list[str]:
+    """Why ``--context-parallel`` cannot run these jobs: decoder tasks, functional ops, no short convolution."""
+    if context_parallel < 1:
+        return [f"context_parallel={context_parallel} must be at least 1"]
+    if context_parallel == 1:
+        return []
+    refusals = []
+    for task in tasks:
+        if TASKS[task].masking != "causal":
+            refusals.append(f"--context-parallel splits the sequences of decoder tasks; {task!r} is not one")
+            continue
+        for config in preset.tasks.get(task, []):
+            if getattr(config, "short_conv", 0):
+                refusals.append(f"--context-parallel: {task} {TASKS[task].label(config)} has a short convolution, "
+                                f"which reads tokens across shards")
+        for mechanism in per_task.get(task, []):
+            if attnlab.get(mechanism).layer is not None:
+                refusals.append(f"--context-parallel: mechanism {mechanism!r} has its own layer (not a functional op)")
+    return refusals
+
+
 def plan_jobs(tasks: Sequence[str], mechanisms: Sequence[str] | Mapping[str, Sequence[str]], preset: QualityPreset,
               seeds: int) -> list[Job]:
     """Every (task, config, mechanism, seed); ``mechanisms`` may be one list or a list per task."""
@@ -116,27 +138,31 @@ def pending_jobs(jobs: Sequence[Job], results_path: Path) -> list[Job]:
 def run_quality(*, tasks: Sequence[str], mechanisms: Sequence[str] | Mapping[str, Sequence[str]],
                 preset: str | QualityPreset = "quick",
                 seeds: int | None = None, out_dir: str | Path, nproc: int = 1, device: str | None = None,
-                threads: int | None = 1, progress: bool = True, console: Any = None) -> list[dict[str, Any]]:
+                threads: int | None = 1, progress: bool = True, console: Any = None,
+                context_parallel: int = 1) -> list[dict[str, Any]]:
     """Validate, then train every pending job and append its record to ``out_dir/results.jsonl``.
 
     ``mechanisms`` is one list for all tasks or a mapping task -> list. Returns the records of this
     run's jobs (already finished ones included, read from the file). Raises :class:`QualityError`
     listing every refusal before anything trains. ``threads``: intra-op CPU threads (default 1: these
     models are small, and on a shared CPU more threads spin-wait against each other; ``None`` keeps
-    PyTorch's setting).
+    PyTorch's setting). ``context_parallel=C``: each sequence split over ``C`` ranks
+    (:mod:`attnlab.distributed`), ``nproc`` data-parallel replicas of them, ``nproc * C`` processes.
     """
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run_quality(tasks, mechanisms, preset, seeds, out_dir, nproc, device, progress, console)
+        return _run_quality(tasks, mechanisms, preset, seeds, out_dir, nproc, device, progress, console,
+                            context_parallel)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _run_quality(tasks: Sequence[str], mechanisms: Sequence[str] | Mapping[str, Sequence[str]],
                  preset: str | QualityPreset, seeds: int | None, out_dir: str | Path, nproc: int,
-                 device: str | None, progress: bool, console: Any) -> list[dict[str, Any]]:
+                 device: str | None, progress: bool, console: Any, context_parallel: int = 1,
+                 ) -> list[dict[str, Any]]:
     preset = get_preset(preset) if isinstance(preset, str) else preset
     seeds = preset.seeds if seeds is None else seeds
     if seeds < 1:
@@ -145,6 +171,7 @@ def _run_quality(tasks: Sequence[str], mechanisms: Sequence[str] | Mapping[str, 
         raise QualityError(f"nproc={nproc} must be at least 1")
     per_task = mechanisms if isinstance(mechanisms, Mapping) else {t: list(mechanisms) for t in tasks}
     refusals = [r for t in tasks for r in validate([t], per_task.get(t, []), preset)]
+    refusals += _context_parallel_refusals(tasks, per_task, preset, context_parallel)
     if refusals:
         raise QualityError("refused before training:\n" + "\n".join(f"  - {r}" for r in refusals))
     out = Path(out_dir)
@@ -156,8 +183,8 @@ def _run_quality(tasks: Sequence[str], mechanisms: Sequence[str] | Mapping[str, 
         console.print(f"{len(jobs)} runs in plan, {len(jobs) - len(todo)} already in {results_path}, "
                       f"{len(todo)} to train")
     if todo:
-        if nproc > 1:
-            launch(todo, out_dir=out, nproc=nproc, device=device)
+        if nproc > 1 or context_parallel > 1:
+            launch(todo, out_dir=out, nproc=nproc * context_parallel, device=device, context_parallel=context_parallel)
         else:
             execute(todo, results_path=results_path, device=torch.device(device or "cpu"), progress=progress,
                     console=console)

@@ -74,6 +74,7 @@ def cmd_quality(args: argparse.Namespace) -> int:
         mechanisms = _mechanism_list(args.mechanisms, tasks, preset)
         records = run_quality(tasks=tasks, mechanisms=mechanisms, preset=preset, seeds=args.seeds, out_dir=args.out,
                               nproc=args.nproc, device=args.device, threads=args.threads,
+                              context_parallel=args.context_parallel,
                               progress=not args.no_progress, console=console)
     except (QualityError, KeyError) as error:
         console.print(f"[red]{error.args[0]}[/red]")
@@ -109,6 +110,9 @@ def add_commands(sub: Any, bench: Any) -> None:
                    help="comma list of config labels to keep (as --list-presets shows them; default: all)")
     p.add_argument("--out", default=None, help="run folder (results.jsonl is appended; reruns resume)")
     p.add_argument("--nproc", type=int, default=1, help="processes for DistributedDataParallel via torchrun")
+    p.add_argument("--context-parallel", type=int, default=1, metavar="C",
+                   help="ranks that split each sequence (decoder tasks; attnlab.distributed); torchrun starts "
+                        "nproc * C processes")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--threads", type=int, default=1, help="intra-op CPU threads per process (default 1)")
     p.add_argument("--no-progress", action="store_true")

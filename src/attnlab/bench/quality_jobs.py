@@ -56,9 +56,10 @@ class Job:
                    data["preset"])
 
 
-def run_job(job: Job, *, device: torch.device | None = None,
-            on_step: Callable[[int], None] | None = None) -> tuple[dict[str, Any], nn.Module]:
-    """Train and score one job; the JSON record (without writing it) and the trained model."""
+def run_job(job: Job, *, device: torch.device | None = None, on_step: Callable[[int], None] | None = None,
+            context_parallel: int = 1) -> tuple[dict[str, Any], nn.Module]:
+    """Train and score one job; the JSON record (without writing it) and the trained model
+    (``context_parallel``: ranks that split each sequence, see :func:`attnlab.bench.training.train_loop`)."""
     device = device or torch.device("cpu")
     task = TASKS[job.task]
     record = attnlab.get(job.mechanism)
@@ -70,7 +71,7 @@ def run_job(job: Job, *, device: torch.device | None = None,
                for k, v in getattr(trunk, "mixer_options", {}).items()}
     state_size = getattr(model, "state_size", None)
     start = time.perf_counter()
-    outcome = task.train(job.config, model, job.seed, device, on_step)
+    outcome = task.train(job.config, model, job.seed, device, on_step, context_parallel=context_parallel)
     wall = time.perf_counter() - start
     _, world = distributed_rank_and_world()
     result = {
@@ -89,6 +90,7 @@ def run_job(job: Job, *, device: torch.device | None = None,
         "steps": job.config.steps,
         "wall_time_s": round(wall, 3),
         "world_size": world,
+        "context_parallel": context_parallel,
         "device": str(device),
         "versions": versions(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -97,7 +99,8 @@ def run_job(job: Job, *, device: torch.device | None = None,
 
 
 def execute(jobs: Sequence[Job], *, results_path: Path, device: torch.device, progress: bool = True,
-            console: Any = None, write: bool = True, after_job: Callable[[Job, nn.Module], None] | None = None) -> None:
+            console: Any = None, write: bool = True, after_job: Callable[[Job, nn.Module], None] | None = None,
+            context_parallel: int = 1) -> None:
     """Train ``jobs`` one after the other, appending each record as it finishes (rank 0 only writes)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -107,7 +110,8 @@ def execute(jobs: Sequence[Job], *, results_path: Path, device: torch.device, pr
         for job in jobs:
             current = bar.add_task(f"{job.task} {job.label} {job.mechanism} seed {job.seed}",
                                    total=job.config.steps)
-            result, model = run_job(job, device=device, on_step=lambda step, t=current: bar.update(t, completed=step))
+            result, model = run_job(job, device=device, on_step=lambda step, t=current: bar.update(t, completed=step),
+                                    context_parallel=context_parallel)
             if write:
                 append_result(results_path, result)
             if after_job is not None:

@@ -70,14 +70,16 @@ def token_accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
     return correct / max(total, 1), loss_sum / max(total, 1)
 
 
-def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Cross-entropy of the logits ``[B, N, vocab]`` at every labelled position."""
+def lm_loss(model: nn.Module, batch: Batch, *, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the logits ``[B, N, vocab]`` at every labelled position (``reduction="sum"``: summed,
+    as a shard of a context-parallel batch needs)."""
     inputs, labels = batch
     logits = model(inputs)
-    return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction=reduction)
 
 
-def answer_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+def answer_loss(model: nn.Module, batch: Batch, *, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy at the labelled positions, the read-out computed there only (``select=``).
 
     The same loss as :func:`lm_loss` for labels that are -100 almost everywhere (MQAR: 8 answers in
@@ -86,7 +88,7 @@ def answer_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """
     inputs, labels = batch
     mask = labels != IGNORE_INDEX
-    return F.cross_entropy(model(inputs, select=mask).float(), labels[mask])
+    return F.cross_entropy(model(inputs, select=mask).float(), labels[mask], reduction=reduction)
 
 
 def _regression_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -262,13 +264,14 @@ class QualityTask:
         return None
 
     def train(self, config: Any, model: nn.Module, seed: int, device: torch.device,
-              on_step: Callable[[int], None] | None = None) -> TrainOutcome:
-        """Train ``model`` on this task with ``config``'s steps, learning rate and batch size; score it."""
+              on_step: Callable[[int], None] | None = None, context_parallel: int = 1) -> TrainOutcome:
+        """Train ``model`` on this task with ``config``'s steps, learning rate and batch size; score it
+        (``context_parallel``: ranks that split each sequence, decoder tasks only)."""
         data = self.data(config, seed, device)
         return train_loop(model, steps=config.steps, lr=config.lr,
                           weight_decay=getattr(config, "weight_decay", self.weight_decay),
                           batch_size=config.batch_size, seed=seed, sample=data.sample, loss_fn=self.loss,
-                          evaluate=data.evaluate, device=device, on_step=on_step)
+                          evaluate=data.evaluate, device=device, on_step=on_step, context_parallel=context_parallel)
 
 
 def _icl_model(config: icl.ICLRegressionConfig, mechanism: str, causal: bool) -> nn.Module:

@@ -38,21 +38,36 @@ def distributed_rank_and_world() -> tuple[int, int]:
 
 
 def train_loop(model: nn.Module, *, steps: int, lr: float, weight_decay: float, batch_size: int, seed: int,
-               sample: Callable[[torch.Generator, int], Any], loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+               sample: Callable[[torch.Generator, int], Any], loss_fn: Callable[..., torch.Tensor],
                evaluate: Callable[[nn.Module], dict[str, float]], device: torch.device,
-               on_step: Callable[[int], None] | None = None) -> TrainOutcome:
+               on_step: Callable[[int], None] | None = None, context_parallel: int = 1) -> TrainOutcome:
     """AdamW with linear warm-up (5 % of the steps) and a cosine decay to zero; fresh batches each step.
 
     Under ``torch.distributed`` (``--nproc``) the model is wrapped in DistributedDataParallel, each
     rank draws ``batch_size / world_size`` examples from its own stream and gradients are averaged.
+    ``context_parallel=C`` (``--context-parallel``): consecutive groups of ``C`` ranks split each
+    sequence (:mod:`attnlab.distributed`; a decoder with ``set_context_parallel`` and batches
+    ``(inputs [B, N], labels [B, N])``); the ``world / C`` groups are data-parallel replicas. The loss is
+    the mean over the labelled positions of the whole sequences (``loss_fn(model, batch,
+    reduction="sum")`` on each shard, divided by the group's count), gradients are summed within a
+    group and averaged over the replicas; evaluation runs on whole sequences afterwards.
     """
     rank, world = distributed_rank_and_world()
-    if batch_size % world != 0:
-        raise ValueError(f"batch_size={batch_size} must be divisible by the number of processes {world}")
+    group, replicas = None, world
+    if context_parallel > 1:
+        group, replicas = _context_parallel_group(rank, world, context_parallel)
+        if not hasattr(model, "set_context_parallel"):
+            raise ValueError(f"context_parallel={context_parallel} needs a decoder that shards its sequence "
+                             f"(attnlab.models.LanguageModel), got {type(model).__name__}")
+    if batch_size % replicas != 0:
+        raise ValueError(f"batch_size={batch_size} must be divisible by the number of data-parallel replicas "
+                         f"{replicas}")
     torch.manual_seed(seed)
     model = model.to(device)
     trained: nn.Module = model
-    if world > 1:
+    if group is not None:
+        model.set_context_parallel(group)
+    elif world > 1:
         trained = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                       else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -64,16 +79,24 @@ def train_loop(model: nn.Module, *, steps: int, lr: float, weight_decay: float, 
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    generator = torch.Generator().manual_seed(1_000_003 * (seed + 1) + rank)
+    # the ranks of one context-parallel group draw the same batch (each then keeps its shard)
+    generator = torch.Generator().manual_seed(1_000_003 * (seed + 1) + rank // context_parallel)
     every = max(1, steps // LOSS_CURVE_POINTS)
     curve: list[list[float]] = []
     running, count = 0.0, 0
     model.train()
     for step in range(steps):
-        batch = sample(generator, batch_size // world)
-        loss = loss_fn(trained, _to(batch, device))
+        batch = sample(generator, batch_size // replicas)
+        if group is None:
+            loss = loss_fn(trained, _to(batch, device))
+        else:
+            loss = _sharded_loss(loss_fn, model, _to(batch, device), group)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if group is not None:
+            _sum_gradients(model, replicas)
+            loss = loss.detach().clone()
+            torch.distributed.all_reduce(loss, group=group)  # the whole sequences' loss, for the curve
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
@@ -84,12 +107,42 @@ def train_loop(model: nn.Module, *, steps: int, lr: float, weight_decay: float, 
             running, count = 0.0, 0
         if on_step is not None:
             on_step(step + 1)
+    if group is not None:
+        model.set_context_parallel(None)  # evaluate on whole sequences (every rank holds the same weights)
     model.eval()
     with torch.no_grad():
         metrics = evaluate(model)
     if curve and not math.isfinite(curve[-1][1]):
         metrics["diverged"] = 1.0
     return TrainOutcome(metrics, curve, model)
+
+
+def _context_parallel_group(rank: int, world: int, size: int) -> tuple[Any, int]:
+    """This rank's group of ``size`` consecutive ranks (every rank creates every group), and the replica count."""
+    if world % size != 0 or world < size:
+        raise ValueError(f"context_parallel={size} must divide the number of processes {world}")
+    groups = [torch.distributed.new_group(list(range(start, start + size))) for start in range(0, world, size)]
+    return groups[rank // size], world // size
+
+
+def _sharded_loss(loss_fn: Callable[..., torch.Tensor], model: nn.Module, batch: Any, group: Any) -> torch.Tensor:
+    """This shard's part of the mean loss over the labelled positions of the group's whole sequences."""
+    from attnlab.distributed import shard_sequence
+    from attnlab.tasks.mqar import IGNORE_INDEX
+
+    inputs, labels = (shard_sequence(x, group=group, dim=1) for x in batch)  # (B, n) each
+    count = (labels != IGNORE_INDEX).sum().to(torch.float64)
+    torch.distributed.all_reduce(count, group=group)
+    return loss_fn(model, (inputs, labels), reduction="sum") / count.clamp_min(1).to(torch.float32)
+
+
+def _sum_gradients(model: nn.Module, replicas: int) -> None:
+    """Sum the gradients over every rank (the shards of a sequence add up), averaged over the replicas."""
+    for parameter in model.parameters():  # every rank reduces every parameter, in the same order
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+        torch.distributed.all_reduce(parameter.grad)
+        parameter.grad /= replicas
 
 
 def _to(batch: Any, device: torch.device) -> Any:

@@ -75,17 +75,24 @@ class LanguageModel(ModelSizes, nn.Module):
             nn.init.normal_(self.position.weight, std=init_std)
         if tie_embeddings:
             self.head.weight = self.embed.weight
-        self.context_parallel_group, self.context_parallel_layout = context_parallel_group, context_parallel_layout
-        if context_parallel_group is not None:
-            if short_conv:
+        self.context_parallel_group, self.context_parallel_layout = None, "contiguous"
+        self.set_context_parallel(context_parallel_group, layout=context_parallel_layout)
+
+    def set_context_parallel(self, group: Any, *, layout: str = "contiguous") -> None:
+        """Run on sequence shards over the ``torch.distributed`` ``group`` from now on (``None``: whole
+        sequences again, e.g. to evaluate after a sharded training run). See ``context_parallel_group``."""
+        if group is not None:
+            if any(getattr(block, "short_conv", None) is not None for block in self.trunk.blocks):
                 raise ValueError("context_parallel_group: the short convolution reads tokens of the previous shard; "
                                  "use short_conv=0 with a sharded sequence")
             for block in self.trunk.blocks:
                 if not isinstance(block.mixer, Attention):
                     raise ValueError(f"context_parallel_group needs mixers that are attnlab.nn.Attention (a functional "
-                                     f"op); mechanism {mechanism!r} has its own layer")
-                block.mixer.context_parallel_group = context_parallel_group
-                block.mixer.context_parallel_layout = context_parallel_layout
+                                     f"op); mechanism {self.trunk.mechanism!r} has its own layer")
+        for block in self.trunk.blocks:
+            if isinstance(block.mixer, Attention):
+                block.mixer.context_parallel_group, block.mixer.context_parallel_layout = group, layout
+        self.context_parallel_group, self.context_parallel_layout = group, layout
 
     def forward(self, tokens: torch.Tensor, *, select: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[B, N, vocab_size]``, or ``[K, vocab_size]`` at the ``K`` positions where the boolean
