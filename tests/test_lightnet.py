@@ -225,3 +225,35 @@ def test_padded_blocks_keep_gradients_finite_for_very_negative_keys() -> None:
         grads.append(torch.autograd.grad(out.square().sum(), (q, k, v)))
     for a, b in zip(*grads, strict=True):
         assert torch.isfinite(b).all() and relative_error(b, a) < 1e-10
+
+
+def test_a_key_jump_beyond_the_float32_range_takes_the_pairwise_form() -> None:
+    """A key 120 above its block's earlier keys (exp(120) overflows float32): the factorised blocks
+    would overflow, so the op uses the pairwise blocks; the result stays the float64 reference's."""
+    q, k, v = (rand(1, 2, 100, 8, seed=s, dtype=torch.float32) for s in (40, 41, 42))
+    k[:, :, 37] += 120.0
+    out = lightnet_attention(q, k, v, causal=True, chunk_size=16)
+    assert torch.isfinite(out).all()
+    expected = lightnet_attention(q.double(), k.double(), v.double(), causal=True, impl="reference")
+    assert relative_error(out, expected) < 1e-5
+
+
+@pytest.mark.parametrize("dtype,N,tolerance", [(torch.float32, 2048, 1e-5), (torch.bfloat16, 4096, 2e-2)],
+                         ids=["float32-N2048", "bf16-N4096"])
+def test_factorised_blocks_at_realistic_lengths(dtype: torch.dtype, N: int, tolerance: float) -> None:
+    q, k, v = (rand(1, 2, N, 32, seed=s, dtype=torch.float32).to(dtype) for s in (43, 44, 45))
+    out = lightnet_attention(q, k, v, causal=True)
+    assert out.dtype == dtype
+    expected = lightnet_attention(q.double(), k.double(), v.double(), causal=True, impl="recurrent")
+    assert relative_error(out, expected) < tolerance
+
+
+def test_factorised_blocks_gradients_over_many_blocks() -> None:
+    q, k, v = (rand(1, 2, 203, 6, seed=s).requires_grad_() for s in (46, 47, 48))
+    gain = rand(1, 2, 203, 6, seed=49).abs()
+    grads = []
+    for impl in ("reference", "chunked"):
+        out = lightnet_attention(q, k, v, causal=True, chunk_size=16, key_gain=gain, impl=impl)
+        grads.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v))))
+    for a, b in zip(*grads, strict=True):
+        assert relative_error(b, a) < 1e-10

@@ -17,6 +17,8 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 
 from attnlab.ops.lightning import check_chunk_size, check_state
 from attnlab.ops.validation import (
@@ -125,16 +127,16 @@ def lightnet_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return (out, (torch.stack(S_final, 2), torch.stack(z_final, 2))) if return_state else out
 
 
-def lightnet_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                               key_gain: torch.Tensor | None = None, chunk_size: int = 32,
-                               initial_state: State | None = None, return_state: bool = False,
-                               ) -> torch.Tensor | tuple[torch.Tensor, State]:
-    """The fast path, exact and overflow-free: O(N C D + N D Dv) time, O(C^2 D) extra memory per block.
+def _chunked_pairwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                      key_gain: torch.Tensor | None = None, chunk_size: int = 32,
+                      initial_state: State | None = None, return_state: bool = False,
+                      ) -> torch.Tensor | tuple[torch.Tensor, State]:
+    """The chunked form with explicit per-pair weights ``exp(k_s - z_t)`` (``[B, H, C, C, D]`` per block).
 
-    ``z = logcumsumexp(k)`` for every position at once; inside a block of ``chunk_size`` rows the
-    weights ``exp(k_s - z_t) <= 1`` are formed explicitly; across blocks the state
-    ``S = A / Z`` (normalised at the previous block's last ``z``) is carried, read as
-    ``q_t diag(exp(z_prev - z_t)) S``. Bidirectional: one global sum.
+    Every weight is at most 1 whatever the keys; :func:`lightnet_attention_chunked` falls back to it
+    when a block's ``z`` spans more than its factorisation can hold in the compute dtype. Across
+    blocks the state ``S = A / Z`` (normalised at the previous block's last ``z``) is carried, read as
+    ``q_t diag(exp(z_prev - z_t)) S``. O(N C D + N D Dv) time, O(C^2 D) extra memory per block.
     """
     chunk_size = check_chunk_size(chunk_size)
     sizes, qf, kf, vf, gain, state = _prepare(q, k, v, causal=causal, key_gain=key_gain,
@@ -180,6 +182,80 @@ def lightnet_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             S_new = S_new + torch.exp(state[1] - z_end)[..., None] * state[0]
         state = (S_new, z_end)
     out = torch.cat(outs, dim=2).to(q.dtype)
+    return (out, state) if return_state else out
+
+
+def lightnet_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                               key_gain: torch.Tensor | None = None, chunk_size: int = 32,
+                               initial_state: State | None = None, return_state: bool = False,
+                               ) -> torch.Tensor | tuple[torch.Tensor, State]:
+    """The fast path, exact: O(N C D + N D Dv) time, O(N C + N D Dv / C) memory, no ``C x C x D`` tensor.
+
+    ``z = logcumsumexp(k)`` for every position at once. Inside a block the weight
+    ``exp(k_s - z_t)`` factorises through the block's first ``z`` (``z_0``):
+    ``q_t . exp(k_s - z_t) = (q_t exp(z_0 - z_t)) . exp(k_s - z_0)``, an ordinary masked
+    ``[C, C]`` product (``z`` never decreases, so the first factor is at most 1, and the second at
+    most ``exp(z_last - z_0)``, the block's spread). Across blocks the state ``S = A / Z``, normalised
+    at the previous block's last ``z``, is carried in a short loop over ``[B, H, D, Dv]`` states and
+    read as ``q_t diag(exp(z_prev - z_t)) S``. Bidirectional: one global sum.
+
+    A block whose spread exceeds what the dtype holds (60 in float32, 600 in float64: keys that
+    jump by that much within ``chunk_size`` tokens) sends the call to the pairwise form
+    (:func:`_chunked_pairwise`), whose weights are each at most 1.
+    """
+    chunk_size = check_chunk_size(chunk_size)
+    sizes, qf, kf, vf, gain, state = _prepare(q, k, v, causal=causal, key_gain=key_gain,
+                                              initial_state=initial_state)
+    N, M = sizes.length, sizes.key_length
+    if not causal:
+        S, z = _global(kf, vf, gain, state)
+        out = torch.einsum("bhnd,bhde->bhne", qf, S).to(q.dtype)
+        return (out, (S, z)) if return_state else out
+    if M > N:  # end-aligned queries: the first M - N keys are seen by every query
+        state = _global(kf[:, :, :M - N], vf[:, :, :M - N], None if gain is None else gain[:, :, :M - N], state)
+        kf, vf = kf[:, :, M - N:], vf[:, :, M - N:]
+        gain = None if gain is None else gain[:, :, M - N:]
+    z = torch.logcumsumexp(kf, dim=2)  # (B, H, N, D)
+    if state is not None:
+        z = torch.logaddexp(z, state[1][:, :, None])
+    C = chunk_size
+    pad = -N % C
+    # padded rows: key -inf (weight 0, gradient 0), z repeated, query 0
+    zc = rearrange(torch.cat([z, z[:, :, -1:].expand(-1, -1, pad, -1)], dim=2), "b h (c t) d -> b h c t d", t=C)
+    spread = float((zc[:, :, :, -1] - zc[:, :, :, 0]).detach().max())
+    if spread > (600.0 if qf.dtype == torch.float64 else 60.0):
+        return _chunked_pairwise(q, k, v, causal=causal, key_gain=key_gain, chunk_size=chunk_size,
+                                 initial_state=initial_state, return_state=return_state)
+    qc = rearrange(F.pad(qf, (0, 0, 0, pad)), "b h (c t) d -> b h c t d", t=C)  # (B, H, c, C, D)
+    kc = rearrange(F.pad(kf, (0, 0, 0, pad), value=float("-inf")), "b h (c t) d -> b h c t d", t=C)
+    vc = rearrange(F.pad(vf, (0, 0, 0, pad)), "b h (c t) e -> b h c t e", t=C)  # (B, H, c, C, Dv)
+    z_first, z_last = zc[:, :, :, :1], zc[:, :, :, -1:]  # (B, H, c, 1, D)
+    read = qc * torch.exp(z_first - zc)  # (B, H, c, C, D), factors <= 1
+    write = torch.exp(kc - z_first)  # (B, H, c, C, D), factors <= exp(spread)
+    end_write = torch.exp(kc - z_last)  # (B, H, c, C, D): the block's keys normalised at its last z
+    if gain is not None:
+        gc = rearrange(F.pad(gain, (0, 0, 0, pad)), "b h (c t) d -> b h c t d", t=C)
+        write, end_write = write * gc, end_write * gc
+    tril = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    scores = torch.einsum("bhctd,bhcsd->bhcts", read, write).masked_fill(~tril, 0.0)  # (B, H, c, C, C)
+    out = torch.einsum("bhcts,bhcse->bhcte", scores, vc)  # (B, H, c, C, Dv)
+    block_S = torch.einsum("bhcsd,bhcse->bhcde", end_write, vc)  # (B, H, c, D, Dv) normalised at z_last
+    # the state before each block (normalised at the previous block's last z): a loop over blocks
+    # of [B, H, D, Dv] states (cheap), then one batched read
+    # unbind once: indexing inside the loop would make each backward step allocate a full-size gradient
+    block_states, z_ends = block_S.unbind(2), z_last[:, :, :, 0].unbind(2)  # c x (B, H, D, Dv), c x (B, H, D)
+    befores, z_befores = [], []
+    for S_block, z_end in zip(block_states, z_ends, strict=True):
+        befores.append(state[0] if state is not None else torch.zeros_like(S_block))
+        z_befores.append(state[1] if state is not None else z_end)  # no state: read weight 0
+        S_new = S_block
+        if state is not None:
+            S_new = S_new + torch.exp(state[1] - z_end)[..., None] * state[0]
+        state = (S_new, z_end)
+    S_before = torch.stack(befores, dim=2)  # (B, H, c, D, Dv)
+    z_before = torch.stack(z_befores, dim=2)[:, :, :, None]  # (B, H, c, 1, D)
+    out = out + torch.einsum("bhctd,bhcde->bhcte", qc * torch.exp(z_before - zc), S_before)
+    out = rearrange(out, "b h c t e -> b h (c t) e")[:, :, :N].to(q.dtype)
     return (out, state) if return_state else out
 
 
