@@ -88,6 +88,17 @@ def test_op_options_are_keyword_only(record: Mechanism) -> None:
             assert p.kind is p.KEYWORD_ONLY, f"{record.name} {kind}: option {p.name!r} must be keyword-only"
 
 
+# a layer's positional parameters are the sizes of its inputs; everything after them is keyword-only
+LAYER_SIZES = ("dim", "heads", "channels", "semantic_channels")
+
+
+@pytest.mark.parametrize("record", LAYERS, ids=lambda m: m.name)
+def test_layer_options_are_keyword_only(record: Mechanism) -> None:
+    for p in parameters(record.layer).values():
+        if p.kind is not p.KEYWORD_ONLY:
+            assert p.name in LAYER_SIZES, f"{record.name} layer: option {p.name!r} must be keyword-only"
+
+
 @pytest.mark.parametrize("record", OPS, ids=lambda m: m.name)
 def test_op_takes_causal_with_the_vocabulary_default(record: Mechanism) -> None:
     for kind, function in functions(record)[:2]:

@@ -36,7 +36,7 @@ class AdditiveAttentionPooling(nn.Module):
         hidden: width of ``W1`` (default ``dim // 2``, as in the code).
     """
 
-    def __init__(self, dim: int, hidden: int | None = None) -> None:
+    def __init__(self, dim: int, *, hidden: int | None = None) -> None:
         super().__init__()
         hidden = max(1, dim // 2) if hidden is None else hidden
         if dim <= 0 or hidden <= 0:

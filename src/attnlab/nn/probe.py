@@ -40,7 +40,7 @@ class EfficientProbe(nn.Module):
         scale: score scale, default ``C ** -0.5`` (the code's ``head_dim ** -0.5`` with one head).
     """
 
-    def __init__(self, dim: int, num_queries: int = 32, num_classes: int | None = None, *, d_out: int = 1,
+    def __init__(self, dim: int, *, num_queries: int = 32, num_classes: int | None = None, d_out: int = 1,
                  qkv_bias: bool = False, scale: float | None = None) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("num_queries", num_queries), ("d_out", d_out)):
