@@ -327,27 +327,15 @@ def test_cpu_without_interpreter_raises_not_implemented() -> None:
 @pytest.mark.parametrize(
     ("change", "error", "pattern"),
     [
-        (lambda q, k, v: dict(q=q[0]), ValueError, "q must have 4 dimensions"),
-        (lambda q, k, v: dict(k=k.double()), TypeError, "one dtype"),
         (lambda q, k, v: dict(q=q.int(), k=k.int(), v=v.int()), TypeError, "q must be float16"),
-        (lambda q, k, v: dict(k=k[:, :, :5]), ValueError, "length N=8"),
-        (lambda q, k, v: dict(k=k[..., :8]), ValueError, "head dim of q"),
-        (lambda q, k, v: dict(k=k[:, :1].expand(1, 1, 8, 16), v=v), ValueError, "H_kv heads"),
+        (lambda q, k, v: dict(k=k[:, :, :5], v=v[:, :, :5]), ValueError, "length N=8"),
         (lambda q, k, v: dict(v=torch.randn(1, 2, 8, 300)), ValueError, "Dv=300"),
-        (lambda q, k, v: dict(decay=-0.5), ValueError, "decay must be a finite rate"),
-        (lambda q, k, v: dict(decay="fast"), TypeError, "decay must be None"),
         (lambda q, k, v: dict(decay=torch.rand(3)), ValueError, r"shape \[H\] = \[2\]"),
-        (lambda q, k, v: dict(decay=torch.tensor([0.1, -1.0])), ValueError, "finite and >= 0"),
-        (lambda q, k, v: dict(scale=float("nan")), ValueError, "scale must be a finite"),
-        (lambda q, k, v: dict(scale="1"), TypeError, "scale must be a float"),
-        (lambda q, k, v: dict(chunk_size=0), ValueError, "chunk_size must be >= 1"),
-        (lambda q, k, v: dict(chunk_size=16.0), TypeError, "chunk_size must be an int"),
-        (lambda q, k, v: dict(initial_state=torch.randn(1, 2, 16, 15)), ValueError, "initial_state must have shape"),
-        (lambda q, k, v: dict(initial_state=[1.0]), TypeError, "initial_state must be a torch.Tensor"),
         (lambda q, k, v: dict(segments=0), ValueError, "segments must be a positive int"),
     ],
 )
-def test_bad_arguments_raise_naming_the_argument(change, error, pattern) -> None:
+def test_the_kernel_checks_what_it_needs(change, error, pattern) -> None:
+    """What the kernels assume beyond the op's validation (dtype, equal lengths, D <= 256, one rate per head)."""
     from attnlab.kernels import lightning_attention_triton
 
     q, k, v = _qkv()
@@ -356,6 +344,38 @@ def test_bad_arguments_raise_naming_the_argument(change, error, pattern) -> None
     q_, k_, v_ = args.pop("q"), args.pop("k"), args.pop("v")
     with pytest.raises(error, match=pattern):
         lightning_attention_triton(q_, k_, v_, **args)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "pattern"),
+    [
+        (lambda q, k, v: dict(q=q[0]), ValueError, "q must have 4 dimensions"),
+        (lambda q, k, v: dict(k=k.double()), TypeError, "one dtype"),
+        (lambda q, k, v: dict(k=k[:, :, :5], v=v[:, :, :5]), ValueError, "length of q"),
+        (lambda q, k, v: dict(k=k[..., :8]), ValueError, "head dim of q"),
+        (lambda q, k, v: dict(k=k[:, :1].expand(1, 1, 8, 16), v=v), ValueError, "same number of heads"),
+        (lambda q, k, v: dict(decay=-0.5), ValueError, "decay must be finite rates"),
+        (lambda q, k, v: dict(decay="fast"), TypeError, "decay must be None"),
+        (lambda q, k, v: dict(decay=torch.rand(3)), ValueError, r"shape \[H\] = \[2\]"),
+        (lambda q, k, v: dict(decay=torch.tensor([0.1, -1.0])), ValueError, "finite rates"),
+        (lambda q, k, v: dict(scale=float("nan")), ValueError, "scale must be a positive finite"),
+        (lambda q, k, v: dict(scale="1"), TypeError, "scale must be a float"),
+        (lambda q, k, v: dict(chunk_size=0), ValueError, "chunk_size must be >= 1"),
+        (lambda q, k, v: dict(chunk_size=16.0), TypeError, "chunk_size must be an int"),
+        (lambda q, k, v: dict(initial_state=torch.randn(1, 2, 16, 15)), ValueError, "initial_state must have shape"),
+        (lambda q, k, v: dict(initial_state=[1.0]), TypeError, "initial_state must be a torch.Tensor"),
+    ],
+)
+def test_the_op_validates_before_the_kernel_runs(change, error, pattern) -> None:
+    """impl='triton' goes through the op's checks first: the kernel trusts them (it does not repeat them)."""
+    from attnlab.ops import lightning_attention
+
+    q, k, v = _qkv()
+    args = dict(q=q, k=k, v=v)
+    args.update(change(q, k, v))
+    q_, k_, v_ = args.pop("q"), args.pop("k"), args.pop("v")
+    with pytest.raises(error, match=pattern):
+        lightning_attention(q_, k_, v_, impl="triton", **args)
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:

@@ -33,7 +33,6 @@ see :func:`_precision_bits`; docs/kernels.md has the measured trade-off).
 from __future__ import annotations
 
 import functools
-import math
 import os
 from collections.abc import Callable
 
@@ -699,82 +698,42 @@ class _LightningTriton(torch.autograd.Function):
                 ds0.to(s0.dtype) if (need_s0 and ds0 is not None) else None, None, None, None, None, None)
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: object, scale: object,
-                  chunk_size: object, initial_state: object) -> torch.Tensor | None:
-    """Validate the arguments; return the decay rates as a ``[H]`` tensor (or None)."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.ndim != 4:
-            raise ValueError(f"{name} must have 4 dimensions [B, H, N, D], got shape {tuple(x.shape)}")
-        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            raise TypeError(f"{name} must be float16/bfloat16/float32/float64, got {x.dtype}")
-        if 0 in x.shape:
-            raise ValueError(f"{name} has an empty dimension: shape {tuple(x.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must have one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    B, H, N, D = q.shape
-    if k.shape[0] != B or v.shape[0] != B:
-        raise ValueError(f"batch sizes differ: q has B={B}, k has B={k.shape[0]}, v has B={v.shape[0]}")
-    if k.shape[1] != v.shape[1] or H % k.shape[1] != 0:
-        raise ValueError(f"k and v must have H_kv heads dividing the H={H} heads of q, got k {k.shape[1]} "
-                         f"and v {v.shape[1]}")
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_MAX_HEAD_DIM = 256  # one program holds a [chunk, D] tile and a [D, Dv] state tile in registers
+
+
+def _kernel_requirements(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: object) -> torch.Tensor | None:
+    """Check what the kernels themselves need; return the decay rates as a ``[H]`` tensor (or None).
+
+    The inputs are validated by the ops that call the kernels (:func:`attnlab.ops.lightning_attention`,
+    :func:`attnlab.ops.linear_attention`: shapes, dtypes, devices, ``scale``, the decay range,
+    ``chunk_size``, ``initial_state``), so this checks only what the kernels assume beyond that: a
+    device they run on, a dtype they have a Triton type for, ``D, Dv <= 256``, keys as long as the
+    queries (no cross-length path), and one rate per query head.
+    """
+    if q.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"q must be float16/bfloat16/float32/float64 for the kernels, got {q.dtype}")
+    H, N, D, Dv = q.shape[1], q.shape[2], q.shape[3], v.shape[3]
     if k.shape[2] != N or v.shape[2] != N:
-        raise ValueError(f"k and v must have the length N={N} of q, got k {k.shape[2]} and v {v.shape[2]}")
-    if k.shape[3] != D:
-        raise ValueError(f"k must have the head dim of q (D={D}), got k.shape[-1]={k.shape[3]}")
-    Dv = v.shape[3]
+        raise ValueError(f"k and v must have the length N={N} of q (the kernels scan one sequence), got k "
+                         f"{k.shape[2]} and v {v.shape[2]}")
     for name, dim in (("q/k head dim D", D), ("v head dim Dv", Dv)):
-        if dim > 256:
-            raise ValueError(f"{name}={dim} is larger than the 256 the kernels support")
-    if isinstance(scale, bool) or not isinstance(scale, int | float):
-        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got scale={scale}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got chunk_size={chunk_size}")
-    if initial_state is not None:
-        if not isinstance(initial_state, torch.Tensor):
-            raise TypeError(f"initial_state must be a torch.Tensor or None, got {type(initial_state).__name__}")
-        if tuple(initial_state.shape) != (B, H, D, Dv):
-            raise ValueError(f"initial_state must have shape [B, H, D, Dv] = {[B, H, D, Dv]}, "
-                             f"got {tuple(initial_state.shape)}")
-        if initial_state.device != q.device:
-            raise ValueError(f"initial_state is on {initial_state.device}, q on {q.device}")
-    rate = _check_decay(decay, H, q)
+        if dim > _MAX_HEAD_DIM:
+            raise ValueError(f"{name}={dim} is larger than the {_MAX_HEAD_DIM} the kernels support")
+    if isinstance(decay, torch.Tensor) and decay.numel() != H:
+        raise ValueError(f"decay must hold one rate per query head, shape [H] = [{H}], got {tuple(decay.shape)}")
     if not triton_runs_on(q):
         raise NotImplementedError(
             f"the Triton lightning kernels run on CUDA tensors (or on CPU under TRITON_INTERPRET=1); "
             f"got a tensor on {q.device}"
             + ("" if triton is not None else f" and triton is missing ({_TRITON_IMPORT_ERROR})")
         )
-    return rate
-
-
-def _check_decay(decay: object, H: int, q: torch.Tensor) -> torch.Tensor | None:
-    acc = _acc_dtype(q.dtype)
     if decay is None:
         return None
-    if isinstance(decay, torch.Tensor):
-        if decay.numel() != H or (decay.ndim > 1 and tuple(decay.shape) != (H, 1, 1)):
-            raise ValueError(f"decay must hold one rate per head, shape [H] = [{H}], got {tuple(decay.shape)}")
-        if decay.device != q.device:
-            raise ValueError(f"decay is on {decay.device}, q on {q.device}")
-        if not decay.is_floating_point():
-            raise TypeError(f"decay must be a floating tensor, got {decay.dtype}")
-        if decay.device.type == "cpu" and bool((decay < 0).any() or not torch.isfinite(decay).all()):
-            raise ValueError(f"decay rates must be finite and >= 0 (lambda = exp(-rate)), got {decay.tolist()}")
-        rate = decay.reshape(H)
-        return rate if rate.dtype == acc else rate.to(acc)
-    if isinstance(decay, bool) or not isinstance(decay, int | float):
-        raise TypeError(f"decay must be None, a float or a tensor [H] of rates, got {type(decay).__name__}")
-    if not (math.isfinite(decay) and decay >= 0):
-        raise ValueError(f"decay must be a finite rate >= 0 (lambda = exp(-decay)), got decay={decay}")
-    return torch.full((H,), float(decay), device=q.device, dtype=acc)
+    acc = _acc_dtype(q.dtype)
+    if not isinstance(decay, torch.Tensor):
+        return torch.full((H,), float(decay), device=q.device, dtype=acc)  # type: ignore[arg-type]
+    return decay.reshape(H).to(device=q.device, dtype=acc)
 
 
 @torch.compiler.disable
@@ -801,7 +760,7 @@ def lightning_attention_triton(
             query head ``h`` uses key/value head ``h // (H / H_kv)``), float16/bfloat16/float32
             (float64 under the interpreter); ``D, Dv <= 256``; any ``N``.
         decay: None (no decay), a rate ``>= 0`` for every head, or a tensor ``[H]`` of rates
-            (differentiable). Rates of a CUDA tensor are not checked here (that would synchronize).
+            (differentiable).
         scale: multiplies ``q . k`` (default 1.0, as in the paper: no ``1/sqrt(d)``).
         chunk_size: tokens per chunk of the kernels when it is 16, 32, 64 or 128; any other positive
             value runs with 64 (the chunk length changes only the order of summation, not the math).
@@ -813,11 +772,14 @@ def lightning_attention_triton(
     Returns:
         ``o [B, H, N, Dv]`` in the input dtype, and the final state when ``return_state``.
 
-    Runs as one opaque call under ``torch.compile`` (a ``torch.compiler.disable`` boundary).
+    Runs as one opaque call under ``torch.compile`` (a ``torch.compiler.disable`` boundary). The
+    arguments are validated by :func:`attnlab.ops.lightning_attention` (``impl="triton"``); called
+    directly, this checks only what the kernels need (see :func:`_kernel_requirements`): a negative
+    decay or a malformed ``initial_state`` is not caught here.
     """
     if segments is not None and (isinstance(segments, bool) or not isinstance(segments, int) or segments < 1):
         raise ValueError(f"segments must be a positive int or None, got {segments!r}")
-    rate = _check_inputs(q, k, v, decay, scale, chunk_size, initial_state)
+    rate = _kernel_requirements(q, k, v, decay)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     chunk = chunk_size if chunk_size in (16, 32, 64, 128) else 64
     return _LightningTriton.apply(q, k, v, rate, initial_state, float(scale), chunk,
@@ -856,6 +818,9 @@ def linear_attention_triton(
             accepted too).
         return_state: also return the final ``(S, z)`` (float32; float64 for float64 inputs), as
             ``attnlab.ops.linear_attention`` does.
+
+    The arguments are validated by :func:`attnlab.ops.linear_attention` (``impl="triton"``); this
+    checks only what the kernels need (see :func:`_kernel_requirements`).
     """
     phi = feature_map if feature_map is not None else (lambda x: x)
     fq, fk = phi(q), phi(k)
@@ -879,7 +844,7 @@ def linear_attention_triton(
             raise TypeError("initial_state must be the tuple (S0 [B, H, F, Dv], z0 [B, H, F]) when normalize=True")
         s0 = torch.cat([initial_state[0], initial_state[1][..., None].to(initial_state[0].dtype)], dim=-1)
     segments = None
-    rate = _check_inputs(fq, fk, v1, None, scale, chunk_size, s0)
+    rate = _kernel_requirements(fq, fk, v1, None)
     chunk = chunk_size if chunk_size in (16, 32, 64, 128) else 64
     result = _LightningTriton.apply(fq, fk, v1, rate, s0, float(scale), chunk, bool(return_state), segments,
                                     _acc_dtype(q.dtype))
