@@ -67,6 +67,35 @@ def _rule(mechanism: str, length: int, causal: bool, options: dict[str, Any]) ->
     return lambda i, j: grid.allowed(i.clamp(0, length - 1), j.clamp(0, length - 1))
 
 
+MASK_OPTIONS = ("window", "kernel_size", "stride", "dilation", "shape")
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list | tuple) else value
+
+
+@functools.lru_cache(maxsize=64)
+def _chunk_blocks(mechanism: str, length: int, causal: bool, mask_options: tuple, chunk: int, size: int,
+                  before: int, after: int, device_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query blocks of ``chunk`` over its extended keys ``[before halo, chunk, after halo]``: ``key_index
+    [G, S]`` and ``allowed [G, Bq, S]`` (the mask rule on global positions). Cached: every layer and
+    step of a model reuses them."""
+    device = torch.device(device_name)
+    rule = _rule(mechanism, length, causal, dict(mask_options))
+    Bq = max(1, min(size, 64))
+    G = -(-size // Bq)
+    S = Bq + before + after
+    extended = before + size + after
+    first = chunk * size - before  # global position of extended key 0
+    index = (torch.arange(G, device=device) * Bq)[:, None] + torch.arange(S, device=device)  # (G, S)
+    key_pos = first + index
+    query_pos = chunk * size + (torch.arange(G, device=device) * Bq)[:, None] + torch.arange(Bq, device=device)
+    inside = (index < extended) & (key_pos >= 0) & (key_pos < length)  # (G, S)
+    allowed = rule(query_pos[:, :, None], key_pos[:, None, :]) & inside[:, None, :]  # (G, Bq, S)
+    allowed &= (query_pos < min(length, (chunk + 1) * size))[:, :, None]
+    return index.clamp(max=extended - 1), allowed
+
+
 def _messages(layout: SequenceLayout, size: int, before: int, after: int) -> list[Message]:
     """Every chunk sends its last ``before`` keys to the next chunk and its first ``after`` to the previous."""
     messages = []
@@ -97,15 +126,12 @@ def halo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mechani
     rank = group_rank(group)
     size = n // layout.chunks_per_rank
     before, after = halo_reach(mechanism, length=length, causal=causal, options=options)
-    rule = _rule(mechanism, length, causal, options)
     scale = check_scale(options.get("scale"), D)
     kv = torch.cat([k, v], dim=-1)  # (B, H_kv, n, D + Dv): one message per halo
     messages = _messages(layout, size, before, after)
     received, token = exchange(messages, kv, group=group)
     incoming = {m.key: t for m, t in zip([m for m in messages if m.target == rank], received, strict=True)}
-    Bq = max(1, min(size, 64))
-    G = -(-size // Bq)
-    S = Bq + before + after
+    mask_options = tuple(sorted((name, _hashable(value)) for name, value in options.items() if name in MASK_OPTIONS))
     outputs = []
     for position, chunk in enumerate(layout.chunks(rank)):
         rows = slice(position * size, (position + 1) * size)
@@ -118,14 +144,8 @@ def halo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mechani
             right = incoming.get((chunk, 1))
             pieces.append(right if right is not None else kv.new_zeros(B, kv.shape[1], after, D + Dv))
         extended = torch.cat(pieces, dim=2)  # (B, H_kv, before + size + after, D + Dv)
-        first = chunk * size - before  # global position of extended[0]
-        index = (torch.arange(G, device=q.device) * Bq)[:, None] + torch.arange(S, device=q.device)  # (G, S)
-        key_pos = first + index
-        query_pos = chunk * size + (torch.arange(G, device=q.device) * Bq)[:, None] + torch.arange(Bq, device=q.device)
-        inside = (index < extended.shape[2]) & (key_pos >= 0) & (key_pos < length)  # (G, S)
-        allowed = rule(query_pos[:, :, None], key_pos[:, None, :]) & inside[:, None, :]  # (G, Bq, S)
-        allowed &= (query_pos < min(length, (chunk + 1) * size))[:, :, None]
-        key_index = index.clamp(max=extended.shape[2] - 1)
+        key_index, allowed = _chunk_blocks(mechanism, length, causal, mask_options, chunk, size, before, after,
+                                           str(q.device))
         outputs.append(gathered_block_attention(q[:, :, rows], extended[..., :D], extended[..., D:],
                                                 key_index=key_index, allowed=allowed, scale=scale))
     return anchor(torch.cat(outputs, dim=2), token, *received)
