@@ -7,7 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from attnlab.nn import RCMHA, DepthwiseCausalConv
-from attnlab.ops.rcmha import relative_attention, relative_scores, relative_scores_reference
+from attnlab.ops.rcmha import (
+    relative_attention,
+    relative_attention_chunked,
+    relative_scores,
+    relative_scores_reference,
+)
 
 
 def tables(P: int, H: int, d: int, seed: int) -> dict[str, torch.Tensor]:
@@ -115,3 +120,36 @@ def test_relative_positions_change_the_output_and_bad_inputs_raise() -> None:
         relative_attention(q, q, q, **{**t, "pos_bias": t["pos_bias"][:, :1]}, causal=True)
     with pytest.raises(ValueError, match="query_bias"):
         relative_attention(q, q, q, **{**t, "query_bias": t["query_bias"][:1]}, causal=True)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+@pytest.mark.parametrize("N,M,chunk", [(37, 37, 8), (20, 45, 6), (9, 9, 32)], ids=["self", "memory", "one-block"])
+def test_chunked_attention_equals_the_explicit_scores_forward_and_backward(causal: bool, N: int, M: int,
+                                                                            chunk: int) -> None:
+    """Blocks of queries (checkpointed) == softmax of the explicitly indexed scores, values and gradients."""
+    B, H, d, P = 2, 3, 4, 64
+    g = torch.Generator().manual_seed(N + M + chunk)
+    q = torch.randn(B, H, N, d, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, H, M, d, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, H, M, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    t = {name: x.requires_grad_() for name, x in tables(P, H, d, seed=chunk).items()}
+    w = torch.randn(B, H, N, 5, generator=g, dtype=torch.float64)
+    results = []
+    for run in (lambda: relative_attention(q, k, v, **t, causal=causal, impl="reference"),
+                lambda: relative_attention_chunked(q, k, v, **t, causal=causal, chunk_size=chunk)):
+        out = run()
+        results.append((out, *torch.autograd.grad((out * w).sum(), [q, k, v, *t.values()])))
+    for expected, actual in zip(*results, strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["float32", "bf16"])
+def test_chunked_attention_at_length_2048(dtype: torch.dtype, tolerance: float) -> None:
+    g = torch.Generator().manual_seed(77)
+    q, k, v = (torch.randn(1, 2, 2048, 32, generator=g) for _ in range(3))
+    t = {name: x * 0.3 for name, x in tables(2048, 2, 32, seed=78).items()}
+    expected = relative_attention(q.double(), k.double(), v.double(), **t, causal=True, impl="shift")
+    out = relative_attention(q.to(dtype), k.to(dtype), v.to(dtype), **{n: x.to(dtype) for n, x in t.items()},
+                             causal=True)  # auto = chunked
+    assert out.dtype == dtype
+    assert float((out.double() - expected).norm() / expected.norm()) < tolerance
