@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import pytest
 import torch
@@ -83,3 +84,56 @@ def test_generic_layer_self_cross_grouped_and_padding() -> None:
         attnlab.nn.Attention(32, 4, kv_heads=3)
     with pytest.raises(TypeError, match="no option"):
         attnlab.nn.Attention(32, 4, window=3)
+
+
+def _op_with_options(q, k, v, *, window: int, causal: bool = False, scale: float | None = None,
+                     impl: Literal["auto", "reference", "fast", "kernel"] = "auto"):
+    return v
+
+
+def _record(**fields) -> Mechanism:
+    base = dict(name="toy-options", op=_op_with_options, reference=None, layer=None, family="toy", paper="Toy",
+                arxiv=None, supports_causal=True, supports_bidirectional=True, complexity="O(1)")
+    return Mechanism(**{**base, **fields})
+
+
+def test_defaults_required_options_and_impls_come_from_the_signature() -> None:
+    record = _record(impl_devices={"kernel": ("cuda", "triton-interpreter")})
+    assert dict(record.defaults) == {"causal": False, "scale": None, "impl": "auto"}
+    assert record.required_options == ("window",)
+    assert record.impls == ("fast", "kernel")
+    assert record.impls_on("cpu") == ("fast",) and record.impls_on("cuda") == ("fast", "kernel")
+    assert record.impl_runs_on("kernel", "triton-interpreter") and record.impl_runs_on("auto", "cpu")
+    with pytest.raises(ValueError, match="device='tpu'"):
+        record.impl_runs_on("fast", "tpu")
+    with pytest.raises(TypeError):
+        _record(defaults={"window": 3})  # read from the signature, never written by hand
+
+
+def test_registration_refuses_impl_declarations_that_do_not_match_the_op() -> None:
+    with pytest.raises(ValueError, match="'gather'"):
+        _record(impl_devices={"gather": ("cuda",)})
+    with pytest.raises(ValueError, match="devices are"):
+        _record(impl_devices={"kernel": ("gpu",)})
+    with pytest.raises(ValueError, match="causal_only_impls"):
+        _record(causal_only_impls=("gather",))
+
+    def untyped(q, k, v, *, impl: str = "auto"):
+        return v
+
+    with pytest.raises(TypeError, match="Literal"):
+        _record(op=untyped)
+
+
+def test_model_and_bench_hooks() -> None:
+    from attnlab.registry import BenchShape
+
+    record = _record(model_options=lambda seq_len: {"window": seq_len // 4},
+                     bench_options=lambda shape: {"window": min(128, shape.length)})
+    assert record.options_for_model(64) == {"window": 16}
+    with pytest.raises(ValueError, match="seq_len"):
+        record.options_for_model(None)
+    shape = BenchShape(batch=1, heads=2, kv_heads=1, length=4096, head_dim=8, device="cpu", dtype=torch.float32)
+    assert shape.device == torch.device("cpu")
+    assert record.options_for_bench(shape) == {"window": 128}
+    assert _record().options_for_model(64) == {} and _record().options_for_bench(shape) == {}
