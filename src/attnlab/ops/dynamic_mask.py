@@ -191,11 +191,52 @@ def dynamic_mask_block_candidates(key_bias: torch.Tensor, length: int, *, k_budg
     value = torch.stack(cand_value, dim=2)
     order = torch.sort(value, dim=-1, descending=True, stable=True).indices
     index = index.gather(-1, order)  # candidates best first (ties: earlier key first)
+    cutoff = _rank_cutoffs(order, index, W=W, block=block, M=M)  # (B, H_kv, G, Bq)
     p = off + torch.arange(G * block, device=device).reshape(G, block)  # (G, Bq) query positions
-    visible = (index[:, :, :, None, :] <= p[:, :, None]) & (index < M)[:, :, :, None, :]  # (B, H_kv, G, Bq, S)
-    count = torch.int16 if index.shape[-1] < 2 ** 15 else torch.int32  # int16 cumsum: several times faster
-    kept = visible & (visible.cumsum(dim=-1, dtype=count) <= W)
-    return index.clamp(max=M - 1), kept
+    S = index.shape[-1]
+    # query r of block g keeps the candidates it sees (key <= its position) ranked at or above its cutoff
+    kept = (index[:, :, :, None, :] <= p[:, :, None]) & (torch.arange(S, device=device) <= cutoff[..., None])
+    return index.clamp(max=M - 1), kept  # (B, H_kv, G, S), (B, H_kv, G, Bq, S)
+
+
+def _rank_cutoffs(order: torch.Tensor, index: torch.Tensor, *, W: int, block: int, M: int) -> torch.Tensor:
+    """Per query of each block, the sorted position of the worst key it keeps (``S`` = keeps all it sees).
+
+    ``order [B, H_kv, G, S]`` sorts the candidates (the ``W`` prefix slots, then the block's keys in
+    order) best first; ``index`` is the sorted candidates' keys. The visible set grows by one key
+    per query, so the cutoff follows the eviction rule: while fewer than ``W`` keys are visible,
+    all are kept; once ``W`` are, a new key ranked above the cutoff evicts the cutoff's key and
+    the cutoff moves to the next visible position above it (the best earlier prefix slot or
+    already entered block key below the old cutoff). ``block`` steps over ``[B, H_kv, G, block]``
+    tensors: ``O(N block)`` work, instead of a cumulative count over every ``(query, candidate)`` pair.
+    """
+    B, Hkv, G, S = order.shape
+    device = order.device
+    positions = torch.arange(S, device=device)
+    rank = torch.empty_like(order).scatter_(-1, order, positions.expand_as(order))  # candidate -> sorted position
+    entering = rank[..., S - block:]  # (B, H_kv, G, Bq): sorted position of the block's r-th key
+    prefix = (positions < S - block)  # unsorted slots 0 .. W-1 hold the prefix's best keys
+    is_prefix = prefix.gather(-1, order.flatten()).reshape(order.shape) & (index < M)  # sorted, valid prefix key
+    marked = torch.where(is_prefix, positions, -1)  # (B, H_kv, G, S)
+    best_prefix_below = torch.cat([marked.new_full((B, Hkv, G, 1), -1), marked.cummax(dim=-1).values[..., :-1]],
+                                  dim=-1)  # the largest prefix position strictly below each position
+    n_prefix = is_prefix.sum(dim=-1)  # (B, H_kv, G)
+    last_prefix = marked.amax(dim=-1)
+    cutoff = torch.where(n_prefix >= W, last_prefix, S)  # (B, H_kv, G) before the block's first key enters
+    seen_max = torch.full((B, Hkv, G), -1, dtype=torch.long, device=device)
+    cutoffs = []
+    for r in range(block):
+        t = entering[..., r]
+        seen_max = torch.maximum(seen_max, t)
+        before = n_prefix + r  # keys visible before this query's own key enters
+        filling = torch.where(before + 1 >= W, torch.maximum(last_prefix, seen_max), S)
+        entered = entering[..., :r + 1]
+        below = torch.where(entered < cutoff[..., None], entered, -1).amax(dim=-1)
+        previous = torch.maximum(best_prefix_below.gather(-1, cutoff.clamp(max=S - 1)[..., None])[..., 0], below)
+        full = torch.where(t < cutoff, previous, cutoff)
+        cutoff = torch.where(before >= W, full, filling)
+        cutoffs.append(cutoff)
+    return torch.stack(cutoffs, dim=-1)  # (B, H_kv, G, Bq)
 
 
 def dynamic_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_bias: torch.Tensor,
