@@ -101,7 +101,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
                 if rank == 0:
                     loopback = (_loopback_bytes() - before) // world
                 sent = int(_max_over_ranks(counter.total))
-            reach = halo_reach(mechanism, length=N, causal=causal, options=options) if strategy == "halo" else (0, 0)
+            chunk = n // (2 if layout == "zigzag" else 1)
+            reach = ((0, 0) if strategy != "halo"
+                     else halo_reach(mechanism, length=N, causal=causal, options=options, chunk=chunk))
             formula = strategy_bytes(strategy, mechanism=mechanism, world=world, batch=B, heads=H, kv_heads=Hkv,
                                      local_length=n, head_dim=D, value_dim=D, layout=layout, reach=reach)
             single = float("nan")

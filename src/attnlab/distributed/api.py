@@ -121,7 +121,7 @@ def _refusal(strategy: str, record: Mechanism, *, world: int, heads: int, kv_hea
         if name not in HALO_MECHANISMS:
             return f"strategy='halo' serves {', '.join(HALO_MECHANISMS)} only, not {name!r}"
         try:
-            before, after = halo_reach(name, length=length, causal=causal, options=dict(options))
+            before, after = halo_reach(name, length=length, causal=causal, options=dict(options), chunk=chunk)
         except (ValueError, TypeError) as error:  # e.g. a 2-D grid, a missing window
             return str(error)
         if max(before, after) > chunk:
@@ -342,7 +342,7 @@ def _plan(q: Any, k: Any, v: Any, *, mechanism: str, world: int, rank: int, stra
     element = torch.empty((), dtype=q.dtype).element_size()
     reach = (0, 0)
     if "halo" in serving:
-        reach = halo_reach(record.name, length=length, causal=causal, options=options)
+        reach = halo_reach(record.name, length=length, causal=causal, options=options, chunk=chunk)
     costs = {s: strategy_bytes(s, mechanism=record.name, world=world, batch=B, heads=H, kv_heads=Hkv,
                                local_length=n, head_dim=D, value_dim=Dv, element_size=element, layout=layout,
                                reach=reach) for s in serving}

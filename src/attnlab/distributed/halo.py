@@ -1,9 +1,9 @@
 """The halo strategy for local windows: each chunk borrows the boundary keys of its neighbouring chunks.
 
-A query of sliding-window attention (Longformer, arXiv 2004.05150, sec. 3.1) or of 1-D neighborhood
-attention (NATTEN, arXiv 2204.07143 / 2504.16922) reads keys at most ``L`` positions before it and ``R``
-after it. With chunks of at least ``max(L, R)`` tokens, chunk ``c`` needs only the last ``L`` keys of
-chunk ``c - 1`` and the first ``R`` of chunk ``c + 1``: one point-to-point exchange with the neighbouring
+The queries of a chunk of sliding-window attention (Longformer, arXiv 2004.05150, sec. 3.1) or of 1-D
+neighborhood attention (NATTEN, arXiv 2204.07143 / 2504.16922) read keys at most ``L`` positions before
+the chunk and ``R`` after it. With chunks of at least ``max(L, R)`` tokens, chunk ``c`` needs only the last
+``L`` keys of chunk ``c - 1`` and the first ``R`` of chunk ``c + 1``: one point-to-point exchange with the neighbouring
 ranks, ``(L + R)`` keys and values per chunk whatever the sequence length. Each chunk then runs the
 gathered block attention of :mod:`attnlab.ops.sliding_window` on ``[left halo, chunk, right halo]``
 with the mask rule evaluated on global positions (so the neighbourhood's inward shift at the borders of
@@ -41,22 +41,40 @@ def _neighborhood_grid(length: int, options: dict[str, Any], causal: bool) -> _G
 
 
 @functools.lru_cache(maxsize=32)
-def _neighborhood_reach(length: int, kernel: tuple, stride: tuple, dilation: tuple, causal: tuple) -> tuple[int, int]:
+def _neighborhood_extent(length: int, kernel: tuple, stride: tuple, dilation: tuple, causal: tuple
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     grid = _Grid((length,), kernel, stride, dilation, causal)
-    queries = torch.arange(length)
-    keys, valid = grid.neighbours(queries)  # (N, K)
-    before = torch.where(valid, queries[:, None] - keys, torch.zeros_like(keys)).amax()
-    after = torch.where(valid, keys - queries[:, None], torch.zeros_like(keys)).amax()
-    return int(before), int(after)
+    keys, valid = grid.neighbours(torch.arange(length))  # (N, K)
+    return torch.where(valid, keys, length).amin(1), torch.where(valid, keys, -1).amax(1)
 
 
-def halo_reach(mechanism: str, *, length: int, causal: bool, options: dict[str, Any]) -> tuple[int, int]:
-    """``(L, R)``: how many positions before and after itself any query of the whole sequence reads."""
+def _extent(mechanism: str, length: int, causal: bool, options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first and last key position ``[N]`` (int64) each query of the whole sequence reads."""
     if mechanism == "sliding_window":
         window = _check_window(options.get("window"))
-        return (window - 1, 0) if causal else (window // 2, window // 2)
+        before, after = (window - 1, 0) if causal else (window // 2, window // 2)
+        queries = torch.arange(length)
+        return (queries - before).clamp_min(0), (queries + after).clamp_max(length - 1)
     grid = _neighborhood_grid(length, options, causal)
-    return _neighborhood_reach(length, grid.kernel, grid.stride, grid.dilation, grid.causal)
+    return _neighborhood_extent(length, grid.kernel, grid.stride, grid.dilation, grid.causal)
+
+
+def halo_reach(mechanism: str, *, length: int, causal: bool, options: dict[str, Any], chunk: int) -> tuple[int, int]:
+    """``(L, R)``: the keys any chunk of ``chunk`` tokens reads before its first and after its last token.
+
+    Sliding window: ``(window - 1, 0)`` causal, ``(window // 2, window // 2)`` otherwise. The neighbourhood
+    reads further only near the ends of the whole sequence (NATTEN's inward shift), where there is no
+    neighbouring chunk, so its halo is about ``kernel_size // 2`` times the dilation.
+    """
+    first, last = _extent(mechanism, length, causal, options)
+    chunks = -(-length // chunk)
+    pad = chunks * chunk - length
+    first = torch.cat([first, first.new_full((pad,), length)]).view(chunks, chunk).amin(1)  # (C,)
+    last = torch.cat([last, last.new_full((pad,), -1)]).view(chunks, chunk).amax(1)
+    starts = torch.arange(chunks) * chunk
+    before = int((starts - first).clamp_min(0).max())
+    after = int((last - (starts + chunk - 1)).clamp_min(0).max())
+    return before, after
 
 
 def _rule(mechanism: str, length: int, causal: bool, options: dict[str, Any]) -> Rule:
@@ -78,22 +96,26 @@ def _hashable(value: Any) -> Any:
 def _chunk_blocks(mechanism: str, length: int, causal: bool, mask_options: tuple, chunk: int, size: int,
                   before: int, after: int, device_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Query blocks of ``chunk`` over its extended keys ``[before halo, chunk, after halo]``: ``key_index
-    [G, S]`` and ``allowed [G, Bq, S]`` (the mask rule on global positions). Cached: every layer and
-    step of a model reuses them."""
+    [G, S]`` (each block's span of keys, from the first to the last key its queries read) and ``allowed
+    [G, Bq, S]`` (the mask rule on global positions). Cached: every layer and step reuses them."""
     device = torch.device(device_name)
-    rule = _rule(mechanism, length, causal, dict(mask_options))
-    Bq = max(1, min(size, 64))
+    options = dict(mask_options)
+    rule = _rule(mechanism, length, causal, options)
+    first, last = _extent(mechanism, length, causal, options)
+    Bq = max(1, min(size, max(32, min(128, before + after + 1))))
     G = -(-size // Bq)
-    S = Bq + before + after
     extended = before + size + after
-    first = chunk * size - before  # global position of extended key 0
-    index = (torch.arange(G, device=device) * Bq)[:, None] + torch.arange(S, device=device)  # (G, S)
-    key_pos = first + index
-    query_pos = chunk * size + (torch.arange(G, device=device) * Bq)[:, None] + torch.arange(Bq, device=device)
-    inside = (index < extended) & (key_pos >= 0) & (key_pos < length)  # (G, S)
+    start = chunk * size - before  # global position of extended key 0
+    query_pos = chunk * size + torch.arange(G * Bq).view(G, Bq)  # (G, Bq)
+    clamped = query_pos.clamp(max=length - 1)
+    low, high = first[clamped].amin(1), last[clamped].amax(1)  # (G,): the span each block reads
+    S = max(1, int((high - low + 1).max()))
+    key_pos = low[:, None] + torch.arange(S)  # (G, S)
+    index = key_pos - start
+    inside = (index >= 0) & (index < extended) & (key_pos >= 0) & (key_pos < length)  # (G, S)
     allowed = rule(query_pos[:, :, None], key_pos[:, None, :]) & inside[:, None, :]  # (G, Bq, S)
     allowed &= (query_pos < min(length, (chunk + 1) * size))[:, :, None]
-    return index.clamp(max=extended - 1), allowed
+    return index.clamp(0, extended - 1).to(device), allowed.to(device)
 
 
 def _messages(layout: SequenceLayout, size: int, before: int, after: int) -> list[Message]:
@@ -125,7 +147,7 @@ def halo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mechani
     Dv = v.shape[-1]
     rank = group_rank(group)
     size = n // layout.chunks_per_rank
-    before, after = halo_reach(mechanism, length=length, causal=causal, options=options)
+    before, after = halo_reach(mechanism, length=length, causal=causal, options=options, chunk=size)
     scale = check_scale(options.get("scale"), D)
     kv = torch.cat([k, v], dim=-1)  # (B, H_kv, n, D + Dv): one message per halo
     messages = _messages(layout, size, before, after)

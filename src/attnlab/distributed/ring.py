@@ -117,6 +117,7 @@ class _Ring:
         self.world, self.rank = group_size(group), group_rank(group)
         self.chunk = local_length // layout.chunks_per_rank
         self.flash = False
+        self.in_flight: list[torch.Tensor] = []
 
     def source(self, step: int) -> int:
         return (self.rank - step) % self.world
@@ -126,8 +127,9 @@ class _Ring:
         received = [torch.empty_like(t) for t in tensors]
         operations = []
         after, before = (self.rank + 1) % self.world, (self.rank - 1) % self.world
-        for t in tensors:
-            operations.append(dist.P2POp(dist.isend, t.contiguous(), group=self.group, group_peer=after))
+        self.in_flight = [t.contiguous() for t in tensors]  # alive until the caller has waited for the sends
+        for t in self.in_flight:
+            operations.append(dist.P2POp(dist.isend, t, group=self.group, group_peer=after))
             _count("ring", t.numel() * t.element_size())
         for t in received:
             operations.append(dist.P2POp(dist.irecv, t, group=self.group, group_peer=before))
