@@ -164,8 +164,9 @@ def hip_select_blocks_vectorized(q: torch.Tensor, k: torch.Tensor, *, k_budget: 
     blocks = torch.div(candidates.clamp(min=0) + bk - 1, bk, rounding_mode="floor")  # (G,)
     # the strided queries of every block, padded: (B, H, G, nq, D) and which of them exist
     qp = torch.nn.functional.pad(q.to(dtype), (0, 0, 0, G * block_size_q - N))
-    qs = qp.reshape(B, H, G, block_size_q, D)[:, :, :, ::query_stride]
+    qs = qp.reshape(B, H, G, block_size_q, D)[:, :, :, ::query_stride]  # (B, H, G, nq, D)
     q_ok = (torch.arange(G * block_size_q, device=device).reshape(G, block_size_q)[:, ::query_stride] < N)
+    qs = torch.where(q_ok[:, :, None], qs, qs[:, :, :, :1])  # past N (last block): its first query again
     offsets = torch.arange(bk, device=device)
     j = torch.arange(K + 1, device=device)
     result = torch.full((B, H, G, K), -1, dtype=torch.long, device=device)
@@ -175,24 +176,33 @@ def hip_select_blocks_vectorized(q: torch.Tensor, k: torch.Tensor, *, k_budget: 
     for part in searched.split(_SEARCH_CHUNK) if searched.numel() else ():
         C = part.numel()
         cand, n_blocks = candidates[part], blocks[part]  # (C,)
-        qc, okc = qs[:, :, part], q_ok[part]  # (B, H, C, nq, D), (C, nq)
+        qc = qs[:, :, part].transpose(-1, -2).contiguous()  # (B, H, C, D, nq)
         bounds = (n_blocks[:, None] * j) // K  # (C, K + 1)
         starts = bounds[:, :-1].expand(B, H, C, K)  # (B, H, C, K) group starts, in key blocks
         sizes = (bounds[:, 1:] - bounds[:, :-1]).expand(B, H, C, K)
+
+        def representative_score(block: torch.Tensor, C: int = C, cand: torch.Tensor = cand,
+                                 qc: torch.Tensor = qc) -> torch.Tensor:
+            """``max`` of ``q . k`` over the block's strided queries and the key block starting at ``block``
+            (in key blocks): ``[B, H, C, X] -> [B, H, C, X]``. Keys past the candidates are replaced by the
+            block's first key and missing queries by the block's first query (duplicates leave a max alone)."""
+            X = block.shape[-1]
+            pos = block[..., None] * bk + offsets  # (B, H, C, X, bk)
+            pos = torch.where(pos < cand[:, None, None], pos, pos[..., :1])
+            keys = kh.index_select(0, (pos.reshape(B, H, -1) + row0).reshape(-1)).reshape(B, H, C, X * bk, D)
+            scores = torch.matmul(keys, qc)  # (B, H, C, X*bk, nq)
+            return scores.reshape(B, H, C, X, -1).amax(dim=-1)  # (B, H, C, X): max over the block's keys and queries
+
+        kept_score = None  # the representative scores of the kept groups
         while int(sizes.max()) > 1:
             half = sizes // 2
             child_start = torch.cat([starts, starts + half], dim=-1)  # (B, H, C, 2K)
             child_size = torch.cat([half, sizes - half], dim=-1)
-            pos = child_start[..., None] * bk + offsets  # (B, H, C, 2K, bk) keys of the representatives
-            valid = pos < cand[:, None, None]
-            flat = torch.minimum(pos, (cand - 1)[:, None, None]).reshape(B, H, -1) + row0
-            keys = kh.index_select(0, flat.reshape(-1)).reshape(B, H, C, -1, D)  # (B, H, C, 2K*bk, D)
-            scores = torch.einsum("bhcqd,bhckd->bhcqk", qc, keys)  # (B, H, C, nq, 2K*bk)
-            scores = scores.masked_fill(~okc[:, :, None], ninf).reshape(B, H, C, -1, 2 * K, bk)
-            scores = scores.masked_fill(~valid[:, :, :, None], ninf).amax(dim=(3, 5))  # (B, H, C, 2K)
-            scores = scores.masked_fill(child_size == 0, ninf)
-            top = torch.topk(scores, K, dim=-1).indices  # (B, H, C, K)
-            starts, sizes = child_start.gather(-1, top), child_size.gather(-1, top)
+            # a group's first half starts where the group does: same representative, score known
+            score = (representative_score(child_start) if kept_score is None else
+                     torch.cat([kept_score, representative_score(starts + half)], dim=-1))  # (B, H, C, 2K)
+            top = torch.topk(score.masked_fill(child_size == 0, ninf), K, dim=-1).indices  # (B, H, C, K)
+            starts, sizes, kept_score = (x.gather(-1, top) for x in (child_start, child_size, score))
         result[:, :, part] = starts.sort(dim=-1).values * bk
     return result
 
