@@ -11,6 +11,7 @@ import torch
 import attnlab
 from attnlab.nn import TensorAttention
 from attnlab.ops import column_kronecker, softmax_attention, tensor_attention
+from attnlab.ops.tensor import taylor_error_bound
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -203,3 +204,31 @@ def test_chunked_equals_reference_in_value_and_gradient(causal: bool) -> None:
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         tensor_attention_chunked(*inputs, chunk_size=0)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("bound", [0.05, 0.1, 0.15])
+def test_taylor_error_stays_within_its_documented_bound(causal: bool, bound: float) -> None:
+    """|taylor - exact| <= taylor_error_bound * max|v1 ⊙ v2| on fresh bounded inputs, for several degrees."""
+    q, k1, k2, v1, v2 = five(N=9, D=3, seed=int(bound * 100) + causal, bound=bound * 4)
+    exact = tensor_attention(q, k1, k2, v1, v2, causal=causal, impl="reference")
+    scale_v = float((v1[:, :, :, None] * v2[:, :, None]).abs().max())
+    for degree in (2, 4, 6):
+        error = float((tensor_attention(q, k1, k2, v1, v2, causal=causal, degree=degree, impl="taylor")
+                       - exact).abs().max())
+        bound_value = taylor_error_bound(q, k1, k2, degree=degree)
+        assert bound_value < 1.0  # a bound that says something
+        assert error <= bound_value * scale_v + 1e-15, (degree, error, bound_value)  # + float64 rounding
+
+
+def test_auto_takes_the_taylor_form_only_where_its_bound_holds() -> None:
+    """Small entries: "auto" is the Taylor form (bound <= 1e-12 in float64) and equals the exact one;
+    entries of size 2: the bound fails and "auto" is the exact chunked form."""
+    small = five(N=40, D=2, E=3, seed=50, bound=0.02)
+    assert taylor_error_bound(*small[:3], degree=8) <= 1e-12
+    auto = tensor_attention(*small, causal=True)
+    assert torch.equal(auto, tensor_attention(*small, causal=True, impl="taylor"))
+    torch.testing.assert_close(auto, tensor_attention(*small, causal=True, impl="reference"), rtol=1e-10, atol=1e-10)
+    large = five(N=40, D=2, E=3, seed=51, bound=2.0)
+    assert taylor_error_bound(*large[:3], degree=8) > 1e-7
+    assert torch.equal(tensor_attention(*large, causal=True), tensor_attention(*large, causal=True, impl="chunked"))

@@ -30,7 +30,9 @@ class TensorAttention(nn.Module):
         heads: heads H.
         causal: (inferred) query ``i`` sees key pairs with ``max(j1, j2) <= i``.
         scale: score scale; ``None`` gives ``d ** -0.5`` (the paper's definition uses 1).
-        impl: "auto"/"chunked" (exact, O(N^3 d) time, memory bounded by query blocks), "reference"
+        impl: "chunked" (exact, O(N^3 d) time, memory bounded by query blocks), "auto" ("taylor"
+            where :func:`attnlab.ops.tensor.taylor_error_bound` says it is exact to the working
+            precision, else "chunked"), "reference"
             (exact, O(N^3) memory per head) or "taylor" (the polynomial method, O(N r d) with
             ``r = C(d + degree, degree)``).
         degree: Taylor degree for ``impl="taylor"``.

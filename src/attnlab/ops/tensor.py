@@ -13,8 +13,10 @@ Three implementations:
 
 - ``impl="reference"``: the definition with the ``N x M1 x M2`` score tensor materialised,
   O(N M1 M2 d) time (the naive O(n^3) algorithm of the paper).
-- ``impl="chunked"`` (= ``"auto"``): the same exact computation over blocks of queries, with
-  activation checkpointing, so that memory stays bounded in training too.
+- ``impl="chunked"``: the same exact computation over blocks of queries, with activation
+  checkpointing, so that memory stays bounded in training too. ``"auto"`` is this exact form unless
+  the Taylor form below is exact to the working precision for the given inputs
+  (:func:`taylor_error_bound`), cheaper, and (causal) small enough.
 - ``impl="taylor"``: the polynomial method. ``exp(x)`` is replaced by its degree-``g`` Taylor
   polynomial and, with ``(q . (a ⊙ b))^t = sum_{|alpha| = t} t!/alpha! q^alpha a^alpha b^alpha``,
   ``exp(S) ≈ U1 (U2 ⊘ U3)^T`` with monomial features ``U1 = q^alpha / alpha!``, ``U2 = k1^alpha``,
@@ -51,6 +53,7 @@ __all__ = [
     "tensor_attention_taylor",
     "column_kronecker",
     "taylor_feature_rank",
+    "taylor_error_bound",
 ]
 
 IMPLS = ("auto", "reference", "chunked", "taylor")
@@ -285,6 +288,53 @@ def tensor_attention_taylor(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor,
     return (num / den[..., None]).to(q.dtype)
 
 
+_AUTO_TAYLOR_TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-7}  # output error bound "auto" accepts
+_AUTO_TAYLOR_STATE = 1 << 26  # elements of the causal Taylor state [B, H, N, r, E] "auto" accepts
+
+
+def taylor_error_bound(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, *, scale: float | None = 1.0,
+                       degree: int = 8) -> float:
+    """A bound on ``|taylor - exact| / max|v1 ⊙ v2|`` for these inputs (every output entry, causal or not).
+
+    With ``X >= |S[i, j1, j2]|`` for every score, ``X = scale max_i |q_i|_2 min(max |k1|_inf max_j |k2_j|_2,
+    max_j |k1_j|_2 max |k2|_inf)`` (Cauchy-Schwarz), the Lagrange remainder of the degree-``g`` Taylor
+    polynomial gives ``|T_g(x) - e^x| <= X^{g+1} e^X / (g+1)!`` and ``e^x >= e^{-X}``: every weight has
+    relative error at most ``eps = X^{g+1} e^{2X} / (g+1)!``; numerator and denominator are sums of
+    such weights (times ``v1 ⊙ v2``, resp. 1), so an output entry is off by at most
+    ``2 eps / (1 - eps)`` times ``max|v1 ⊙ v2|``. This is the bounded-entry regime of Alman & Song
+    (arXiv 2310.04064), made explicit (the constants are this implementation's).
+    """
+    head_dim = q.shape[-1]
+    scale = _tensor_scale(scale, head_dim)
+    _check_degree(degree)
+    dtype = compute_dtype(q.dtype)
+    with torch.no_grad():
+        q_norm = q.to(dtype).norm(dim=-1).max()
+        k1f, k2f = k1.to(dtype), k2.to(dtype)
+        pair = torch.minimum(k1f.abs().amax() * k2f.norm(dim=-1).max(), k1f.norm(dim=-1).max() * k2f.abs().amax())
+        X = float(abs(scale) * q_norm * pair)
+    log_eps = (degree + 1) * math.log(X) + 2 * X - math.lgamma(degree + 2) if X > 0 else -math.inf
+    if log_eps >= 0:
+        return math.inf
+    eps = math.exp(log_eps)
+    return 2 * eps / (1 - eps)
+
+
+def _auto_uses_taylor(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, sizes: TensorSizes, *, causal: bool,
+                      scale: float | None, degree: int) -> bool:
+    """Whether "auto" may run the Taylor form: feasible, cheaper than the exact form, and within its bound."""
+    rank = taylor_feature_rank(sizes.head_dim, degree)
+    if rank > MAX_TAYLOR_RANK:
+        return False
+    exact_work = sizes.key_length_1 * sizes.key_length_2 * sizes.head_dim
+    if rank * (sizes.value_dim + sizes.head_dim) >= exact_work:  # per query: features vs pairs
+        return False
+    if causal and sizes.batch * sizes.heads * sizes.key_length_1 * rank * sizes.value_dim > _AUTO_TAYLOR_STATE:
+        return False
+    tolerance = _AUTO_TAYLOR_TOLERANCE.get(compute_dtype(q.dtype), 1e-7)
+    return taylor_error_bound(q, k1, k2, scale=scale, degree=degree) <= tolerance
+
+
 def tensor_attention(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor,
                      *, causal: bool = False, scale: float | None = 1.0, degree: int = 8,
                      impl: Literal["auto", "reference", "chunked", "taylor"] = "auto") -> torch.Tensor:
@@ -305,8 +355,11 @@ def tensor_attention(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: to
         degree: Taylor degree of ``impl="taylor"`` (features ``C(D + degree, degree)``).
         impl: "reference" (exact, O(N M1 M2 D), all scores materialised), "chunked" (exact, the
             same cost over blocks of queries with bounded memory), "taylor" (approximate,
-            O(N r E) with ``r = C(D + degree, degree)``; accurate for bounded entries) or "auto"
-            (= "chunked", exact).
+            O(N r E) with ``r = C(D + degree, degree)``; accurate for bounded entries) or "auto":
+            "taylor" where it is exact to the working precision, i.e. :func:`taylor_error_bound` of
+            these inputs is at most 1e-12 (float64) / 1e-7 (float32, bf16, f16) of ``max|v1 ⊙ v2|``,
+            its features cost less than the key pairs (``r (E + D) < M1 M2 D``) and, causal, its
+            prefix state ``[B, H, M, r, E]`` stays under 2^26 elements; else "chunked" (exact).
 
     Returns:
         ``[B, H, N, E]`` in the dtype of q.
@@ -317,4 +370,8 @@ def tensor_attention(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: to
     _check_degree(degree)
     if impl == "reference":
         return tensor_attention_reference(q, k1, k2, v1, v2, causal=causal, scale=scale)
+    if impl == "auto":
+        sizes = _check_inputs(q, k1, k2, v1, v2)
+        if _auto_uses_taylor(q, k1, k2, sizes, causal=causal, scale=scale, degree=degree):
+            return tensor_attention_taylor(q, k1, k2, v1, v2, causal=causal, scale=scale, degree=degree)
     return tensor_attention_chunked(q, k1, k2, v1, v2, causal=causal, scale=scale)
