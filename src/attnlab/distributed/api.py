@@ -265,6 +265,9 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         raise ValueError(f"group has {world} rank: context parallelism needs at least 2; call the op directly "
                          f"(attnlab.attention(q, k, v, mechanism={mechanism!r}, ...)) on a single process")
     rank = group_rank(group)
+    if rank < 0:
+        raise ValueError("this process is not a member of group: call context_parallel_attention only on the ranks "
+                         "of the group that shares the sequence")
     header = [0] * len(_FIELDS)
     error: Exception | None = None
     plan: tuple[str, Mechanism, SequenceLayout, bool, int] | None = None
