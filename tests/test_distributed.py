@@ -319,6 +319,7 @@ def _auto_choices() -> dict[str, str]:
 
 LM_MECHANISMS = {  # label: LanguageModel options (auto picks the strategy named in the label)
     "softmax-mqa-ring": {"mechanism": "softmax", "kv_heads": 1},
+    "softmax-mqa-ring-zigzag": {"mechanism": "softmax", "kv_heads": 1, "context_parallel_layout": "zigzag"},
     "softmax-ulysses": {"mechanism": "softmax"},
     "lightning-state": {"mechanism": "lightning", "decay": 0.2},
     "sliding_window-halo": {"mechanism": "sliding_window", "window": 5},
@@ -334,9 +335,12 @@ def _train_language_model(options: dict[str, Any], *, steps: int = 10) -> dict[s
     from attnlab.models import LanguageModel
 
     vocab, B, N = 32, 2, 16
+    options = dict(options)
+    layout = options.pop("context_parallel_layout", "contiguous")
     torch.manual_seed(0)
     whole = LanguageModel(vocab, 32, 2, 4, max_len=N, **options)
-    sharded = LanguageModel(vocab, 32, 2, 4, max_len=N, context_parallel_group=dist.group.WORLD, **options)
+    sharded = LanguageModel(vocab, 32, 2, 4, max_len=N, context_parallel_group=dist.group.WORLD,
+                            context_parallel_layout=layout, **options)
     sharded.load_state_dict(whole.state_dict())
     optimizers = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (whole, sharded)]
     generator = torch.Generator().manual_seed(1)
@@ -348,9 +352,9 @@ def _train_language_model(options: dict[str, Any], *, steps: int = 10) -> dict[s
         loss.backward()
         losses["one_process"].append(float(loss))
         # sharded: each rank's share of the mean over all B * N tokens; gradients summed over ranks
-        logits = sharded(shard_sequence(inputs, dim=1))  # (B, n, vocab)
-        local = F.cross_entropy(logits.reshape(-1, vocab), shard_sequence(targets, dim=1).reshape(-1),
-                                reduction="sum") / (B * N)
+        logits = sharded(shard_sequence(inputs, dim=1, layout=layout))  # (B, n, vocab)
+        local = F.cross_entropy(logits.reshape(-1, vocab),
+                                shard_sequence(targets, dim=1, layout=layout).reshape(-1), reduction="sum") / (B * N)
         local.backward()
         for parameter in sharded.parameters():
             dist.all_reduce(parameter.grad)
