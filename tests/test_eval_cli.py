@@ -11,13 +11,11 @@ from typing import Any
 import pytest
 import torch
 
-pytest.importorskip("transformers")
-
-from attnlab.analysis.models import load_model, save_tiny_model  # noqa: E402
-from attnlab.analysis.retrieval import wikipedia_haystack  # noqa: E402
-from attnlab.cli import build_parser, main  # noqa: E402
-from attnlab.hf import eval_cli  # noqa: E402
-from attnlab.hf.eval import MechanismSpec, parse_mechanisms, rolling_perplexity, rolling_windows  # noqa: E402
+from attnlab.analysis.models import load_model, save_tiny_model
+from attnlab.analysis.retrieval import wikipedia_haystack
+from attnlab.cli import build_parser, main
+from attnlab.hf import eval_cli
+from attnlab.hf.eval import MechanismSpec, parse_mechanisms, rolling_perplexity, rolling_windows
 
 
 @pytest.fixture(scope="module")

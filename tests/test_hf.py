@@ -7,16 +7,13 @@ from typing import Any
 
 import pytest
 import torch
+import transformers
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
 
-pytest.importorskip("transformers")
-
-import transformers  # noqa: E402
-from transformers import AttentionInterface  # noqa: E402
-from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
-
-import attnlab.hf as hf  # noqa: E402
-from attnlab.analysis.models import load_model, save_tiny_model  # noqa: E402
-from attnlab.ops import sliding_window_mask  # noqa: E402
+import attnlab.hf as hf
+from attnlab.analysis.models import load_model, save_tiny_model
+from attnlab.ops import sliding_window_mask
 
 TEXTS = ["the cat sat on the mat and looked at the birds in the garden for a long while",
          "a short one"]
