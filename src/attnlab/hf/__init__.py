@@ -114,8 +114,13 @@ def register() -> list[str]:
     (transformers' boolean SDPA mask function: without an entry there transformers builds no causal
     or padding mask at all). Returns the registered names.
     """
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError as error:
+        raise ImportError("attnlab.hf needs the package 'transformers' with AttentionInterface and "
+                          "masking_utils.AttentionMaskInterface (tested with 5.24): pip install -U transformers"
+                          ) from error
 
     names = []
     for entry in compatible().values():
