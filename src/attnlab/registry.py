@@ -319,21 +319,13 @@ def register(mechanism: Mechanism) -> Mechanism:
     return mechanism
 
 
-def _load_all() -> None:
-    # The ops and nn packages register their mechanisms when imported.
-    import attnlab.nn  # noqa: F401
-    import attnlab.ops  # noqa: F401
-
-
 def mechanisms() -> list[Mechanism]:
     """All registered mechanisms, sorted by family then name."""
-    _load_all()
     return sorted(_REGISTRY.values(), key=lambda m: (m.family, m.name))
 
 
 def get(name: str) -> Mechanism:
     """The mechanism called ``name``; an unknown name raises ``KeyError`` with the closest names."""
-    _load_all()
     if not isinstance(name, str):
         raise TypeError(f"mechanism name must be a str, got {type(name).__name__}")
     try:
