@@ -127,34 +127,21 @@ def lightnet_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return (out, (torch.stack(S_final, 2), torch.stack(z_final, 2))) if return_state else out
 
 
-def _chunked_pairwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                      key_gain: torch.Tensor | None = None, chunk_size: int = 32,
-                      initial_state: State | None = None, return_state: bool = False,
-                      ) -> torch.Tensor | tuple[torch.Tensor, State]:
+def _chunked_pairwise(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, z: torch.Tensor,
+                      gain: torch.Tensor | None, state: State | None, *, chunk_size: int,
+                      ) -> tuple[torch.Tensor, State | None]:
     """The chunked form with explicit per-pair weights ``exp(k_s - z_t)`` (``[B, H, C, C, D]`` per block).
 
     Every weight is at most 1 whatever the keys; :func:`lightnet_attention_chunked` falls back to it
-    when a block's ``z`` spans more than its factorisation can hold in the compute dtype. Across
+    when a block's ``z`` spans more than its factorisation can hold in the compute dtype, passing its
+    prepared causal inputs (``z = logcumsumexp(k)`` already folded with the initial state). Across
     blocks the state ``S = A / Z`` (normalised at the previous block's last ``z``) is carried, read as
     ``q_t diag(exp(z_prev - z_t)) S``. O(N C D + N D Dv) time, O(C^2 D) extra memory per block.
+    Returns the output ``[B, H, N, Dv]`` in the compute dtype and the final state.
     """
-    chunk_size = check_chunk_size(chunk_size)
-    sizes, qf, kf, vf, gain, state = _prepare(q, k, v, causal=causal, key_gain=key_gain,
-                                              initial_state=initial_state)
-    N, M = sizes.length, sizes.key_length
-    if not causal:
-        S, z = _global(kf, vf, gain, state)
-        out = torch.einsum("bhnd,bhde->bhne", qf, S).to(q.dtype)
-        return (out, (S, z)) if return_state else out
-    if M > N:  # end-aligned queries: the first M - N keys are seen by every query
-        state = _global(kf[:, :, :M - N], vf[:, :, :M - N], None if gain is None else gain[:, :, :M - N], state)
-        kf, vf = kf[:, :, M - N:], vf[:, :, M - N:]
-        gain = None if gain is None else gain[:, :, M - N:]
-    z = torch.logcumsumexp(kf, dim=2)  # (B, H, N, D)
-    if state is not None:
-        z = torch.logaddexp(z, state[1][:, :, None])
     C = chunk_size
-    tril = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    N = qf.shape[2]
+    tril = torch.ones(C, C, dtype=torch.bool, device=qf.device).tril()
     outs = []
     # split once: slicing inside the loop would make the backward pass O(N^2 / C)
     gains = gain.split(C, dim=2) if gain is not None else [None] * len(range(0, N, C))
@@ -181,8 +168,7 @@ def _chunked_pairwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
         if state is not None:
             S_new = S_new + torch.exp(state[1] - z_end)[..., None] * state[0]
         state = (S_new, z_end)
-    out = torch.cat(outs, dim=2).to(q.dtype)
-    return (out, state) if return_state else out
+    return torch.cat(outs, dim=2), state
 
 
 def lightnet_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
@@ -224,8 +210,9 @@ def lightnet_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     zc = rearrange(torch.cat([z, z[:, :, -1:].expand(-1, -1, pad, -1)], dim=2), "b h (c t) d -> b h c t d", t=C)
     spread = float((zc[:, :, :, -1] - zc[:, :, :, 0]).detach().max())
     if spread > (600.0 if qf.dtype == torch.float64 else 60.0):
-        return _chunked_pairwise(q, k, v, causal=causal, key_gain=key_gain, chunk_size=chunk_size,
-                                 initial_state=initial_state, return_state=return_state)
+        out, state = _chunked_pairwise(qf, kf, vf, z, gain, state, chunk_size=C)
+        out = out.to(q.dtype)
+        return (out, state) if return_state else out
     qc = rearrange(F.pad(qf, (0, 0, 0, pad)), "b h (c t) d -> b h c t d", t=C)  # (B, H, c, C, D)
     kc = rearrange(F.pad(kf, (0, 0, 0, pad), value=float("-inf")), "b h (c t) d -> b h c t d", t=C)
     vc = rearrange(F.pad(vf, (0, 0, 0, pad)), "b h (c t) e -> b h c t e", t=C)  # (B, H, c, C, Dv)
