@@ -49,14 +49,19 @@ def test_language_model_shapes_and_no_look_ahead() -> None:
     assert not torch.allclose(again[:, 7:], logits[:, 7:])
 
 
-def test_every_registered_causal_mixer_builds_a_language_model_that_does_not_look_ahead() -> None:
+# without and with a short convolution in front of every mixer (two blocks, so the second mixer reads
+# convolved inputs); the names that must have been built are the ones each form is known to take
+@pytest.mark.parametrize(("depth", "short_conv", "expected"), [(1, 0, {"softmax"}),
+                                                               (2, 4, {"softmax", "linear", "lightning"})])
+def test_every_registered_causal_mixer_builds_a_language_model_that_does_not_look_ahead(
+        depth: int, short_conv: int, expected: set[str]) -> None:
     built = []
     for record in attnlab.mechanisms():
         if mixer_refusal(record, causal=True) is not None:
             continue
         torch.manual_seed(0)
         try:
-            model = LanguageModel(40, 16, 1, 2, mechanism=record.name, max_len=16).eval()
+            model = LanguageModel(40, 16, depth, 2, mechanism=record.name, max_len=16, short_conv=short_conv).eval()
         except (ValueError, TypeError):
             continue  # the benchmark refuses these with the message; see test_quality_bench
         tokens = torch.randint(40, (2, 16))
@@ -65,7 +70,7 @@ def test_every_registered_causal_mixer_builds_a_language_model_that_does_not_loo
         with torch.no_grad():
             torch.testing.assert_close(model(changed)[:, :9], model(tokens)[:, :9], msg=record.name)
         built.append(record.name)
-    assert "softmax" in built
+    assert expected <= set(built)
 
 
 def test_models_refuse_mechanisms_that_do_not_fit(fake_mechanisms: None) -> None:
