@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from attnlab.bench import softmax_backends as bench_backends
+from attnlab.bench import timing
 from attnlab.ops import softmax_attention, softmax_attention_reference, softmax_backend_report
 from attnlab.ops import softmax_backends as sb
 from attnlab.testing import relative_error
@@ -104,12 +106,9 @@ def _forbid_timing(monkeypatch: pytest.MonkeyPatch) -> None:
     def timed(*args, **kwargs):
         raise AssertionError("a forward timed something")
 
-    class NoClock:
-        perf_counter = monotonic = time = staticmethod(timed)
-
-    monkeypatch.setattr(sb, "_median_ms", timed)
-    monkeypatch.setattr(sb, "measure_softmax_backends", timed)
-    monkeypatch.setattr(sb, "time", NoClock)
+    monkeypatch.setattr(timing, "time_callable", timed)
+    monkeypatch.setattr(bench_backends, "time_callable", timed)
+    monkeypatch.setattr(bench_backends, "measure_softmax_backends", timed)
     monkeypatch.setattr(torch.cuda, "Event", timed)
     monkeypatch.setattr(torch.cuda, "synchronize", timed)
 
@@ -199,7 +198,7 @@ def test_measurement_on_request_returns_the_table() -> None:
         steps.append(name)
         return fake[name]
 
-    table = sb.measure_softmax_backends(device="cpu", dtype=FP32, batch=1, heads=2, length=16, head_dim=8,
+    table = bench_backends.measure_softmax_backends(device="cpu", dtype=FP32, batch=1, heads=2, length=16, head_dim=8,
                                        backends=("cudnn", "flash", "math", "default"), timer=timer)
     assert table.times_ms == fake and table.fastest == "math" and steps == ["flash", "math", "default"]
     assert set(table.errors) == {"cudnn"}  # refused on the CPU, recorded
@@ -209,7 +208,7 @@ def test_measurement_on_request_returns_the_table() -> None:
 
 
 def test_measurement_with_the_default_timer_on_cpu() -> None:
-    table = sb.measure_softmax_backends(device="cpu", dtype=FP32, batch=1, heads=2, kv_heads=1, length=32,
+    table = bench_backends.measure_softmax_backends(device="cpu", dtype=FP32, batch=1, heads=2, kv_heads=1, length=32,
                                        head_dim=8, mask_kind="mask", mode="fwd", backends=("math", "default"),
                                        warmup=1, repeats=2)
     assert set(table.times_ms) == {"math", "default"} and all(t > 0 for t in table.times_ms.values())
@@ -223,7 +222,8 @@ def test_measurement_with_the_default_timer_on_cpu() -> None:
 ])
 def test_measurement_option_errors_name_the_argument(kwargs: dict, words: str) -> None:
     with pytest.raises(ValueError) as info:
-        sb.measure_softmax_backends(device="cpu", dtype=FP32, batch=1, heads=1, length=8, head_dim=8, **kwargs)
+        bench_backends.measure_softmax_backends(device="cpu", dtype=FP32, batch=1, heads=1, length=8, head_dim=8,
+                                                **kwargs)
     assert words in str(info.value)
 
 

@@ -55,8 +55,8 @@ def cmd_softmax_backends(preset: str, overrides: dict[str, Any], out: str) -> in
     import json
     from pathlib import Path
 
+    from attnlab.bench.softmax_backends import measure_softmax_backends
     from attnlab.bench.speed_config import DTYPES, resolve_config
-    from attnlab.ops.softmax_backends import measure_softmax_backends
 
     try:
         config = resolve_config(preset, overrides)
