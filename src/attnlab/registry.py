@@ -12,7 +12,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import torch
 
@@ -132,11 +132,9 @@ def _impl_names(name: str, function: Callable[..., Any]) -> tuple[str, ...]:
     parameter = inspect.signature(function).parameters.get("impl")
     if parameter is None:
         return ()
-    annotation = parameter.annotation
-    if isinstance(annotation, str):  # modules use ``from __future__ import annotations``
-        target = getattr(function, "__init__", function) if isinstance(function, type) else function
-        namespace = {"Literal": Literal, **getattr(target, "__globals__", {})}
-        annotation = eval(annotation, namespace)  # noqa: S307 - the annotation text of attnlab's own op
+    # modules use ``from __future__ import annotations``: get_type_hints resolves the annotation text
+    target = function.__init__ if isinstance(function, type) else function
+    annotation = get_type_hints(target).get("impl", parameter.annotation)
     if get_origin(annotation) is not Literal:
         raise TypeError(f"mechanism {name!r}: the impl parameter must be annotated Literal['auto', 'reference', ...] "
                         f"(the registry reads the impl names from it), got {parameter.annotation!r}")
