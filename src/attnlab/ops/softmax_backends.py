@@ -117,7 +117,8 @@ def softmax_backend_order(call: SdpaCall) -> tuple[str, ...]:
 
 
 @functools.cache
-def _cuda_capability(index: int) -> tuple[int, int]:
+@functools.cache
+def _cuda_capability(index: int) -> tuple[int, int]:  # fixed per device: asked once, not per call
     return torch.cuda.get_device_capability(index)
 
 
@@ -162,8 +163,8 @@ def sdpa_call_of(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal
                     available=available_sdpa_backends())
 
 
-# What impl="auto" decided so far, for softmax_backend_report(): a log of the rule's answers
-# (the rule is pure; nothing here changes what a later call does).
+# What impl="auto" decided so far: the rule's answers, reused for the same call and listed by
+# softmax_backend_report() (the rule is pure, so reusing an answer changes nothing).
 _SEEN: dict[SdpaCall, tuple[str, ...]] = {}
 _TORCH_ORDER_READY: set[str] = set()
 
@@ -194,9 +195,9 @@ def choose_backends(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_cau
     if q.device.type not in AUTO_DEVICE_TYPES or torch.compiler.is_compiling():
         return ()
     call = sdpa_call_of(q, k, v, is_causal=is_causal, attn_mask=attn_mask)
-    order = softmax_backend_order(call)
-    if call not in _SEEN:
-        _SEEN[call] = order
+    order = _SEEN.get(call)
+    if order is None:  # the rule is pure: its answer for a call never changes
+        order = _SEEN[call] = softmax_backend_order(call)
     if order:
         _let_torch_set_its_default_order(q)
     return order
