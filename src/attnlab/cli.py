@@ -14,7 +14,7 @@ from rich.table import Table
 
 import attnlab
 from attnlab.analysis import cli as analysis_cli
-from attnlab.bench import quality_cli, speed_cli
+from attnlab.bench import quality_cli, report_cli, speed_cli
 from attnlab.console import make_console
 from attnlab.hf import eval_cli
 
@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="quality and speed benchmarks").add_subparsers(dest="bench_command",
                                                                                        required=True)
     # one line per command module: ``sub`` takes top-level commands, ``bench`` those under ``attnlab bench``
-    quality_cli.add_commands(sub, bench)  # bench quality, report
+    quality_cli.add_commands(sub, bench)  # bench quality
+    report_cli.add_commands(sub, bench)  # report
     speed_cli.add_commands(sub, bench)  # bench speed
     analysis_cli.add_commands(sub, bench)  # analyze
     eval_cli.add_commands(sub, bench)  # eval

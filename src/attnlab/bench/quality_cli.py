@@ -1,4 +1,4 @@
-"""Commands ``attnlab bench quality`` and ``attnlab report``.
+"""Command ``attnlab bench quality``.
 
 Only the parsers are built at import time; each command imports the benchmark (torch, the models,
 the tasks) when it runs, so that ``attnlab --help`` stays fast.
@@ -17,7 +17,7 @@ from attnlab.console import make_console
 if TYPE_CHECKING:
     from attnlab.bench.presets import QualityPreset
 
-__all__ = ["add_commands", "cmd_quality", "cmd_report"]
+__all__ = ["add_commands", "cmd_quality"]
 
 
 def _mechanism_list(text: str, tasks: Sequence[str], preset: QualityPreset) -> dict[str, list[str]]:
@@ -84,22 +84,8 @@ def cmd_quality(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    """Write ``report.html`` and ``leaderboard.md`` of a run folder."""
-    from attnlab.bench.report import write_report
-
-    console = make_console()
-    try:
-        report, leaderboard = write_report(args.run_dir)
-    except FileNotFoundError as error:
-        console.print(f"[red]{error}[/red]")
-        return 2
-    console.print(f"wrote {report} and {leaderboard}")
-    return 0
-
-
 def add_commands(sub: Any, bench: Any) -> None:
-    """Register ``attnlab bench quality`` (under ``bench``) and ``attnlab report`` (under ``sub``)."""
+    """Register ``attnlab bench quality`` (under ``bench``)."""
     p = bench.add_parser("quality", help="train every (task, mechanism, seed) of a preset and record the metrics")
     p.add_argument("--tasks", default="mqar,incontext_regression",
                    help="comma list of tasks (--list-presets shows them with their configs)")
@@ -118,8 +104,3 @@ def add_commands(sub: Any, bench: Any) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--list-presets", action="store_true", help="print the presets and exit")
     p.set_defaults(func=cmd_quality)
-
-    p = sub.add_parser("report", help="report.html and leaderboard.md of a run folder")
-    p.add_argument("run_dir", type=Path)
-    p.set_defaults(func=cmd_report)
-
