@@ -71,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--context-parallel", type=int, default=1)
     args = parser.parse_args(argv)
 
-    from attnlab.bench.quality_jobs import Job, execute
+    from attnlab.bench.quality_jobs import Job
+    from attnlab.bench.runner import execute
 
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")

@@ -6,9 +6,10 @@ training starts, every requested (task, mechanism) pair is checked: unknown name
 role is not "mixer", non-causal mechanisms for a language model, causal-only ones for an encoder, and
 mechanisms whose model cannot be built or run at the task's sizes are refused with the reason.
 
-The tasks are in :mod:`attnlab.bench.quality_tasks`, one job and the job loop in
-:mod:`attnlab.bench.quality_jobs`, the training loop in :mod:`attnlab.bench.training`; this module
-validates, plans, resumes and runs (in this process, or through torchrun with :mod:`attnlab.bench.ddp`).
+The tasks are in :mod:`attnlab.bench.quality_tasks`, one job in :mod:`attnlab.bench.quality_jobs`,
+the loops over jobs (in this process, in worker processes, on Ray) in :mod:`attnlab.bench.runner`,
+the training loop in :mod:`attnlab.bench.training`; this module validates, plans, resumes and runs
+(or hands the jobs to torchrun with :mod:`attnlab.bench.ddp`).
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import torch
 import attnlab
 from attnlab.bench.ddp import launch
 from attnlab.bench.presets import QualityPreset, get_preset
-from attnlab.bench.quality_jobs import RESULT_KEY, Job, execute
+from attnlab.bench.quality_jobs import RESULT_KEY, Job
 from attnlab.bench.quality_tasks import TASKS, QualityTask
 from attnlab.bench.results import completed_keys, load_results, result_key
+from attnlab.bench.runner import execute
 from attnlab.registry import Mechanism
 
 __all__ = ["Refusal", "plan_jobs", "validate", "run_quality", "QualityError", "fitting_mechanisms", "pending_jobs"]

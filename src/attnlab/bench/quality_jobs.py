@@ -1,18 +1,16 @@
-"""One training run of the quality benchmark (a :class:`Job`) and the loop that runs a list of them.
+"""One training run of the quality benchmark: a :class:`Job` and :func:`run_job`, which trains and scores it.
 
 A job is (task, mechanism, seed, config, preset); :func:`run_job` trains and scores it and returns
-its JSON record; :func:`execute` runs jobs one after the other and appends each record to the
-results file. The single-process runner (:mod:`attnlab.bench.quality`) and every torchrun worker
-(:mod:`attnlab.bench.ddp`) call :func:`execute`.
+its JSON record. The loops that run a list of jobs (in this process, in worker processes, on Ray)
+are in :mod:`attnlab.bench.runner`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,10 +18,10 @@ from torch import nn
 
 import attnlab
 from attnlab.bench.quality_tasks import TASKS, config_label
-from attnlab.bench.results import append_result, versions
+from attnlab.bench.results import versions
 from attnlab.bench.training import distributed_rank_and_world
 
-__all__ = ["Job", "RESULT_KEY", "run_job", "execute"]
+__all__ = ["Job", "RESULT_KEY", "run_job"]
 
 RESULT_KEY = ("task", "mechanism", "seed", "config")
 
@@ -97,25 +95,3 @@ def run_job(job: Job, *, device: torch.device | None = None, on_step: Callable[[
     }
     return result, outcome.model
 
-
-def execute(jobs: Sequence[Job], *, results_path: Path, device: torch.device, progress: bool = True,
-            console: Any = None, write: bool = True, after_job: Callable[[Job, nn.Module], None] | None = None,
-            context_parallel: int = 1) -> None:
-    """Train ``jobs`` one after the other, appending each record as it finishes (rank 0 only writes)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
-        overall = bar.add_task("all runs", total=len(jobs))
-        for job in jobs:
-            current = bar.add_task(f"{job.task} {job.label} {job.mechanism} seed {job.seed}",
-                                   total=job.config.steps)
-            result, model = run_job(job, device=device, on_step=lambda step, t=current: bar.update(t, completed=step),
-                                    context_parallel=context_parallel)
-            if write:
-                append_result(results_path, result)
-            if after_job is not None:
-                after_job(job, model)
-            bar.update(current, description=f"{job.task} {job.label} {job.mechanism} seed {job.seed}: "
-                                            f"{result['metric']}={result['value']:.4g}")
-            bar.update(overall, advance=1)
