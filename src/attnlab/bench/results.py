@@ -4,21 +4,106 @@ Generic on purpose (the quality and the speed benchmark both use it): a record i
 ``dict``; a *key* is the tuple of the values of some of its fields, and a run whose key is already in
 the file is skipped. An interrupted write leaves at most one truncated last line, which
 :func:`load_results` ignores (and the next append starts on a fresh line).
+
+One writer per folder: :func:`exclusive_writer` holds an OS file lock on ``<out>/.attnlab.lock`` for
+as long as a run appends to the folder, so two runs started on the same ``--out`` cannot both train
+the same pending runs and append duplicate records; the second one is refused with the holder's pid.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import platform
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["append_result", "load_results", "result_key", "completed_keys", "versions"]
+from attnlab.cli_errors import UsageError
+
+__all__ = ["append_result", "load_results", "result_key", "completed_keys", "versions", "exclusive_writer",
+           "LOCK_FILE"]
+
+LOCK_FILE = ".attnlab.lock"
+
+# Folders this process already holds, with how many nested holders: a run that locked its folder may call
+# code that locks it again (the demo around the quality runner); flock on a second descriptor of the same
+# file would refuse the process itself.
+_held: dict[Path, list[int]] = {}
+_held_guard = threading.Lock()
+
+
+def _describe_holder(text: str) -> str:
+    """'pid 123, started 2026-12-03 06:01:02 UTC' from the lock file's contents (best effort)."""
+    try:
+        info = json.loads(text)
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(info["started"])))
+        return f"pid {int(info['pid'])}, started {started}"
+    except (ValueError, KeyError, TypeError):
+        return "pid unknown (it is starting up)"
+
+
+@contextlib.contextmanager
+def exclusive_writer(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
+    """Hold ``out_dir`` for writing: an exclusive, non-blocking ``fcntl.flock`` on ``out_dir/.attnlab.lock``.
+
+    The lock file records the holder's pid and start time (JSON). A second process asking for the same
+    folder gets :class:`attnlab.cli_errors.UsageError` naming the folder, the holder and the fix, at once
+    (it does not wait). The OS drops the lock when the holder exits, however it exits, so a killed run
+    leaves no stale lock behind. Re-entrant within one process. Yields the folder (created if missing).
+    """
+    folder = Path(out_dir)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--out {folder} is a file, not a folder: choose a folder for the run's results")
+    folder.mkdir(parents=True, exist_ok=True)
+    key = folder.resolve()
+    with _held_guard:
+        if key in _held:
+            _held[key][1] += 1
+            nested = True
+        else:
+            nested = False
+    if nested:
+        try:
+            yield folder
+        finally:
+            with _held_guard:
+                _held[key][1] -= 1
+        return
+
+    lock_path = folder / LOCK_FILE
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = _describe_holder(lock_path.read_text(encoding="utf-8"))
+        finally:
+            os.close(fd)
+        raise UsageError(f"--out {folder} is being written by another attnlab run ({holder}): wait for it to "
+                         "finish or choose another --out") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "started": time.time()}).encode("utf-8"))
+        os.fsync(fd)
+        with _held_guard:
+            _held[key] = [fd, 1]
+        try:
+            yield folder
+        finally:
+            with _held_guard:
+                del _held[key]
+            os.ftruncate(fd, 0)  # no stale pid for the next reader; the file itself stays (unlinking races)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def _canonical(value: Any) -> Any:
