@@ -12,7 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from attnlab.bench.results import LOCK_FILE, append_result, exclusive_writer, load_results
+from attnlab.bench.results import (
+    LOCK_FILE,
+    QUALITY_RECORD_KEY,
+    append_result,
+    deduplicate,
+    exclusive_writer,
+    is_ok,
+    load_results,
+    read_results,
+)
 from attnlab.cli_errors import UsageError
 
 # A writer process: takes the folder, signals that it holds it, appends the runs not yet in the file (the
@@ -99,3 +108,40 @@ def test_append_writes_one_line_per_record(tmp_path: Path) -> None:
     append_result(path, {"a": 1})
     append_result(path, {"a": 2})
     assert [json.loads(line) for line in path.read_text().splitlines()] == [{"a": 1}, {"a": 2}]
+
+
+def test_unreadable_lines_are_reported_with_their_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "results.jsonl"
+    append_result(path, {"seed": 0})
+    with path.open("ab") as handle:
+        handle.write(b'[1, 2]\n\n{"seed": 1}\n\xff\xfe garbage\n{"seed": 2, "val')  # list, blank, ok, bytes, cut
+    records, problems = read_results(path)
+    assert [r["seed"] for r in records] == [0, 1]
+    assert [number for number, _ in problems] == [2, 5, 6]
+    assert "not an object" in problems[0][1] and "not UTF-8" in problems[1][1]
+    assert "not a complete JSON object" in problems[2][1] and "interrupted" in problems[2][1]
+    assert load_results(path) == records
+    append_result(path, {"seed": 3})  # the next append starts on a fresh line after the cut one
+    assert [r["seed"] for r in read_results(path).records] == [0, 1, 3]
+    assert read_results(tmp_path / "missing.jsonl") == ([], [])
+
+
+def test_deduplicate_prefers_ok_runs_then_the_latest() -> None:
+    def run(seed: int, lr: float, finished: str, status: str | None = None, **extra: object) -> dict:
+        record = {"task": "mqar", "config": {"dim": 8}, "mechanism": "softmax", "lr": lr, "seed": seed,
+                  "finished": finished, **extra}
+        return record if status is None else {**record, "status": status}
+
+    records = [
+        run(0, 1e-3, "2026-01-01T10:00:00", value=0.5),
+        run(0, 1e-3, "2026-01-01T12:00:00", "failed", error="boom"),  # later, but failed: the ok one wins
+        run(1, 1e-3, "2026-01-01T12:00:00", "failed", error="first try"),
+        run(1, 1e-3, "2026-01-01T13:00:00", "failed", error="second try"),  # both failed: the latest wins
+        run(0, 3e-3, "2026-01-01T09:00:00", "ok", value=0.6),
+        run(0, 3e-3, "2026-01-01T11:00:00", "ok", value=0.7),  # both ok: the latest wins
+        run(0, 3e-3, "2026-01-01T10:00:00", value=0.65),  # status missing = ok, but older
+    ]
+    kept = deduplicate(records, QUALITY_RECORD_KEY)
+    assert [(r["seed"], r["lr"], r.get("value"), r.get("error")) for r in kept] == [
+        (0, 1e-3, 0.5, None), (1, 1e-3, None, "second try"), (0, 3e-3, 0.7, None)]
+    assert is_ok(records[0]) and not is_ok(records[1]) and is_ok(records[4])

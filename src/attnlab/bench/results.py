@@ -3,7 +3,9 @@
 Generic on purpose (the quality and the speed benchmark both use it): a record is any JSON-serialisable
 ``dict``; a *key* is the tuple of the values of some of its fields, and a run whose key is already in
 the file is skipped. An interrupted write leaves at most one truncated last line, which
-:func:`load_results` ignores (and the next append starts on a fresh line).
+:func:`read_results` reports with its line number (and the next append starts on a fresh line).
+Reading keeps every record; :func:`deduplicate` then keeps one per key (an ok run over a failed one,
+then the latest), since a file may hold a run twice (a failed try and its rerun).
 
 One writer per folder: :func:`exclusive_writer` holds an OS file lock on ``<out>/.attnlab.lock`` for
 as long as a run appends to the folder, so two runs started on the same ``--out`` cannot both train
@@ -22,14 +24,18 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from attnlab.cli_errors import UsageError
 
-__all__ = ["append_result", "load_results", "result_key", "completed_keys", "versions", "exclusive_writer",
-           "LOCK_FILE"]
+__all__ = ["append_result", "load_results", "read_results", "ResultsRead", "deduplicate", "is_ok", "result_key",
+           "completed_keys", "versions", "exclusive_writer", "LOCK_FILE", "QUALITY_RECORD_KEY"]
+
+# What makes two quality records the same run: the job's own key (the config holds the variant and its
+# options) plus the learning rate, which the sweep varies within one config.
+QUALITY_RECORD_KEY = ("task", "config", "mechanism", "lr", "seed")
 
 LOCK_FILE = ".attnlab.lock"
 
@@ -137,23 +143,69 @@ def append_result(path: str | os.PathLike[str], record: Mapping[str, Any]) -> No
         os.fsync(handle.fileno())
 
 
-def load_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """All complete records of ``path`` (``[]`` when it does not exist); unparsable lines are skipped."""
+class ResultsRead(NamedTuple):
+    """What :func:`read_results` found: the records, and each line it could not use as (line number, why)."""
+
+    records: list[dict[str, Any]]
+    problems: list[tuple[int, str]]
+
+
+def read_results(path: str | os.PathLike[str]) -> ResultsRead:
+    """Every record of ``path`` (empty when it does not exist) and every unreadable line with its number.
+
+    A line is unreadable when it is not UTF-8, not JSON (a truncated write leaves such a last line) or a
+    JSON value other than an object. Blank lines are not records and not problems. Nothing is dropped
+    without being listed: callers print ``problems`` (``attnlab report`` does, one line each).
+    """
     path = Path(path)
     if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
+        return ResultsRead([], [])
+    records: list[dict[str, Any]] = []
+    problems: list[tuple[int, str]] = []
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        if not raw.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            problems.append((number, f"not UTF-8 text ({error.reason} at byte {error.start})"))
             continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as error:
+            problems.append((number, f"not a complete JSON object ({error.msg} at column {error.colno}; "
+                                     "a write that was interrupted?)"))
+            continue
+        if not isinstance(record, dict):
+            problems.append((number, f"a JSON {type(record).__name__}, not an object"))
+            continue
+        records.append(record)
+    return ResultsRead(records, problems)
+
+
+def load_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """All complete records of ``path`` (``[]`` when it does not exist), in file order, duplicates included;
+    unreadable lines are left out (:func:`read_results` lists them)."""
+    return read_results(path).records
+
+
+def is_ok(record: Mapping[str, Any]) -> bool:
+    """Whether a record is a finished run (``"status": "ok"``, or no status: records older than the field)."""
+    return record.get("status", "ok") == "ok"
+
+
+def deduplicate(records: Iterable[Mapping[str, Any]], fields: Sequence[str]) -> list[dict[str, Any]]:
+    """One record per key over ``fields``: an ok run wins over a failed one, and among equals the latest
+    ``finished`` time (then the later line). The winners keep the file order of their keys' first lines."""
+    records = list(records)
+    best: dict[tuple[Any, ...], tuple[tuple[bool, str, int], int]] = {}  # key -> (preference, index)
+    for index, record in enumerate(records):
+        key = result_key(record, fields)
+        preference = (is_ok(record), str(record.get("finished", "")), index)
+        if key not in best or preference > best[key][0]:
+            best[key] = (preference, index)
+    # dicts keep insertion order, so ``best`` lists the keys in the order of their first lines
+    return [dict(records[index]) for _, index in best.values()]
 
 
 def completed_keys(records: Iterable[Mapping[str, Any]], fields: Sequence[str]) -> set[tuple[Any, ...]]:
