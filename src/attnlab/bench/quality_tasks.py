@@ -1,8 +1,18 @@
 """The tasks of the quality benchmark: how each builds its model, draws batches, trains and is scored.
 
-A :class:`QualityTask` is data: a model builder, a :class:`TaskData` factory (the training sampler and
-the evaluation), a loss and an AdamW weight decay. :meth:`QualityTask.train` is the one run function
-every task shares (:func:`attnlab.bench.training.train_loop` with the task's parts).
+A :class:`QualityTask` is data: a model builder, a :class:`TaskData` factory (the training sampler,
+the test evaluation and the validation evaluation), a loss and an AdamW weight decay.
+:meth:`QualityTask.train` is the one run function every task shares
+(:func:`attnlab.bench.training.train_loop` with the task's parts).
+
+Three disjoint sources of data per seed ``s``, none depending on the mechanism or the learning rate
+(so runs that differ only in those see the same examples): the training batches (a generator seeded
+from ``s`` in the training loop), the test set and the validation set. The synthetic tasks (MQAR,
+needle, match, in-context regression) draw test and validation sets from two other generator
+streams (``TEST_SEED + s`` and ``VALIDATION_SEED + s``); digits and Wikipedia hold the validation
+images / articles out of the training data, apart from the test ones. A learning rate is chosen on
+the validation metrics, and the test metrics are reported at that rate (zoology's protocol, "Zoology:
+Measuring and Improving Recall in Efficient Language Models", arXiv 2312.04927, sweeps the rate per mixer).
 """
 
 from __future__ import annotations
@@ -30,15 +40,20 @@ __all__ = ["QualityTask", "TaskData", "TASKS", "config_label", "lm_loss", "answe
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 TEST_SEED = 7_777  # the held-out set of seed s is drawn with generator seed TEST_SEED + s
+# the validation set of seed s: generator seed VALIDATION_SEED + s, far from the test seeds above, the
+# in-context regression seeds (10_000 + s, 20_000 + s) and the training streams (1_000_003 (s + 1) + rank)
+VALIDATION_SEED = 2**40
 
 
 @dataclass(frozen=True)
 class TaskData:
     """A task's data for one seed: ``sample(generator, n)`` draws a training batch of ``n`` examples,
-    ``evaluate(model)`` scores the trained model on held-out data."""
+    ``evaluate(model)`` scores the trained model on the test set, ``validate(model)`` on the validation
+    set (the task's metric under the same name; disjoint from the test set and the training data)."""
 
     sample: Callable[[torch.Generator, int], Any]
     evaluate: Callable[[nn.Module], dict[str, float]]
+    validate: Callable[[nn.Module], dict[str, float]]
 
 
 # ---------------------------------------------------------------------------------------- losses, scores
@@ -106,17 +121,22 @@ def _classification_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 def _labelled_tokens(sample: Callable[[torch.Generator, int], Batch], test_examples: int, seed: int,
                      device: torch.device, *, sparse: bool, positive_rate: bool = False) -> TaskData:
-    """Token sequences with labels at some positions: accuracy and loss there on a held-out set."""
+    """Token sequences with labels at some positions: accuracy and loss there on the test set, and on a
+    validation set of the same size drawn from another stream."""
     test = sample(torch.Generator().manual_seed(TEST_SEED + seed), test_examples)
+    validation = sample(torch.Generator().manual_seed(VALIDATION_SEED + seed), test_examples)
 
-    def evaluate(m: nn.Module) -> dict[str, float]:
-        accuracy, loss = token_accuracy(m, *test, device, sparse=sparse)
-        scores = {"accuracy": accuracy, "test_loss": loss}
-        if positive_rate:
-            scores["positive_rate"] = float(test[1].float().mean())
-        return scores
+    def scorer(data: Batch, prefix: str) -> Callable[[nn.Module], dict[str, float]]:
+        def score(m: nn.Module) -> dict[str, float]:
+            accuracy, loss = token_accuracy(m, *data, device, sparse=sparse)
+            scores = {"accuracy": accuracy, f"{prefix}_loss": loss}
+            if positive_rate:
+                scores["positive_rate"] = float(data[1].float().mean())
+            return scores
 
-    return TaskData(sample, evaluate)
+        return score
+
+    return TaskData(sample, scorer(test, "test"), scorer(validation, "validation"))
 
 
 def _mqar_data(config: MQARConfig, seed: int, device: torch.device) -> TaskData:
@@ -155,60 +175,75 @@ def _icl_data(config: icl.ICLRegressionConfig, seed: int, device: torch.device) 
         return batch.tokens, batch.target
 
     test = icl.evaluation_set(config, seed=seed)
+    validation = icl.sample_linear_regression(config.test_examples, dim=config.dim, length=config.length,
+                                              noise_variance=config.noise_variance, beta_scale=config.beta_scale,
+                                              generator=torch.Generator().manual_seed(VALIDATION_SEED + seed))
+
+    def mse(m: nn.Module, data: icl.ICLBatch) -> float:
+        errors = []
+        for part in _batched(data.tokens, 1000):
+            errors.append((m(data.tokens[part].to(device))[:, 0].float().cpu() - data.target[part]) ** 2)
+        return float(torch.cat(errors).mean())
 
     def evaluate(m: nn.Module) -> dict[str, float]:
-        errors = []
-        for part in _batched(test.tokens, 1000):
-            errors.append((m(test.tokens[part].to(device))[:, 0].float().cpu() - test.target[part]) ** 2)
-        mse = float(torch.cat(errors).mean())
-        baselines = _icl_baselines(config, seed)
-        return {"mse": mse, **{f"baseline_{k}": v for k, v in baselines.items()},
-                "ratio_to_debiased_gd": mse / baselines["debiased_gd_one_step"],
-                "ratio_to_ridge": mse / baselines["ridge"]}
+        error = mse(m, test)
+        baselines = _icl_baselines(config, seed)  # on the test prompts
+        return {"mse": error, **{f"baseline_{k}": v for k, v in baselines.items()},
+                "ratio_to_debiased_gd": error / baselines["debiased_gd_one_step"],
+                "ratio_to_ridge": error / baselines["ridge"]}
 
-    return TaskData(sample, evaluate)
+    return TaskData(sample, evaluate, lambda m: {"mse": mse(m, validation)})
 
 
 @lru_cache(maxsize=4)
-def _digits(seed: int, test_fraction: float) -> Any:
-    return load_digits_split(seed=seed, test_fraction=test_fraction)
+def _digits(seed: int, test_fraction: float, validation_fraction: float) -> Any:
+    return load_digits_split(seed=seed, test_fraction=test_fraction, validation_fraction=validation_fraction)
 
 
 def _digits_data(config: DigitsConfig, seed: int, device: torch.device) -> TaskData:
-    split = _digits(seed, config.test_fraction)
+    split = _digits(seed, config.test_fraction, config.validation_fraction)
 
     def sample(generator: torch.Generator, n: int) -> Batch:
         index = torch.randint(len(split.train_labels), (n,), generator=generator)
         return split.train_images[index], split.train_labels[index]
 
-    def evaluate(m: nn.Module) -> dict[str, float]:
-        logits = m(split.test_images.to(device)).float().cpu()
-        return {"accuracy": float((logits.argmax(-1) == split.test_labels).float().mean()),
-                "test_loss": float(F.cross_entropy(logits, split.test_labels))}
+    def scorer(images: torch.Tensor, labels: torch.Tensor, prefix: str) -> Callable[[nn.Module], dict[str, float]]:
+        def score(m: nn.Module) -> dict[str, float]:
+            logits = m(images.to(device)).float().cpu()  # (n, 10)
+            return {"accuracy": float((logits.argmax(-1) == labels).float().mean()),
+                    f"{prefix}_loss": float(F.cross_entropy(logits, labels))}
 
-    return TaskData(sample, evaluate)
+        return score
+
+    return TaskData(sample, scorer(split.test_images, split.test_labels, "test"),
+                    scorer(split.validation_images, split.validation_labels, "validation"))
 
 
 @lru_cache(maxsize=2)
-def _wikitext(validation_fraction: float) -> Any:
-    return load_wikitext_split(seed=0, validation_fraction=validation_fraction)
+def _wikitext(test_fraction: float, validation_fraction: float) -> Any:
+    return load_wikitext_split(seed=0, test_fraction=test_fraction, validation_fraction=validation_fraction)
 
 
 def _wikitext_data(config: WikiTextConfig, seed: int, device: torch.device) -> TaskData:
-    split = _wikitext(config.validation_fraction)
+    split = _wikitext(config.test_fraction, config.validation_fraction)
 
     def sample(generator: torch.Generator, n: int) -> Batch:
         return sample_windows(split.train, batch_size=n, length=config.length, generator=generator)
 
-    # one validation set for every seed: bits per byte of different seeds compare on the same text
+    # one test and one validation set for every seed: bits per byte of different seeds compare on the same text
+    test = sample_windows(split.test, batch_size=config.test_windows, length=config.length,
+                          generator=torch.Generator().manual_seed(TEST_SEED))
     validation = sample_windows(split.validation, batch_size=config.validation_windows, length=config.length,
-                                generator=torch.Generator().manual_seed(TEST_SEED))
+                                generator=torch.Generator().manual_seed(VALIDATION_SEED))
 
-    def evaluate(m: nn.Module) -> dict[str, float]:
-        _, loss = token_accuracy(m, *validation, device, chunk=50)
-        return {"bits_per_byte": bits_per_byte(loss), "validation_loss": loss}
+    def scorer(windows: Batch, prefix: str) -> Callable[[nn.Module], dict[str, float]]:
+        def score(m: nn.Module) -> dict[str, float]:
+            _, loss = token_accuracy(m, *windows, device, chunk=50)
+            return {"bits_per_byte": bits_per_byte(loss), f"{prefix}_loss": loss}
 
-    return TaskData(sample, evaluate)
+        return score
+
+    return TaskData(sample, scorer(test, "test"), scorer(validation, "validation"))
 
 
 # ---------------------------------------------------------------------------------------- the tasks
@@ -265,13 +300,15 @@ class QualityTask:
 
     def train(self, config: Any, model: nn.Module, seed: int, device: torch.device,
               on_step: Callable[[int], None] | None = None, context_parallel: int = 1) -> TrainOutcome:
-        """Train ``model`` on this task with ``config``'s steps, learning rate and batch size; score it
-        (``context_parallel``: ranks that split each sequence, decoder tasks only)."""
+        """Train ``model`` on this task with ``config``'s steps, learning rate and batch size; score it on
+        the test and the validation sets (``context_parallel``: ranks that split each sequence, decoder
+        tasks only)."""
         data = self.data(config, seed, device)
         return train_loop(model, steps=config.steps, lr=config.lr,
                           weight_decay=getattr(config, "weight_decay", self.weight_decay),
                           batch_size=config.batch_size, seed=seed, sample=data.sample, loss_fn=self.loss,
-                          evaluate=data.evaluate, device=device, on_step=on_step, context_parallel=context_parallel)
+                          evaluate=data.evaluate, validate=data.validate, device=device, on_step=on_step,
+                          context_parallel=context_parallel)
 
 
 def _icl_model(config: icl.ICLRegressionConfig, mechanism: str, causal: bool) -> nn.Module:
@@ -336,7 +373,7 @@ TASKS: dict[str, QualityTask] = {task.name: task for task in (
         build=lambda c, m, causal: LanguageModel(256, c.dim, c.depth, c.heads, mechanism=m, max_len=c.length),
         probe=lambda c: torch.randint(256, (2, c.length)),
         data=_wikitext_data, loss=lm_loss, weight_decay=0.1, label=lambda c: f"L{c.length}-d{c.dim}-depth{c.depth}",
-        description="byte-level Wikipedia (gensim's dump), decoder LM (validation bits per byte)"),
+        description="byte-level Wikipedia (gensim's dump), decoder LM (test bits per byte)"),
 )}
 
 

@@ -8,8 +8,9 @@ the model is wrapped in DistributedDataParallel and each rank draws its share of
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,12 +23,16 @@ LOSS_CURVE_POINTS = 60
 
 @dataclass
 class TrainOutcome:
-    """What one training run gives: the evaluation metrics, the loss curve ``[[step, mean loss], ...]``
-    (about :data:`LOSS_CURVE_POINTS` points) and the trained model."""
+    """What one training run gives: the test metrics, the loss curve ``[[step, mean loss], ...]``
+    (about :data:`LOSS_CURVE_POINTS` points), the trained model, the metrics on the validation split
+    (empty without one) and ``train_step_s``, the mean wall time of one training step in seconds
+    (sampling, forward, backward, optimizer; evaluation and progress callbacks excluded)."""
 
     metrics: dict[str, float]
     loss_curve: list[list[float]]
     model: nn.Module
+    validation_metrics: dict[str, float] = field(default_factory=dict)
+    train_step_s: float = math.nan
 
 
 def distributed_rank_and_world() -> tuple[int, int]:
@@ -40,8 +45,12 @@ def distributed_rank_and_world() -> tuple[int, int]:
 def train_loop(model: nn.Module, *, steps: int, lr: float, weight_decay: float, batch_size: int, seed: int,
                sample: Callable[[torch.Generator, int], Any], loss_fn: Callable[..., torch.Tensor],
                evaluate: Callable[[nn.Module], dict[str, float]], device: torch.device,
-               on_step: Callable[[int], None] | None = None, context_parallel: int = 1) -> TrainOutcome:
+               on_step: Callable[[int], None] | None = None, context_parallel: int = 1,
+               validate: Callable[[nn.Module], dict[str, float]] | None = None) -> TrainOutcome:
     """AdamW with linear warm-up (5 % of the steps) and a cosine decay to zero; fresh batches each step.
+
+    After training, ``evaluate(model)`` gives the test metrics and ``validate(model)`` (if given) the
+    metrics on a validation split, on which a learning rate is chosen without looking at the test set.
 
     Under ``torch.distributed`` (``--nproc``) the model is wrapped in DistributedDataParallel, each
     rank draws ``batch_size / world_size`` examples from its own stream and gradients are averaged.
@@ -84,7 +93,10 @@ def train_loop(model: nn.Module, *, steps: int, lr: float, weight_decay: float, 
     every = max(1, steps // LOSS_CURVE_POINTS)
     curve: list[list[float]] = []
     running, count = 0.0, 0
+    callback_s = 0.0  # time spent in on_step (progress display), not part of a training step
     model.train()
+    _synchronize(device)
+    start = time.perf_counter()
     for step in range(steps):
         batch = sample(generator, batch_size // replicas)
         if group is None:
@@ -106,15 +118,28 @@ def train_loop(model: nn.Module, *, steps: int, lr: float, weight_decay: float, 
             curve.append([step + 1, running / count])
             running, count = 0.0, 0
         if on_step is not None:
+            before = time.perf_counter()
             on_step(step + 1)
+            callback_s += time.perf_counter() - before
+    _synchronize(device)  # queued GPU work belongs to the steps, not to the evaluation
+    train_step_s = (time.perf_counter() - start - callback_s) / max(1, steps)
     if group is not None:
         model.set_context_parallel(None)  # evaluate on whole sequences (every rank holds the same weights)
     model.eval()
     with torch.no_grad():
         metrics = evaluate(model)
+        validation = validate(model) if validate is not None else {}
     if curve and not math.isfinite(curve[-1][1]):
         metrics["diverged"] = 1.0
-    return TrainOutcome(metrics, curve, model)
+        if validate is not None:
+            validation["diverged"] = 1.0
+    return TrainOutcome(metrics, curve, model, validation, train_step_s)
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the queued kernels of ``device`` (CUDA launches are asynchronous; a timer must not stop early)."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.synchronize(device)
 
 
 def _context_parallel_group(rank: int, world: int, size: int) -> tuple[Any, int]:

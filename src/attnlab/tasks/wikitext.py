@@ -2,8 +2,10 @@
 
 The text is the ``<text>`` content (XML entities decoded) of the articles in
 ``enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2`` (gensim test data, read
-offline), encoded as UTF-8 bytes (vocabulary 256). The articles are split into train and validation
-by a seeded permutation; models are scored in bits per byte (mean cross-entropy in nats / ln 2).
+offline), encoded as UTF-8 bytes (vocabulary 256). Whole articles are split into test, validation
+and train by a seeded permutation (the first ``test_fraction`` of the articles are the test set, the
+next ``validation_fraction`` are held out of the training text to choose a learning rate, the rest
+trains); models are scored in bits per byte (mean cross-entropy in nats / ln 2).
 
 Worked example (``length=8``): a window of the bytes of ``"Anarchism is"`` gives
 ``inputs = b"Anarchis"`` and ``targets = b"narchism"`` (the next byte at every position).
@@ -38,16 +40,23 @@ class WikiTextConfig:
     steps: int = 1000
     batch_size: int = 32
     lr: float = 2e-3
+    test_fraction: float = 0.1
+    test_windows: int = 200
     validation_fraction: float = 0.1
     validation_windows: int = 200
 
 
 @dataclass(frozen=True)
 class WikiTextSplit:
-    """``train`` and ``validation`` byte streams, uint8 tensors."""
+    """``train``, ``validation`` and ``test`` byte streams (uint8 tensors) and the indices of the
+    articles (in :func:`load_wikipedia_text`) each one joins."""
 
     train: torch.Tensor
     validation: torch.Tensor
+    test: torch.Tensor
+    train_articles: tuple[int, ...]
+    validation_articles: tuple[int, ...]
+    test_articles: tuple[int, ...]
 
 
 @lru_cache(maxsize=1)
@@ -65,19 +74,33 @@ def load_wikipedia_text() -> tuple[str, ...]:
     return tuple(html.unescape(a) for a in articles if len(a) > 1000)
 
 
-def load_wikitext_split(*, seed: int = 0, validation_fraction: float = 0.1) -> WikiTextSplit:
-    """Train / validation byte streams; whole articles go to one side, chosen by ``seed``."""
-    if not 0 < validation_fraction < 1:
-        raise ValueError(f"validation_fraction={validation_fraction} must be in (0, 1)")
+def load_wikitext_split(*, seed: int = 0, test_fraction: float = 0.1,
+                        validation_fraction: float = 0.1) -> WikiTextSplit:
+    """Train / validation / test byte streams; each article goes to one of them, chosen by ``seed``.
+
+    The test articles depend on ``seed`` and ``test_fraction`` only; the validation articles are
+    taken from what would otherwise train (``validation_fraction=0``: an empty validation stream).
+    """
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction={test_fraction} must be in (0, 1)")
+    if not 0 <= validation_fraction < 1 - test_fraction:
+        raise ValueError(f"validation_fraction={validation_fraction} must be in [0, 1 - test_fraction = "
+                         f"{1 - test_fraction:g}) so that some articles are left to train on")
     articles = load_wikipedia_text()
     order = torch.randperm(len(articles), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = max(1, int(round(validation_fraction * len(articles))))
+    n_test = max(1, int(round(test_fraction * len(articles))))
+    n_validation = int(round(validation_fraction * len(articles)))
+    test, validation, train = order[:n_test], order[n_test:n_test + n_validation], order[n_test + n_validation:]
 
     def stream(indices: list[int]) -> torch.Tensor:
         data = "\n".join(articles[i] for i in indices).encode("utf-8")
+        if not data:  # torch.frombuffer refuses an empty buffer
+            return torch.empty(0, dtype=torch.uint8)
         return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
-    return WikiTextSplit(train=stream(order[n_val:]), validation=stream(order[:n_val]))
+    return WikiTextSplit(train=stream(train), validation=stream(validation), test=stream(test),
+                         train_articles=tuple(train), validation_articles=tuple(validation),
+                         test_articles=tuple(test))
 
 
 def sample_windows(data: torch.Tensor, *, batch_size: int, length: int,
