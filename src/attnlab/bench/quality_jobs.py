@@ -1,8 +1,34 @@
 """One training run of the quality benchmark: a :class:`Job` and :func:`run_job`, which trains and scores it.
 
-A job is (task, mechanism, seed, config, preset); :func:`run_job` trains and scores it and returns
-its JSON record. The loops that run a list of jobs (in this process, in worker processes, on Ray)
-are in :mod:`attnlab.bench.runner`.
+A job is (task, mechanism, seed, config, preset, sweep); :func:`run_job` trains and scores it and
+returns its JSON record. The loops that run a list of jobs (in this process, in worker processes, on
+Ray) are in :mod:`attnlab.bench.runner`.
+
+Learning-rate sweeps follow zoology ("Zoology: Measuring and Improving Recall in Efficient Language
+Models", arXiv 2312.04927): every rate of a sweep is a separate job, with its own record and its own
+key (:data:`RESULT_KEY` holds ``"lr"``), so a sweep resumes point by point. The record fields a
+report needs to choose the rate and report the result (the contract between this module and the
+reports):
+
+- ``"lr"`` (float): the learning rate this run trained at (also ``config["lr"]``).
+- ``"sweep"`` (list of floats): every rate planned for this (task, variant) in this run, this one
+  included; length 1 means the run was not swept (``smoke`` and ``quick``, or ``--lrs`` with one rate).
+- ``"validation_value"`` (float) and ``"validation_metrics"`` (dict): the task's ``"metric"`` and the
+  other scores on the VALIDATION split, disjoint from the test set (another generator stream for the
+  synthetic tasks; images / articles held out of the training data for digits and wikitext). The
+  rate is chosen on these: per (task, variant, mechanism), the rate with the best mean
+  ``validation_value`` over seeds (``"higher_is_better"`` says which way is best).
+- ``"value"`` (float) and ``"metrics"`` (dict): the same on the TEST split; what a table reports at
+  the chosen rate. Never used to choose.
+- ``"train_step_s"`` (float): mean wall seconds per training step (batch, forward, backward,
+  optimizer), measured inside the training loop; evaluation and progress display excluded.
+- The variant of a record is ``"config_label"`` (it omits the rate); ``"config"`` differs between
+  the rates of one sweep only in ``"lr"``.
+
+Every run seeds itself from its own ``seed``: the model's initialisation (for a given mechanism),
+the training batches, the validation and the test sets depend on the seed alone, never on the rate,
+the other runs or the order they run in; runs of one seed at different rates or with different
+mechanisms see the same data.
 """
 
 from __future__ import annotations
@@ -23,35 +49,49 @@ from attnlab.bench.training import distributed_rank_and_world
 
 __all__ = ["Job", "RESULT_KEY", "run_job"]
 
-RESULT_KEY = ("task", "mechanism", "seed", "config")
+RESULT_KEY = ("task", "mechanism", "seed", "lr", "config")
 
 
 @dataclass(frozen=True)
 class Job:
-    """One training run: what is recorded and what resume compares."""
+    """One training run: what is recorded and what resume compares.
+
+    ``config.lr`` is the rate this run trains at; ``sweep`` the rates planned for its (task, variant),
+    ``()`` for a job outside any sweep (recorded as ``[lr]``).
+    """
 
     task: str
     mechanism: str
     seed: int
     config: Any
     preset: str
+    sweep: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sweep", tuple(float(v) for v in self.sweep))
+        if self.sweep and self.lr not in self.sweep:
+            raise ValueError(f"sweep={self.sweep} does not hold the job's learning rate config.lr={self.lr}")
 
     @property
     def label(self) -> str:
         return config_label(self.task, self.config)
 
+    @property
+    def lr(self) -> float:
+        return float(self.config.lr)
+
     def key_record(self) -> dict[str, Any]:
-        return {"task": self.task, "mechanism": self.mechanism, "seed": self.seed,
+        return {"task": self.task, "mechanism": self.mechanism, "seed": self.seed, "lr": self.lr,
                 "config": dataclasses.asdict(self.config)}
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.key_record(), "preset": self.preset}
+        return {**self.key_record(), "preset": self.preset, "sweep": list(self.sweep or (self.lr,))}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Job:
         task = TASKS[data["task"]]
         return cls(data["task"], data["mechanism"], int(data["seed"]), task.config_type(**data["config"]),
-                   data["preset"])
+                   data["preset"], tuple(data.get("sweep", ())))
 
 
 def run_job(job: Job, *, device: torch.device | None = None, on_step: Callable[[int], None] | None = None,
@@ -79,6 +119,9 @@ def run_job(job: Job, *, device: torch.device | None = None, on_step: Callable[[
         "higher_is_better": task.higher_is_better,
         "value": outcome.metrics[task.metric],
         "metrics": outcome.metrics,
+        "validation_value": outcome.validation_metrics[task.metric],
+        "validation_metrics": outcome.validation_metrics,
+        "train_step_s": outcome.train_step_s,
         "loss_curve": outcome.loss_curve,
         "parameters": parameters,
         "state_size": state_size,
