@@ -49,11 +49,14 @@ VALIDATION_SEED = 2**40
 class TaskData:
     """A task's data for one seed: ``sample(generator, n)`` draws a training batch of ``n`` examples,
     ``evaluate(model)`` scores the trained model on the test set, ``validate(model)`` on the validation
-    set (the task's metric under the same name; disjoint from the test set and the training data)."""
+    set (the task's metric under the same name; disjoint from the test set and the training data).
+    ``test_set`` and ``validation_set`` are the held-out examples themselves, as the scorers read them."""
 
     sample: Callable[[torch.Generator, int], Any]
     evaluate: Callable[[nn.Module], dict[str, float]]
     validate: Callable[[nn.Module], dict[str, float]]
+    test_set: Any = None
+    validation_set: Any = None
 
 
 # ---------------------------------------------------------------------------------------- losses, scores
@@ -136,7 +139,7 @@ def _labelled_tokens(sample: Callable[[torch.Generator, int], Batch], test_examp
 
         return score
 
-    return TaskData(sample, scorer(test, "test"), scorer(validation, "validation"))
+    return TaskData(sample, scorer(test, "test"), scorer(validation, "validation"), test, validation)
 
 
 def _mqar_data(config: MQARConfig, seed: int, device: torch.device) -> TaskData:
@@ -192,7 +195,7 @@ def _icl_data(config: icl.ICLRegressionConfig, seed: int, device: torch.device) 
                 "ratio_to_debiased_gd": error / baselines["debiased_gd_one_step"],
                 "ratio_to_ridge": error / baselines["ridge"]}
 
-    return TaskData(sample, evaluate, lambda m: {"mse": mse(m, validation)})
+    return TaskData(sample, evaluate, lambda m: {"mse": mse(m, validation)}, test, validation)
 
 
 @lru_cache(maxsize=4)
@@ -216,7 +219,8 @@ def _digits_data(config: DigitsConfig, seed: int, device: torch.device) -> TaskD
         return score
 
     return TaskData(sample, scorer(split.test_images, split.test_labels, "test"),
-                    scorer(split.validation_images, split.validation_labels, "validation"))
+                    scorer(split.validation_images, split.validation_labels, "validation"),
+                    (split.test_images, split.test_labels), (split.validation_images, split.validation_labels))
 
 
 @lru_cache(maxsize=2)
@@ -243,7 +247,7 @@ def _wikitext_data(config: WikiTextConfig, seed: int, device: torch.device) -> T
 
         return score
 
-    return TaskData(sample, scorer(test, "test"), scorer(validation, "validation"))
+    return TaskData(sample, scorer(test, "test"), scorer(validation, "validation"), test, validation)
 
 
 # ---------------------------------------------------------------------------------------- the tasks
