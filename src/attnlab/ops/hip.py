@@ -31,6 +31,7 @@ from typing import Literal
 
 import torch
 
+from attnlab.ops.nonfinite import nonfinite_guarded
 from attnlab.ops.sliding_window import gathered_block_attention
 from attnlab.ops.softmax import softmax_attention_reference
 from attnlab.ops.validation import (
@@ -293,14 +294,16 @@ def _gather_lists(block_starts: torch.Tensor, N: int, M: int, *, block_size_q: i
     sink_ok = (sinks[:, None, :] <= p[:, :, None]) & (sinks[:, None, :] < M)  # (G, Bq, sink)
     w = recent[:, None, :]
     window_ok = (w <= p[:, :, None]) & (p[:, :, None] - w < window) & (w >= sink_tokens) & (w >= 0)
-    b = blocks[:, :, :, None, :]
-    block_ok = (block_valid[:, :, :, None, :] & (b < M) & (b <= pq) & (b >= sink_tokens)
-                & (pq - b >= window))
+    # a selected key b is seen by query p iff b + window <= p (outside the window, hence also causal):
+    # one comparison over (B, H, G, Bq, K*bk); the per-key conditions stay at (B, H, G, 1, K*bk)
+    key_ok = (block_valid & (blocks < M) & (blocks >= sink_tokens))[:, :, :, None, :]
+    block_ok = key_ok & ((blocks + window)[:, :, :, None, :] <= pq)
     index = torch.cat([sinks.expand(B, H, G, -1), recent.expand(B, H, G, -1), blocks], dim=-1)
     allowed = torch.cat([sink_ok.expand(B, H, G, Bq, -1), window_ok.expand(B, H, G, Bq, -1), block_ok], dim=-1)
     return index.clamp(0, M - 1), allowed & live
 
 
+@nonfinite_guarded
 def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, k_budget: int = 512,
                   block_size_q: int = 32, block_size_k: int = 2, window: int = 128, sink_tokens: int = 4,
                   causal: bool = True, scale: float | None = None, query_stride: int = 2,

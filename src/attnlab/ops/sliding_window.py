@@ -23,10 +23,12 @@ from typing import Literal
 
 import torch
 from einops import rearrange
+from torch.utils.checkpoint import checkpoint
 
 from attnlab.ops.flex import auto_uses_flex, flex_masked_attention
+from attnlab.ops.nonfinite import Reach, guard_nonfinite, window_reach
 from attnlab.ops.softmax import softmax_attention_reference
-from attnlab.ops.validation import check_causal, check_impl, check_qkv, check_scale, compute_dtype
+from attnlab.ops.validation import check_causal, check_impl, check_int, check_qkv, check_scale, compute_dtype
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = [
@@ -37,6 +39,12 @@ __all__ = [
 ]
 
 IMPLS = ("auto", "reference", "gather", "flex")
+
+
+# Query blocks per call are capped so that one call's gathered keys stay near this many bytes: the
+# tensors then come from memory the allocator already holds (fresh multi-hundred-MiB buffers cost
+# more in page faults than the attention itself on CPU), and the forward peak stays O(chunk).
+_GATHER_CHUNK_BYTES = 16 << 20
 
 
 def gathered_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_index: torch.Tensor,
@@ -58,16 +66,39 @@ def gathered_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
     Returns:
         ``[B, H, N, Dv]`` in the dtype of q; a query row with no allowed key returns zeros.
-        Memory: the gathered keys/values ``[B, H_kv, G, S, D]``; the scores stay inside SDPA's fused
-        kernel (blockwise), so time and memory are ``O(N S D)``.
+        The query blocks run in chunks whose gathered keys/values take about 16 MiB; under autograd
+        each chunk is checkpointed (its gather and attention are recomputed in the backward pass), so
+        time is ``O(N S D)`` and memory ``O(N D)`` plus one chunk, in the forward and the backward pass.
     """
+    B, H, N, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    G, Bq, S = allowed.shape[-3:]
+    if G * Bq < N:
+        raise ValueError(f"allowed covers {G} blocks of {Bq} queries, fewer than N={N}")
+    width = -(-max(D + (key_bias is not None), Dv) // 8) * 8
+    per_block = B * Hkv * S * width * torch.finfo(compute_dtype(q.dtype)).bits // 8
+    chunk = max(1, _GATHER_CHUNK_BYTES // max(per_block, 1))
+    recompute = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, key_bias))
+    outputs = []
+    for g0 in range(0, -(-N // Bq), chunk):
+        g1 = min(G, g0 + chunk)
+        rows = slice(g0 * Bq, min(N, g1 * Bq))
+        index = key_index[g0:g1] if key_index.ndim == 2 else key_index[:, :, g0:g1]
+        mask = allowed[g0:g1] if allowed.ndim == 3 else allowed[:, :, g0:g1]
+        args = (q[:, :, rows], k, v, index, mask, key_bias, scale)
+        outputs.append(checkpoint(_gathered_chunk, *args, use_reentrant=False) if recompute
+                       else _gathered_chunk(*args))
+    return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+
+
+def _gathered_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_index: torch.Tensor,
+                    allowed: torch.Tensor, key_bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """:func:`gathered_block_attention` of the query blocks of ``allowed`` (``q`` holds their rows)."""
     B, H, N, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
     G, Bq, S = allowed.shape[-3:]
     group = H // Hkv
     dtype = compute_dtype(q.dtype)
-    if G * Bq < N:
-        raise ValueError(f"allowed covers {G} blocks of {Bq} queries, fewer than N={N}")
     if key_index.ndim == 2:  # shared by batch and heads
         flat = key_index.reshape(-1)
         kg, vg = k[:, :, flat], v[:, :, flat]  # (B, H_kv, G*S, D), (B, H_kv, G*S, Dv)
@@ -80,19 +111,24 @@ def gathered_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         kg = k.reshape(B * Hkv * M, D).index_select(0, flat).reshape(B, Hkv, G * S, D)
         vg = v.reshape(B * Hkv * M, Dv).index_select(0, flat).reshape(B, Hkv, G * S, Dv)
         bias = key_bias.reshape(-1).index_select(0, flat).reshape(B, Hkv, G * S) if key_bias is not None else None
-    # One fused SDPA call over every block (flash kernel on CPU, backward included). The key bias
-    # rides in one extra feature: [scale q, 1] . [k, bias] = scale q.k + bias; the fused kernels want
-    # one width for q, k and v, so all three are zero-padded to a multiple of 8.
+    # One fused SDPA call over every block of the chunk (flash kernel on CPU, backward included). The
+    # key bias rides in one extra feature: [scale q, 1] . [k, bias] = scale q.k + bias; the fused
+    # kernels want one width for q, k and v, so all three are zero-padded to a multiple of 8 (no copy
+    # when they already have it).
     extra = 1 if bias is not None else 0
     width = -(-max(D + extra, Dv) // 8) * 8
     pad_rows = G * Bq - N
     qs = q.to(dtype) * scale
+    kg, vg = kg.to(dtype), vg.to(dtype)
     if extra:
         qs = torch.cat([qs, qs.new_ones(B, H, N, 1)], dim=-1)  # (B, H, N, D + 1)
-        kg = torch.cat([kg.to(dtype), bias.to(dtype)[..., None]], dim=-1)  # (B, H_kv, G*S, D + 1)
-    qs = torch.nn.functional.pad(qs, (0, width - qs.shape[-1], 0, pad_rows))  # (B, H, G*Bq, width)
-    kg = torch.nn.functional.pad(kg.to(dtype), (0, width - kg.shape[-1]))  # (B, H_kv, G*S, width)
-    vg = torch.nn.functional.pad(vg.to(dtype), (0, width - Dv))  # (B, H_kv, G*S, width)
+        kg = torch.cat([kg, bias.to(dtype)[..., None]], dim=-1)  # (B, H_kv, G*S, D + 1)
+    if width > qs.shape[-1] or pad_rows:
+        qs = torch.nn.functional.pad(qs, (0, width - qs.shape[-1], 0, pad_rows))  # (B, H, G*Bq, width)
+    if width > kg.shape[-1]:
+        kg = torch.nn.functional.pad(kg, (0, width - kg.shape[-1]))  # (B, H_kv, G*S, width)
+    if width > Dv:
+        vg = torch.nn.functional.pad(vg, (0, width - Dv))  # (B, H_kv, G*S, width)
     # the query heads sharing a kv head become extra query rows of its blocks
     qb = rearrange(qs, "b (hk g) (c q) d -> (b hk) c (g q) d", hk=Hkv, c=G)  # (B*H_kv, G, group*Bq, width)
     kb = rearrange(kg, "b hk (c s) d -> (b hk) c s d", c=G)  # (B*H_kv, G, S, width)
@@ -113,11 +149,7 @@ def gathered_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 
 def _check_window(window: object) -> int:
-    if isinstance(window, bool) or not isinstance(window, int):
-        raise TypeError(f"window must be an int, got {type(window).__name__}")
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got window={window}")
-    return window
+    return check_int("window", window, minimum=1)
 
 
 def _check_self(N: int, M: int, name: str) -> None:
@@ -126,10 +158,7 @@ def _check_self(N: int, M: int, name: str) -> None:
 
 
 def _check_sinks(sink_tokens: object, causal: bool) -> int:
-    if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int):
-        raise TypeError(f"sink_tokens must be an int, got {type(sink_tokens).__name__}")
-    if sink_tokens < 0:
-        raise ValueError(f"sink_tokens must be >= 0, got sink_tokens={sink_tokens}")
+    check_int("sink_tokens", sink_tokens, minimum=0)
     if sink_tokens and not causal:
         raise ValueError(f"sink_tokens={sink_tokens} needs causal=True: attention sinks (StreamingLLM) are "
                          "defined for causal attention only; pass sink_tokens=0 for a bidirectional window")
@@ -259,19 +288,32 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     check_causal(causal)
     check_impl(impl, IMPLS)
     if impl == "reference":
-        return sliding_window_attention_reference(q, k, v, window=window, causal=causal, sink_tokens=sink_tokens,
-                                                  scale=scale)
+        return guard_nonfinite(lambda k, v: sliding_window_attention_reference(
+            q, k, v, window=window, causal=causal, sink_tokens=sink_tokens, scale=scale),
+            q, k, v, reach=_window_reach(window, causal, sink_tokens))
     sizes = check_qkv(q, k, v)
     _check_self(sizes.length, sizes.key_length, "sliding_window_attention")
     window = _check_window(window)
     sink_tokens = _check_sinks(sink_tokens, causal)
     scale = check_scale(scale, sizes.head_dim)
+    # a window longer than the sequence sees what the whole sequence gives (no larger key spans to build)
+    window = min(window, 2 * sizes.length)
     if impl == "auto":
         impl = "flex" if auto_uses_flex(q) else "gather"
     if impl == "flex":
-        return _flex(q, k, v, window, causal, sink_tokens, scale)
+        return guard_nonfinite(lambda k, v: _flex(q, k, v, window, causal, sink_tokens, scale), q, k, v,
+                               reach=_window_reach(window, causal, sink_tokens))
     key_index, allowed = _band_blocks(sizes.length, window, causal, q.device, sink_tokens)
-    return gathered_block_attention(q, k, v, key_index=key_index, allowed=allowed, scale=scale)
+    return guard_nonfinite(lambda k, v: gathered_block_attention(q, k, v, key_index=key_index, allowed=allowed,
+                                                                 scale=scale),
+                           q, k, v, reach=_window_reach(window, causal, sink_tokens))
+
+
+def _window_reach(window: int, causal: bool, sink_tokens: int) -> Reach:
+    """The band of :func:`sliding_window_mask` as a reach (called only on validated options)."""
+    if causal:
+        return window_reach(window - 1, 0, sink_tokens=sink_tokens)
+    return window_reach(window // 2, window // 2)
 
 
 register(Mechanism(
