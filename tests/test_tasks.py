@@ -172,7 +172,7 @@ def test_digits_split_is_disjoint_and_seeded() -> None:
 
 def test_wikitext_windows_and_bits_per_byte() -> None:
     split = load_wikitext_split(seed=0)
-    assert split.train.numel() > 1_000_000 and split.validation.numel() > 100_000
+    assert split.train.numel() > 1_000_000 and split.test.numel() > 100_000 and split.validation.numel() > 100_000
     inputs, targets = sample_windows(split.train, batch_size=4, length=16, generator=_gen(12))
     assert inputs.shape == targets.shape == (4, 16)
     torch.testing.assert_close(inputs[:, 1:], targets[:, :-1])
