@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from attnlab.files import atomic_write_text
+
 __all__ = ["leaderboard_markdown", "write_eval_report", "relative_to_dense"]
 
 
@@ -113,14 +115,14 @@ def write_eval_report(run_dir: str | Path, records: Sequence[dict[str, Any]]) ->
     """Write ``leaderboard.md`` and a self-contained ``report.html`` into ``run_dir``."""
     run_dir = Path(run_dir)
     markdown = leaderboard_markdown(records)
-    leaderboard = run_dir / "leaderboard.md"
-    leaderboard.write_text(markdown)
+    leaderboard = atomic_write_text(run_dir / "leaderboard.md", markdown)
     image = _plot(_rows(records))
     figure = (f'<figure><img src="data:image/png;base64,{image}" alt="perplexity vs keys attended">'
               "<figcaption>perplexity vs mean keys attended per query</figcaption></figure>") if image else ""
     style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}")
-    report = run_dir / "report.html"
-    report.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>attnlab eval</title>"
-                      f"<style>{style}</style></head><body>{figure}{_markdown_to_html(markdown)}</body></html>")
+    report = atomic_write_text(run_dir / "report.html",
+                               "<!doctype html><html><head><meta charset='utf-8'><title>attnlab eval</title>"
+                               f"<style>{style}</style></head><body>{figure}{_markdown_to_html(markdown)}"
+                               "</body></html>")
     return report, leaderboard
