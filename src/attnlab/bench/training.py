@@ -26,7 +26,8 @@ class TrainOutcome:
     """What one training run gives: the test metrics, the loss curve ``[[step, mean loss], ...]``
     (about :data:`LOSS_CURVE_POINTS` points), the trained model, the metrics on the validation split
     (empty without one) and ``train_step_s``, the mean wall time of one training step in seconds
-    (sampling, forward, backward, optimizer; evaluation and progress callbacks excluded)."""
+    (sampling, forward, backward, optimizer; evaluation, progress callbacks and, when there are
+    several steps, the first one, which pays for one-time work such as kernel compilation, excluded)."""
 
     metrics: dict[str, float]
     loss_curve: list[list[float]]
@@ -121,8 +122,11 @@ def train_loop(model: nn.Module, *, steps: int, lr: float, weight_decay: float, 
             before = time.perf_counter()
             on_step(step + 1)
             callback_s += time.perf_counter() - before
+        if step == 0 and steps > 1:  # the first step compiles kernels and allocates: time the steady state
+            _synchronize(device)
+            start, callback_s = time.perf_counter(), 0.0
     _synchronize(device)  # queued GPU work belongs to the steps, not to the evaluation
-    train_step_s = (time.perf_counter() - start - callback_s) / max(1, steps)
+    train_step_s = (time.perf_counter() - start - callback_s) / max(1, steps - 1)
     if group is not None:
         model.set_context_parallel(None)  # evaluate on whole sequences (every rank holds the same weights)
     model.eval()
