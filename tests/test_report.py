@@ -62,6 +62,8 @@ def test_aggregate_gives_mean_and_sample_std_and_orders_best_first(run_dir: Path
 def test_state_size_falls_back_to_the_kv_cache() -> None:
     assert state_size_of(_record("mqar", "softmax", 0, 0.5)) == (2 * 32 * 16 * 2, "kv-cache")
     assert state_size_of(_record("mqar", "lightning", 0, 0.5, state=77)) == (77.0, "recurrent")
+    digits = {"task": "digits", "config": {"patch_size": 2, "dim": 32, "depth": 2}}  # 8x8 image: 16 patches
+    assert state_size_of(digits) == (2 * 16 * 32 * 2, "kv-cache")
 
 
 def test_report_is_self_contained_with_plots(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

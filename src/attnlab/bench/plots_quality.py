@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the report imports this module to draw its rows
     from attnlab.bench.report import Row
 
-__all__ = ["quality_figures", "mechanism_style", "missing_note", "legend_outside", "png_base64"]
+__all__ = ["quality_figures", "mechanism_style", "missing_note", "legend_outside", "png_base64", "plain_log_ticks"]
 
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
@@ -46,6 +46,18 @@ def legend_outside(axis: Any) -> None:
     if handles:
         axis.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8,
                     ncol=1 if len(handles) <= 18 else 2, frameon=False)
+
+
+def plain_log_ticks(axis: Any) -> None:
+    """Tick labels of a log-scaled axis as plain numbers (``2000``, ``0.03``) instead of ``2 x 10^3``."""
+    from matplotlib.ticker import FuncFormatter
+
+    def minor(value: float, _: Any) -> str:  # 2 and 5 of each decade only: all eight would overlap
+        mantissa = round(value / 10 ** math.floor(math.log10(value)), 6) if value > 0 else 0.0
+        return f"{value:g}" if mantissa in (2.0, 5.0) else ""
+
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(FuncFormatter(minor))
 
 
 def png_base64(figure: Any) -> str:
@@ -142,6 +154,7 @@ def quality_figures(rows: Sequence[Row]) -> list[tuple[str, str]]:
             axis.errorbar([r.state_size for r in mine], [r.mean for r in mine], yerr=[_error_bar(r) for r in mine],
                           label=mechanism, capsize=3, linestyle="-", markersize=6, **style)
         axis.set_xscale("log")
+        plain_log_ticks(axis.xaxis)
         axis.set_xlabel("state size (floats per sequence; the KV cache for attention)")
         axis.set_ylabel(metric)
         labels = sorted({r.config_label for r in group})
@@ -169,6 +182,7 @@ def quality_figures(rows: Sequence[Row]) -> list[tuple[str, str]]:
                           label=row.mechanism, capsize=3, linestyle="none", markersize=7,
                           **mechanism_style(row.mechanism, names))
         axis.set_xscale("log")
+        plain_log_ticks(axis.xaxis)
         axis.set_xlabel("time per training step (ms, mean over the run; same shape for every mechanism)")
         axis.set_ylabel(metric)
         axis.set_title(f"{task} ({label}): quality vs speed")

@@ -40,6 +40,7 @@ __all__ = ["Row", "aggregate", "leaderboard_markdown", "print_leaderboard", "wri
            "quality_records", "t_quantile_975", "ranks", "value_text", "ONE_RATE_NOTE"]
 
 ONE_RATE_NOTE = "one learning rate, not swept"
+DIGITS_IMAGE_SIZE = 8  # scikit-learn's digits are 8 x 8 pixels
 
 # Student's t 0.975 quantiles for 1..30 degrees of freedom (the two-sided 95% interval); beyond 30 the
 # Cornish-Fisher expansion around the normal quantile below is accurate to better than 1e-4.
@@ -134,7 +135,8 @@ def state_size_of(record: dict[str, Any]) -> tuple[float | None, str]:
     """(floats of state per sequence, "recurrent" | "kv-cache" | "n/a").
 
     Recurrent mechanisms report their state; for the others (softmax and friends) the cache a decoder
-    keeps grows with the sequence: ``2 * N * dim * depth`` floats, as zoology plots it.
+    keeps grows with the sequence: ``2 * N * dim * depth`` floats, as zoology plots it (for the digits
+    ViT, an encoder, the keys and values its layers hold over the image's N patches).
     """
     if record.get("state_size") is not None:
         return float(record["state_size"]), "recurrent"
@@ -143,6 +145,8 @@ def state_size_of(record: dict[str, Any]) -> tuple[float | None, str]:
     dim, depth = config.get("dim"), config.get("depth", 1)
     if record.get("task") == "incontext_regression" and dim is not None:
         length, dim = config.get("length", 0) + 1, config.get("heads", 1) * (dim + 1)
+    if record.get("task") == "digits" and config.get("patch_size"):
+        length = (DIGITS_IMAGE_SIZE // int(config["patch_size"])) ** 2  # the ViT's tokens: one per patch
     if length and dim:
         return float(2 * length * dim * depth), "kv-cache"
     return None, "n/a"
