@@ -7,7 +7,7 @@ STAMP := $(VENV)/.attnlab-installed
 # torch is pinned in the same pip call so that nothing can replace the local CPU build.
 PINS := torch==2.13.0 triton==3.7.1
 
-.PHONY: demo test lint setup clean
+.PHONY: demo test test-ray lint setup clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow and not ray"
+
+# the Ray runner on a local Ray instance (the ray extra, installed once; starting Ray takes ~12 s here)
+RAY_STAMP := $(VENV)/.attnlab-ray-installed
+$(RAY_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check $(PINS) -e '.[test,bench,analysis,ray]'
+	touch $(RAY_STAMP)
+
+test-ray: $(RAY_STAMP)
+	$(PY) -m pytest -m ray
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

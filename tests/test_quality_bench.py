@@ -119,9 +119,12 @@ def test_cli_runs_resumes_and_refuses(tmp_path: Path, capsys: pytest.CaptureFixt
     assert len(load_results(out / "results.jsonl")) == 1
     assert main(args) == 0
     assert "1 already in" in capsys.readouterr().out
+    # the one pair does not fit: its refusal is printed, and a plan of 0 runs is an error naming --mechanisms
     assert main(["bench", "quality", "--tasks", "needle", "--mechanisms", fake_bidirectional, "--preset", "smoke",
                  "--out", str(out), "--no-progress"]) == 2
-    assert "refused before training" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert f"skipped {fake_bidirectional} on needle: " in printed.out and "no causal form" in printed.out
+    assert "--mechanisms" in printed.err and "nothing to run" in printed.err
     assert len(load_results(out / "results.jsonl")) == 1
 
 

@@ -26,15 +26,31 @@ from attnlab.bench.ddp import launch
 from attnlab.bench.presets import QualityPreset, get_preset
 from attnlab.bench.quality_jobs import RESULT_KEY, Job
 from attnlab.bench.quality_tasks import TASKS, QualityTask
-from attnlab.bench.results import completed_keys, load_results, result_key
-from attnlab.bench.runner import execute
+from attnlab.bench.results import completed_keys, exclusive_writer, load_results, result_key
+from attnlab.bench.runner import Recorder, execute, run_in_workers
+from attnlab.cli_errors import UsageError
 from attnlab.registry import Mechanism
 
-__all__ = ["Refusal", "plan_jobs", "validate", "run_quality", "QualityError", "fitting_mechanisms", "pending_jobs"]
+__all__ = ["Refusal", "plan_jobs", "validate", "run_quality", "QualityError", "QualityResults", "NothingToRun",
+           "fitting_mechanisms", "pending_jobs", "check_device"]
 
 
-class QualityError(ValueError):
-    """A request the benchmark refuses before training (unknown names, mechanisms that do not fit)."""
+class QualityError(UsageError):
+    """A request the benchmark refuses before training (unknown names, mechanisms that do not fit, a run
+    that would train nothing); the command line shows it as one line and exits 2."""
+
+
+class NothingToRun(QualityError):
+    """A plan of 0 runs: no mechanism given, or every (task, mechanism) pair refused."""
+
+
+class QualityResults(list):
+    """The successful records of a plan (a ``list``), with ``failed``: the records of the plan's runs
+    whose latest attempt raised (their ``error`` says why; a rerun retries them)."""
+
+    def __init__(self, records: Sequence[dict[str, Any]] = (), failed: Sequence[dict[str, Any]] = ()) -> None:
+        super().__init__(records)
+        self.failed: list[dict[str, Any]] = list(failed)
 
 
 @dataclass(frozen=True)
@@ -133,7 +149,8 @@ def plan_jobs(tasks: Sequence[str], mechanisms: Sequence[str] | Mapping[str, Seq
 
 
 def pending_jobs(jobs: Sequence[Job], results_path: Path) -> list[Job]:
-    done = completed_keys(load_results(results_path), RESULT_KEY)
+    """The jobs without a successful record in ``results_path`` (a failed run is not complete)."""
+    done = completed_keys([r for r in load_results(results_path) if r.get("status") != "failed"], RESULT_KEY)
     return [j for j in jobs if result_key(j.key_record(), RESULT_KEY) not in done]
 
 
@@ -141,54 +158,132 @@ def run_quality(*, tasks: Sequence[str], mechanisms: Sequence[str] | Mapping[str
                 preset: str | QualityPreset = "quick",
                 seeds: int | None = None, out_dir: str | Path, nproc: int = 1, device: str | None = None,
                 threads: int | None = 1, progress: bool = True, console: Any = None,
-                context_parallel: int = 1) -> list[dict[str, Any]]:
+                context_parallel: int = 1, workers: int = 1, ray: str | None = None,
+                strict: bool = True) -> QualityResults:
     """Validate, then train every pending job and append its record to ``out_dir/results.jsonl``.
 
-    ``mechanisms`` is one list for all tasks or a mapping task -> list. Returns the records of this
-    run's jobs (already finished ones included, read from the file). Raises :class:`QualityError`
-    listing every refusal before anything trains. ``threads``: intra-op CPU threads (default 1: these
-    models are small, and on a shared CPU more threads spin-wait against each other; ``None`` keeps
-    PyTorch's setting). ``context_parallel=C``: each sequence split over ``C`` ranks
-    (:mod:`attnlab.distributed`), ``nproc`` data-parallel replicas of them, ``nproc * C`` processes.
+    ``mechanisms`` is one list for all tasks or a mapping task -> list. Returns the successful records
+    of this plan's jobs (already finished ones included, read from the file); ``.failed`` holds those
+    whose latest attempt raised. ``strict=True`` raises :class:`QualityError` listing every refused
+    (task, mechanism) pair before anything trains; ``strict=False`` prints each refusal with its reason
+    to ``console`` and trains the pairs that fit. A plan of 0 runs raises :class:`QualityError`.
+    ``threads``: intra-op CPU threads per training process (default 1: these models are small, and on
+    a shared CPU more threads spin-wait against each other; ``None`` keeps PyTorch's setting).
+    ``workers=N``: runs spread over ``N`` worker processes, this process alone writing the results
+    (:func:`attnlab.bench.runner.run_in_workers`). ``ray``: a Ray cluster's address, or ``"local"``
+    for a local Ray instance with ``workers`` CPUs (:mod:`attnlab.bench.ray_runner`).
+    ``context_parallel=C``: each sequence split over ``C`` ranks (:mod:`attnlab.distributed`),
+    ``nproc`` data-parallel replicas of them, ``nproc * C`` processes (torchrun). Ctrl-C raises
+    :class:`attnlab.cli_errors.Interrupted` after stopping every worker; the same call resumes.
     """
     previous_threads = torch.get_num_threads()
     if threads is not None:
+        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+            raise QualityError(f"threads={threads!r} must be a positive integer (intra-op threads per run)")
         torch.set_num_threads(threads)
     try:
         return _run_quality(tasks, mechanisms, preset, seeds, out_dir, nproc, device, progress, console,
-                            context_parallel)
+                            context_parallel, workers=workers, ray=ray, strict=strict, threads=threads or 1)
     finally:
         torch.set_num_threads(previous_threads)
 
 
+def check_device(device: str | None) -> None:
+    """Refuse a device this PyTorch build cannot use, before anything trains."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise QualityError(f"device={device!r} is not a device ({error}): use cpu or cuda") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise QualityError(f"device={device!r} but this PyTorch build sees no CUDA device "
+                           f"(torch.cuda.is_available() is False): use device cpu")
+    if parsed.type not in ("cpu", "cuda"):
+        raise QualityError(f"device={device!r}: the quality benchmark runs on cpu or cuda")
+
+
 def _run_quality(tasks: Sequence[str], mechanisms: Sequence[str] | Mapping[str, Sequence[str]],
                  preset: str | QualityPreset, seeds: int | None, out_dir: str | Path, nproc: int,
-                 device: str | None, progress: bool, console: Any, context_parallel: int = 1,
-                 ) -> list[dict[str, Any]]:
+                 device: str | None, progress: bool, console: Any, context_parallel: int = 1, *,
+                 workers: int = 1, ray: str | None = None, strict: bool = True, threads: int = 1,
+                 ) -> QualityResults:
     preset = get_preset(preset) if isinstance(preset, str) else preset
     seeds = preset.seeds if seeds is None else seeds
     if seeds < 1:
         raise QualityError(f"seeds={seeds} must be at least 1")
     if nproc < 1:
         raise QualityError(f"nproc={nproc} must be at least 1")
-    per_task = mechanisms if isinstance(mechanisms, Mapping) else {t: list(mechanisms) for t in tasks}
-    refusals = [r for t in tasks for r in validate([t], per_task.get(t, []), preset)]
-    refusals += _context_parallel_refusals(tasks, per_task, preset, context_parallel)
-    if refusals:
-        raise QualityError("refused before training:\n" + "\n".join(f"  - {r}" for r in refusals))
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise QualityError(f"workers={workers!r} must be a positive integer (parallel training processes)")
+    if workers > 1 and (nproc > 1 or context_parallel > 1):
+        raise QualityError(f"workers={workers} with nproc={nproc} / context_parallel={context_parallel}: torchrun "
+                           f"already uses the processes for one run at a time; choose one of the two")
+    if ray is not None and (nproc > 1 or context_parallel > 1):
+        raise QualityError("ray with nproc / context_parallel: a Ray task trains one run in one process; "
+                           "choose one of the two")
+    check_device(device)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    results_path = out / "results.jsonl"
+    if out.exists() and not out.is_dir():
+        raise QualityError(f"out_dir {out} is a file, not a folder: choose a folder for the run's results")
+    if isinstance(mechanisms, Mapping):
+        per_task = {t: list(mechanisms.get(t, [])) for t in tasks}
+    else:
+        per_task = {t: list(mechanisms) for t in tasks}
+    refusals = [r for t in tasks for r in validate([t], per_task[t], preset)]
+    if refusals and strict:
+        raise QualityError("refused before training: " + "; ".join(map(str, refusals)))
+    for refusal in refusals:
+        if console is not None:
+            console.print(f"skipped {refusal}")
+        per_task[refusal.task] = [m for m in per_task[refusal.task] if m != refusal.mechanism]
+    parallel_refusals = _context_parallel_refusals(tasks, per_task, preset, context_parallel)
+    if parallel_refusals:
+        raise QualityError("refused before training: " + "; ".join(parallel_refusals))
     jobs = plan_jobs(tasks, per_task, preset, seeds)
-    todo = pending_jobs(jobs, results_path)
-    if console is not None:
-        console.print(f"{len(jobs)} runs in plan, {len(jobs) - len(todo)} already in {results_path}, "
-                      f"{len(todo)} to train")
-    if todo:
-        if nproc > 1 or context_parallel > 1:
-            launch(todo, out_dir=out, nproc=nproc * context_parallel, device=device, context_parallel=context_parallel)
-        else:
-            execute(todo, results_path=results_path, device=torch.device(device or "cpu"), progress=progress,
-                    console=console)
+    if not jobs:
+        why = (f"every (task, mechanism) pair was refused ({len(refusals)})" if refusals
+               else "no task or no mechanism was given")
+        raise NothingToRun(f"nothing to run: the plan has 0 runs ({why}); give at least one mechanism that fits "
+                           f"each task")
+    results_path = out / "results.jsonl"
+    # one writer per folder: a second run on the same --out is refused while this one reads and appends
+    with exclusive_writer(out):
+        todo = pending_jobs(jobs, results_path)
+        if console is not None:
+            console.print(f"{len(jobs)} runs in plan, {len(jobs) - len(todo)} already in {results_path}, "
+                          f"{len(todo)} to train")
+        recorder = Recorder(results_path, planned=len(jobs), done_before=len(jobs) - len(todo))
+        if todo:
+            if nproc > 1 or context_parallel > 1:
+                launch(todo, out_dir=out, nproc=nproc * context_parallel, device=device,
+                       context_parallel=context_parallel)
+            elif ray is not None:
+                from attnlab.bench.ray_runner import run_on_ray
+
+                run_on_ray(todo, address=ray, recorder=recorder, device=device, threads=threads,
+                           local_cpus=workers, progress=progress, console=console)
+            elif workers > 1 and len(todo) > 1:
+                run_in_workers(todo, workers=workers, recorder=recorder, device=device, threads=threads,
+                               progress=progress, console=console)
+            else:
+                execute(todo, results_path=results_path, device=torch.device(device or "cpu"), progress=progress,
+                        console=console, recorder=recorder, keep_going=True)
+    return _plan_records(jobs, results_path)
+
+
+def _plan_records(jobs: Sequence[Job], results_path: Path) -> QualityResults:
+    """The plan's records in the file: the successful ones, and the keys whose only records failed."""
     wanted = {result_key(j.key_record(), RESULT_KEY) for j in jobs}
-    return [r for r in load_results(results_path) if result_key(r, RESULT_KEY) in wanted]
+    ok: list[dict[str, Any]] = []
+    failed: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for record in load_results(results_path):
+        key = result_key(record, RESULT_KEY)
+        if key not in wanted:
+            continue
+        if record.get("status") == "failed":
+            failed[key] = record  # the latest failure of that key
+        else:
+            ok.append(record)
+    done = {result_key(r, RESULT_KEY) for r in ok}
+    return QualityResults(ok, [r for k, r in failed.items() if k not in done])

@@ -129,5 +129,7 @@ register(Mechanism(
     supports_causal=True,
     supports_bidirectional=True,
     complexity="O(N (N + M0) d) + O(N dim kernel) conv",
+    # the relative tables must cover the sequence: the code's 4096, or the model's length when longer
+    model_options=lambda seq_len: {"max_distance": max(4096, seq_len)},
     check=CheckConfig(layer_configs=({"max_distance": 64},)),
 ))
