@@ -14,6 +14,7 @@ the training loop in :mod:`attnlab.bench.training`; this module validates, plans
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 
 import attnlab
 from attnlab.bench.ddp import launch
-from attnlab.bench.presets import QualityPreset, get_preset
+from attnlab.bench.presets import QualityPreset, check_learning_rates, get_preset
 from attnlab.bench.quality_jobs import RESULT_KEY, Job
 from attnlab.bench.quality_tasks import TASKS, QualityTask
 from attnlab.bench.results import completed_keys, exclusive_writer, load_results, result_key
@@ -140,12 +141,19 @@ def _context_parallel_refusals(tasks: Sequence[str], per_task: Mapping[str, Sequ
 
 
 def plan_jobs(tasks: Sequence[str], mechanisms: Sequence[str] | Mapping[str, Sequence[str]], preset: QualityPreset,
-              seeds: int) -> list[Job]:
-    """Every (task, config, mechanism, seed); ``mechanisms`` may be one list or a list per task."""
+              seeds: int, *, lrs: Sequence[float] | None = None) -> list[Job]:
+    """Every (task, config, mechanism, learning rate, seed); ``mechanisms`` may be one list or a list per
+    task. The rates are the preset's sweep for each task (:meth:`QualityPreset.sweep`), or ``lrs`` for
+    every task; each rate is a separate job whose config carries it."""
     per_task = mechanisms if isinstance(mechanisms, Mapping) else {t: mechanisms for t in tasks}
-    return [Job(task, mechanism, seed, config, preset.name)
-            for task in tasks for config in preset.tasks[task] for mechanism in per_task[task]
-            for seed in range(seeds)]
+    override = None if lrs is None else check_learning_rates(lrs, name="lrs")
+    jobs = []
+    for task in tasks:
+        for config in preset.tasks[task]:
+            sweep = override or preset.sweep(task, config)
+            jobs += [Job(task, mechanism, seed, dataclasses.replace(config, lr=lr), preset.name, sweep)
+                     for mechanism in per_task[task] for lr in sweep for seed in range(seeds)]
+    return jobs
 
 
 def pending_jobs(jobs: Sequence[Job], results_path: Path) -> list[Job]:
@@ -159,7 +167,7 @@ def run_quality(*, tasks: Sequence[str], mechanisms: Sequence[str] | Mapping[str
                 seeds: int | None = None, out_dir: str | Path, nproc: int = 1, device: str | None = None,
                 threads: int | None = 1, progress: bool = True, console: Any = None,
                 context_parallel: int = 1, workers: int = 1, ray: str | None = None,
-                strict: bool = True) -> QualityResults:
+                strict: bool = True, lrs: Sequence[float] | None = None) -> QualityResults:
     """Validate, then train every pending job and append its record to ``out_dir/results.jsonl``.
 
     ``mechanisms`` is one list for all tasks or a mapping task -> list. Returns the successful records
@@ -175,6 +183,7 @@ def run_quality(*, tasks: Sequence[str], mechanisms: Sequence[str] | Mapping[str
     ``context_parallel=C``: each sequence split over ``C`` ranks (:mod:`attnlab.distributed`),
     ``nproc`` data-parallel replicas of them, ``nproc * C`` processes (torchrun). Ctrl-C raises
     :class:`attnlab.cli_errors.Interrupted` after stopping every worker; the same call resumes.
+    ``lrs``: the learning rates to train every task at, instead of the preset's sweeps (:func:`plan_jobs`).
     """
     previous_threads = torch.get_num_threads()
     if threads is not None:
@@ -183,7 +192,8 @@ def run_quality(*, tasks: Sequence[str], mechanisms: Sequence[str] | Mapping[str
         torch.set_num_threads(threads)
     try:
         return _run_quality(tasks, mechanisms, preset, seeds, out_dir, nproc, device, progress, console,
-                            context_parallel, workers=workers, ray=ray, strict=strict, threads=threads or 1)
+                            context_parallel, workers=workers, ray=ray, strict=strict, threads=threads or 1,
+                            lrs=lrs)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -207,7 +217,7 @@ def _run_quality(tasks: Sequence[str], mechanisms: Sequence[str] | Mapping[str, 
                  preset: str | QualityPreset, seeds: int | None, out_dir: str | Path, nproc: int,
                  device: str | None, progress: bool, console: Any, context_parallel: int = 1, *,
                  workers: int = 1, ray: str | None = None, strict: bool = True, threads: int = 1,
-                 ) -> QualityResults:
+                 lrs: Sequence[float] | None = None) -> QualityResults:
     preset = get_preset(preset) if isinstance(preset, str) else preset
     seeds = preset.seeds if seeds is None else seeds
     if seeds < 1:
@@ -240,7 +250,7 @@ def _run_quality(tasks: Sequence[str], mechanisms: Sequence[str] | Mapping[str, 
     parallel_refusals = _context_parallel_refusals(tasks, per_task, preset, context_parallel)
     if parallel_refusals:
         raise QualityError("refused before training: " + "; ".join(parallel_refusals))
-    jobs = plan_jobs(tasks, per_task, preset, seeds)
+    jobs = plan_jobs(tasks, per_task, preset, seeds, lrs=lrs)
     if not jobs:
         why = (f"every (task, mechanism) pair was refused ({len(refusals)})" if refusals
                else "no task or no mechanism was given")

@@ -82,7 +82,7 @@ def cmd_quality(args: argparse.Namespace) -> int:
     """Train the preset's jobs (or list the presets) and print the leaderboard; exit 1 when a run failed."""
     from rich.table import Table
 
-    from attnlab.bench.presets import PRESETS
+    from attnlab.bench.presets import PRESETS, parse_learning_rates
     from attnlab.bench.quality_tasks import TASKS
 
     console = make_console()
@@ -128,13 +128,14 @@ def cmd_quality(args: argparse.Namespace) -> int:
         missing = [t for t in tasks if t not in preset.tasks]
         if missing:
             raise UsageError(f"--variants {args.variants!r} leaves no config for task(s) {', '.join(missing)}")
+    lrs = None if args.lrs is None else parse_learning_rates(args.lrs)
     mechanisms = _mechanism_list(args.mechanisms, tasks, preset, console)
     workers = default_workers() if args.workers is None else args.workers
     try:
         records = run_quality(tasks=tasks, mechanisms=mechanisms, preset=preset, seeds=args.seeds,
                               out_dir=args.out, nproc=args.nproc, device=args.device, threads=args.threads,
                               context_parallel=args.context_parallel, workers=workers, ray=args.ray,
-                              strict=args.strict, progress=not args.no_progress, console=console)
+                              strict=args.strict, progress=not args.no_progress, console=console, lrs=lrs)
     except NothingToRun as error:
         raise UsageError(f"--mechanisms {args.mechanisms!r} --tasks {args.tasks!r}: {error}") from None
     print_leaderboard(records, console)
@@ -167,6 +168,9 @@ def add_commands(sub: Any, bench: Any) -> None:
                         "that fit run and each refusal is printed)")
     p.add_argument("--preset", default="quick", help="smoke | quick | standard | full")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (None: the preset's)")
+    p.add_argument("--lrs", default=None, metavar="LR[,LR...]",
+                   help="learning rates to train every task at, e.g. 1e-3,3e-3 (one rate: no sweep); default: "
+                        "the preset's sweep (standard, full) or each config's rate (smoke, quick)")
     p.add_argument("--variants", default=None,
                    help="comma list of config labels to keep, as --list-presets shows them (None: all)")
     p.add_argument("--out", default=None, help="run folder, required (results.jsonl is appended; reruns resume)")
