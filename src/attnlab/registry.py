@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -307,6 +308,26 @@ class Mechanism:
 
 
 _REGISTRY: dict[str, Mechanism] = {}
+_populated = False  # whether the modules that register the mechanisms have been imported
+
+
+def _ensure_populated() -> None:
+    """Import the ops and layers (which register the mechanisms) at the first lookup.
+
+    ``import attnlab`` stays light (no ops, no torch) so that the CLI's parser builds fast; the
+    package's ``_register_mechanisms`` does the imports. It is reached through ``sys.modules`` (the
+    package is always imported before this module) rather than imported here: the ops import this
+    module, and the registry must not import them back.
+    """
+    global _populated
+    if _populated:
+        return
+    _populated = True  # set first: a lookup made while the ops import does not recurse
+    try:
+        sys.modules["attnlab"]._register_mechanisms()
+    except BaseException:
+        _populated = False
+        raise
 
 
 def register(mechanism: Mechanism) -> Mechanism:
@@ -319,6 +340,7 @@ def register(mechanism: Mechanism) -> Mechanism:
 
 def mechanisms() -> list[Mechanism]:
     """All registered mechanisms, sorted by family then name."""
+    _ensure_populated()
     return sorted(_REGISTRY.values(), key=lambda m: (m.family, m.name))
 
 
@@ -326,6 +348,7 @@ def get(name: str) -> Mechanism:
     """The mechanism called ``name``; an unknown name raises ``KeyError`` with the closest names."""
     if not isinstance(name, str):
         raise TypeError(f"mechanism name must be a str, got {type(name).__name__}")
+    _ensure_populated()
     try:
         return _REGISTRY[name]
     except KeyError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -10,7 +11,8 @@ import torch
 
 from attnlab.registry import Mechanism
 
-__all__ = ["random_qkv", "relative_error", "first_output", "run_options", "CheckResult", "check_mechanism"]
+__all__ = ["random_qkv", "relative_error", "first_output", "run_options", "CheckResult", "check_mechanism",
+           "layer_has_reference", "check_layer", "why_not_checkable"]
 
 
 def random_qkv(record: Mechanism, *, dtype: torch.dtype = torch.float32, batch: int = 2,
@@ -78,4 +80,63 @@ def check_mechanism(record: Mechanism, *, causal: bool, seed: int = 0) -> CheckR
     seconds = time.perf_counter() - start
     expected = first_output(record.run_reference(q.double(), k.double(), v.double(), **options))
     tolerance = max(record.check.float32_tolerance * 10, 1e-4)
+    return CheckResult(record.name, causal, relative_error(out, expected), tolerance, seconds)
+
+
+def layer_has_reference(record: Mechanism) -> bool:
+    """Whether ``record``'s layer can run its own reference: its constructor takes ``impl="reference"``."""
+    if record.layer is None:
+        return False
+    try:
+        parameters = inspect.signature(record.layer).parameters
+    except (TypeError, ValueError):
+        return False
+    return "impl" in parameters
+
+
+def why_not_checkable(record: Mechanism) -> str | None:
+    """``None`` when ``attnlab check`` can compare ``record`` with a reference, else the reason it cannot."""
+    if record.op is not None and record.reference is not None:
+        return None
+    if layer_has_reference(record):
+        return None
+    if record.op is not None:
+        return f"{record.name} has an op but no reference implementation registered"
+    return (f"{record.name} is a layer (its own parameters) without a reference implementation in the registry; "
+            f"its conformance checks run in pytest (tests/test_layer_conformance.py -k {record.name})")
+
+
+def check_layer(record: Mechanism, *, causal: bool, seed: int = 0) -> CheckResult:
+    """Run ``record``'s layer with its default ``impl`` in float32 and with ``impl="reference"`` in float64,
+    same parameters (same seed) and same random input ``x [B, N, dim]``, built as the layer conformance
+    tests build it (``check.layer_build`` / ``check.layer_inputs`` when the record sets them)."""
+    if not layer_has_reference(record):
+        raise ValueError(f"record {record.name!r}: {why_not_checkable(record)}")
+    c = record.check
+    dim = c.heads * c.head_dim
+
+    def build(dtype: torch.dtype, **options: Any) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        if c.layer_build is not None:
+            layer = c.layer_build(dim, c.heads, causal=causal, **options)
+        else:
+            layer = record.layer(dim, c.heads, causal=causal, **options)
+        return layer.to(dtype).eval()
+
+    fast, reference = build(torch.float32), build(torch.float64, impl="reference")
+    generator = torch.Generator().manual_seed(seed)
+    if c.layer_inputs is not None:
+        inputs, _ = c.layer_inputs(reference, batch=2, length=c.length, dim=dim, dtype=torch.float64,
+                                   generator=generator)
+        inputs = dict(inputs)
+    else:
+        inputs = {"x": torch.randn(2, c.length, dim, generator=generator, dtype=torch.float64)}  # (B, N, dim)
+    low = {name: x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+           for name, x in inputs.items()}
+    with torch.no_grad():
+        start = time.perf_counter()
+        out = first_output(fast(**low))
+        seconds = time.perf_counter() - start
+        expected = first_output(reference(**inputs))
+    tolerance = max(c.float32_tolerance * 10, 1e-4)
     return CheckResult(record.name, causal, relative_error(out, expected), tolerance, seconds)
