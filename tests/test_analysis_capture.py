@@ -214,3 +214,31 @@ def test_non_softmax_mechanism_refuses_probability_hooks():
     assert record.head_outputs[1].shape == (1, 4, 10, 8)
     with pytest.raises(NotImplementedError, match="lightning"):
         capture(model, tokens, what=("probs",))
+
+
+@pytest.mark.parametrize("point", ["on_query", "on_scores", "on_probs", "on_head_output"])
+@pytest.mark.parametrize("kind", ["hf_llama", "attnlab_layers"])
+def test_a_callback_returning_the_wrong_shape_is_named(point, kind, tiny_llama):
+    """A callback result that would broadcast (last axis 1) or fail in a matmul is refused with the callback's
+    name, the shape it returned and the shape expected; the model is restored afterwards."""
+    torch.manual_seed(0)
+    if kind == "hf_llama":
+        model, inputs = tiny_llama.model, {"input_ids": torch.randint(5, 200, (2, 9))}
+        run = lambda: model(**inputs).logits  # noqa: E731
+    else:
+        model, x = _TinyOwnModel(causal=True).double(), torch.randn(2, 7, 32, dtype=torch.float64)
+        run = lambda: model(x)  # noqa: E731
+    with torch.no_grad():
+        plain = run()
+    seen = []
+
+    def bad(tensor, layer):
+        seen.append(tuple(tensor.shape))
+        return tensor[..., :1]  # (B, H, N, 1): broadcastable, the silent kind of wrong
+
+    with pytest.raises(ValueError, match=rf"{point} callback returned \(\d+, \d+, \d+, 1\)") as caught, \
+            intervene(model, **{point: bad}), torch.no_grad():
+        run()
+    assert f"expected None or a tensor of the shape it received, {seen[0]}" in str(caught.value)
+    with torch.no_grad():
+        torch.testing.assert_close(run(), plain, rtol=0, atol=0)

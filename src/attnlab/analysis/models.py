@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LoadedModel", "load_model", "cache_dir", "smollm2_gguf_path", "minilm_path", "MODEL_NAMES"]
+__all__ = ["LoadedModel", "ModelShape", "load_model", "model_folder", "model_shape", "cache_dir",
+           "smollm2_gguf_path", "minilm_path", "MODEL_NAMES"]
 
 MODEL_NAMES = ("minilm", "smollm2")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -104,6 +105,52 @@ def _converted_smollm2() -> Path:
     return target
 
 
+def model_folder(name: str) -> Path:
+    """The local Hugging Face folder of ``minilm``, ``smollm2`` (converted once, see the module docstring)
+    or a path; nothing but the folder is checked.
+
+    Raises:
+        ImportError naming the missing package; FileNotFoundError for a path that does not exist;
+        ValueError for a folder without ``config.json``.
+    """
+    if name == "minilm":
+        return minilm_path()
+    if name == "smollm2":
+        return _converted_smollm2()
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model {name!r} is neither one of {MODEL_NAMES} nor an existing folder")
+    if not path.is_dir() or not (path / "config.json").exists():
+        raise ValueError(f"model folder {str(path)!r} has no config.json (expected a Hugging Face folder)")
+    return path
+
+
+@dataclass
+class ModelShape:
+    """What a model's config says about its size, read without loading any weight."""
+
+    layers: int | None  # attention layers (None when the config does not say)
+    heads: int | None  # query heads per layer
+    max_tokens: int | None  # max_position_embeddings: the longest input the model takes
+
+
+def model_shape(name: str) -> ModelShape:
+    """The layer count, head count and token limit of ``name`` from its ``config.json`` alone
+    (same names and errors as :func:`model_folder`), so that a command can check its arguments
+    against the model before loading it."""
+    transformers = _require("transformers", "transformers")
+    config = transformers.AutoConfig.from_pretrained(model_folder(name), local_files_only=True)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    def first(*names: str) -> int | None:
+        values = [getattr(config, n, None) for n in names]
+        return next((int(v) for v in values if isinstance(v, int)), None)
+
+    return ModelShape(layers=first("num_hidden_layers", "n_layer", "num_layers"),
+                      heads=first("num_attention_heads", "n_head", "num_heads"),
+                      max_tokens=first("max_position_embeddings", "n_positions", "max_seq_len"))
+
+
 def load_model(name: str, *, dtype: Any = None) -> LoadedModel:
     """Load ``minilm``, ``smollm2`` or a local Hugging Face folder with eager attention, in eval mode.
 
@@ -119,16 +166,7 @@ def load_model(name: str, *, dtype: Any = None) -> LoadedModel:
     import torch
 
     dtype = torch.float32 if dtype is None else dtype
-    if name == "minilm":
-        path = minilm_path()
-    elif name == "smollm2":
-        path = _converted_smollm2()
-    else:
-        path = Path(name).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"model {name!r} is neither one of {MODEL_NAMES} nor an existing folder")
-        if not (path / "config.json").exists():
-            raise ValueError(f"model folder {str(path)!r} has no config.json (expected a Hugging Face folder)")
+    path = model_folder(name)
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     causal = bool(getattr(config, "is_decoder", False)) or any(
         a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))

@@ -171,6 +171,8 @@ def intervene(model: nn.Module, *, on_query: HookFn | None = None, on_scores: Ho
     The model is restored exactly when the block exits (even on an exception): no parameter is
     touched; only the hook entries added here are removed.
     """
+    on_query, on_scores = _checked("on_query", on_query), _checked("on_scores", on_scores)
+    on_probs, on_head_output = _checked("on_probs", on_probs), _checked("on_head_output", on_head_output)
     modules = attention_layers(model)
     chosen = range(len(modules)) if layers is None else list(layers)
     for index in chosen:
@@ -217,6 +219,23 @@ def intervene(model: nn.Module, *, on_query: HookFn | None = None, on_scores: Ho
             _remove_hf_dispatcher()
         for handle in handles:
             handle.remove()
+
+
+def _checked(name: str, hook: HookFn | None) -> HookFn | None:
+    """``hook`` refusing a result of the wrong shape with a ValueError naming the callback, before the
+    result reaches the attention math (where it would fail deep inside a matmul, or broadcast)."""
+    if hook is None:
+        return None
+
+    def checked(tensor: torch.Tensor, layer: int) -> torch.Tensor | None:
+        result = hook(tensor, layer)
+        if result is not None and (not isinstance(result, torch.Tensor) or result.shape != tensor.shape):
+            got = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
+            raise ValueError(f"intervene: the {name} callback returned {got} at layer {layer}; expected None or "
+                             f"a tensor of the shape it received, {tuple(tensor.shape)}")
+        return result
+
+    return checked
 
 
 def _parents(model: nn.Module) -> dict[nn.Module, nn.Module]:
