@@ -214,6 +214,29 @@ def test_causal_does_not_look_ahead(record: Mechanism) -> None:
         assert not torch.allclose(out2[:, :, t + 1:], out[:, :, t + 1:]), "perturbation had no effect at all"
 
 
+@pytest.mark.parametrize("where", ["k", "v"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("record,causal,impl", [p for p in impl_cases() if p.values[1]])
+def test_nonfinite_key_does_not_reach_earlier_rows(record: Mechanism, causal: bool, impl: str | None, bad: float,
+                                                   where: str) -> None:
+    """A NaN/Inf in k or v at key t leaves every output before t exactly as it was, and row t is NaN.
+
+    (Dense masked products used to leak it backwards: a masked weight is 0, but 0 * NaN = NaN.)
+    """
+    q, k, v = random_qkv(record, dtype=torch.float64, generator=seeded(12))
+    N = q.shape[2]
+    options = with_impl(run_options(record, causal=True), impl)
+    clean = first_output(record(q, k, v, **options))
+    for t in (1, N * 2 // 3, N - 1):
+        k2, v2 = k.clone(), v.clone()
+        (k2 if where == "k" else v2)[:, -1, t, 0] = bad  # the last kv head: every query head group is covered
+        out = first_output(record(q, k2, v2, **options))
+        torch.testing.assert_close(out[:, :, :t], clean[:, :, :t], rtol=1e-12, atol=1e-12,
+                                   msg=lambda m, t=t: f"{record.name} impl={impl}: rows before t={t} changed: {m}")
+        group = q.shape[1] // k.shape[1]
+        assert torch.isnan(out[:, -group:, t]).all(), f"{record.name} impl={impl}: row {t} saw {bad} but is not NaN"
+
+
 @pytest.mark.parametrize("record,causal", op_cases())
 def test_batch_elements_are_independent(record: Mechanism, causal: bool) -> None:
     q, k, v = random_qkv(record, dtype=torch.float64, generator=seeded(5), batch=3)

@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from attnlab.ops.nonfinite import nonfinite_guarded
 from attnlab.ops.validation import Sizes, check_causal, check_impl, check_qkv, check_scale, compute_dtype, expand_kv
 from attnlab.registry import CheckConfig, Mechanism, register
 
@@ -179,6 +180,7 @@ def agent_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.to(q.dtype)
 
 
+@nonfinite_guarded
 def agent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_agents: int = 49,
                     agents: torch.Tensor | None = None, grid: tuple[int, int] | None = None, causal: bool = False,
                     scale: float | None = None, agent_bias: torch.Tensor | None = None,

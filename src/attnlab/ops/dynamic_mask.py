@@ -26,6 +26,7 @@ from typing import Literal
 
 import torch
 
+from attnlab.ops.nonfinite import nonfinite_guarded
 from attnlab.ops.sliding_window import gathered_block_attention
 from attnlab.ops.softmax import attention_mask
 from attnlab.ops.validation import (
@@ -239,6 +240,7 @@ def _rank_cutoffs(order: torch.Tensor, index: torch.Tensor, *, W: int, block: in
     return torch.stack(cutoffs, dim=-1)  # (B, H_kv, G, Bq)
 
 
+@nonfinite_guarded
 def dynamic_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_bias: torch.Tensor,
                            k_budget: int, causal: bool = False, scale: float | None = None,
                            impl: Literal["auto", "reference", "gather", "block"] = "auto") -> torch.Tensor:

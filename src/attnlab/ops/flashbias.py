@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from attnlab.ops.alibi import alibi_slopes
+from attnlab.ops.nonfinite import guard_nonfinite
 from attnlab.ops.softmax import attention_mask
 from attnlab.ops.validation import (
     check_causal,
@@ -37,6 +38,7 @@ __all__ = [
     "alibi_bias_factors",
     "spatial_distance_bias_factors",
     "svd_bias_factors",
+    "factors_in_dtype",
 ]
 
 IMPLS = ("auto", "reference", "sdpa")
@@ -103,8 +105,10 @@ def flashbias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_
 
     Args:
         q: ``[B, H, N, D]``; k: ``[B, H_kv, M, D]``; v: ``[B, H_kv, M, Dv]``.
-        q_bias: ``[B|1, H|1, N, R]``; k_bias: ``[B|1, H|H_kv|1, M, R]``; any floating dtype, cast to
-            the dtype of q (build them in that dtype: see :func:`alibi_bias_factors` for bf16).
+        q_bias: ``[B|1, H|1, N, R]``; k_bias: ``[B|1, H|H_kv|1, M, R]``; any floating dtype. Factors
+            wider than q are cast only where q's dtype holds them exactly; the float32/float64 ALiBi
+            factors of :func:`alibi_bias_factors` are rebuilt exactly in q's dtype; other wider factors
+            are refused (see :func:`factors_in_dtype`): build them in q's dtype.
             Size-1 batch/head dims broadcast. A k_bias with ``H`` heads over ``H_kv < H`` key heads
             makes the fast path repeat k, v to ``H`` heads.
         causal: queries aligned to the end of the keys. For ``N == M`` SDPA's ``is_causal`` is
@@ -118,19 +122,79 @@ def flashbias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_
     check_causal(causal)
     check_impl(impl, IMPLS)
     if impl == "reference":
-        return flashbias_attention_reference(q, k, v, q_bias=q_bias, k_bias=k_bias, causal=causal, scale=scale)
+        return guard_nonfinite(lambda k, v: flashbias_attention_reference(
+            q, k, v, q_bias=q_bias, k_bias=k_bias, causal=causal, scale=scale), q, k, v, causal=causal)
     sizes = check_qkv(q, k, v)
     B, H, Hkv, N, M, D, _ = sizes
     scale = check_scale(scale, D)
-    R, k_bias_heads = _check_factors(q_bias, k_bias, B, H, Hkv, N, M)
+    _check_factors(q_bias, k_bias, B, H, Hkv, N, M)
     if causal:
         check_causal_lengths(N, M)
+    q_bias, k_bias = factors_in_dtype(q_bias, k_bias, q.dtype, heads=H, length=N, key_length=M)
+    return guard_nonfinite(lambda k, v: _flashbias_sdpa(q, k, v, q_bias, k_bias, causal=causal, scale=scale),
+                           q, k, v, causal=causal)
+
+
+def _wider(dtype: torch.dtype, than: torch.dtype) -> bool:
+    return torch.finfo(dtype).eps < torch.finfo(than).eps
+
+
+def _alibi_slopes_of(q_bias: torch.Tensor, k_bias: torch.Tensor, heads: int, length: int,
+                     key_length: int) -> torch.Tensor | None:
+    """The slopes ``[H]`` when ``(q_bias, k_bias)`` are the rank-2 :func:`alibi_bias_factors` (else ``None``)."""
+    if q_bias.shape[-1] != 2 or length > key_length:
+        return None
+    slopes = q_bias[0, :, 0, 0].to(torch.float64).expand(heads)  # (H,)
+    want_q, want_k = alibi_bias_factors(heads, length, key_length, slopes=slopes.contiguous(), dtype=torch.float64,
+                                        device=q_bias.device)
+    close = torch.allclose(q_bias.to(torch.float64), want_q.expand_as(q_bias), rtol=1e-6, atol=0)
+    if close and torch.equal(k_bias.to(torch.float64), want_k.expand_as(k_bias)):
+        return slopes
+    return None
+
+
+def factors_in_dtype(q_bias: torch.Tensor, k_bias: torch.Tensor, dtype: torch.dtype, *, heads: int, length: int,
+                     key_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bias factors in the attention dtype ``dtype``, exactly or not at all.
+
+    For a float32/float64 ``dtype`` the factors are cast (24 or more mantissa bits: the library's own
+    default factors are float32). For bfloat16/float16: factors in ``dtype`` or a narrower dtype pass; wider
+    factors whose entries
+    ``dtype`` holds exactly are cast; the rank-2 ALiBi factors of :func:`alibi_bias_factors` are rebuilt
+    as that function's exact factors for ``dtype`` (bf16 rounding of ``[m_h, -m_h p_i] . [j, 1]``
+    cancels: relative error 0.38 at N = 2048); anything else is refused, since rounding a factor can
+    cancel its products' leading digits.
+
+    Raises:
+        ValueError: wider factors that would lose digits, naming ``alibi_bias_factors(..., dtype=...)``.
+    """
+    if dtype not in _LOW_PRECISION or not (_wider(q_bias.dtype, dtype) or _wider(k_bias.dtype, dtype)):
+        return q_bias.to(dtype), k_bias.to(dtype)
+    q_cast, k_cast = q_bias.to(dtype), k_bias.to(dtype)
+    if torch.equal(q_cast.to(q_bias.dtype), q_bias) and torch.equal(k_cast.to(k_bias.dtype), k_bias):
+        return q_cast, k_cast
+    slopes = _alibi_slopes_of(q_bias, k_bias, heads, length, key_length)
+    if slopes is not None:
+        return alibi_bias_factors(heads, length, key_length, slopes=slopes, dtype=dtype, device=q_bias.device)
+    raise ValueError(
+        f"q_bias/k_bias are {q_bias.dtype}/{k_bias.dtype} but q is {dtype}: rounding the factors to {dtype} "
+        f"changes the bias (their products can cancel in the leading digits). Build them in the attention "
+        f"dtype, e.g. alibi_bias_factors(..., dtype={dtype}) for ALiBi, or cast them yourself "
+        f"(q_bias.to({dtype}), k_bias.to({dtype})) to accept the rounding")
+
+
+def _flashbias_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_bias: torch.Tensor, k_bias: torch.Tensor,
+                    *, causal: bool, scale: float) -> torch.Tensor:
+    """The SDPA recipe on checked inputs; factors already in q's dtype."""
+    B, H, N, D = q.shape
+    Hkv, M = k.shape[1], k.shape[2]
+    R, k_bias_heads = q_bias.shape[-1], k_bias.shape[1]
     if k_bias_heads == H and Hkv != H:  # per-query-head key factors: give every query head its own keys
         k, v, Hkv = expand_kv(k, H), expand_kv(v, H), H
     pad = (-(D + R)) % 8
     zeros = q.new_zeros(()).expand(B, max(H, Hkv), max(N, M), pad)  # no memory: padding by broadcast
-    q_cat = torch.cat([q * scale, q_bias.to(q.dtype).expand(B, H, N, R), zeros[:, :H, :N]], dim=-1)
-    k_cat = torch.cat([k, k_bias.to(k.dtype).expand(B, Hkv, M, R), zeros[:, :Hkv, :M]], dim=-1)
+    q_cat = torch.cat([q * scale, q_bias.expand(B, H, N, R), zeros[:, :H, :N]], dim=-1)
+    k_cat = torch.cat([k, k_bias.expand(B, Hkv, M, R), zeros[:, :Hkv, :M]], dim=-1)
     # q_cat (B, H, N, D + R + pad), k_cat (B, H_kv, M, D + R + pad): one allocation each
     Dv = v.shape[-1]
     width = q_cat.shape[-1]
@@ -292,7 +356,8 @@ def _check_factors_fixed(length: int, rank: int, seed: int) -> tuple[torch.Tenso
 
 
 _CHECK_QB, _CHECK_KB = _check_factors_fixed(8, 3, 0)
-_BF16_QB, _BF16_KB = _check_factors_fixed(512, 3, 1)
+# bf16 q takes only factors that bf16 holds exactly (wider ones are refused): random ones rounded once
+_BF16_QB, _BF16_KB = (x.bfloat16().double() for x in _check_factors_fixed(512, 3, 1))
 
 register(Mechanism(
     name="flashbias",

@@ -21,7 +21,8 @@ from typing import Literal
 import torch
 
 from attnlab.ops.linear import linear_attention_chunked
-from attnlab.ops.validation import check_causal, check_impl, check_qkv, compute_dtype, expand_kv
+from attnlab.ops.nonfinite import guard_nonfinite
+from attnlab.ops.validation import check_causal, check_float, check_impl, check_qkv, compute_dtype, expand_kv
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["flow_attention", "flow_attention_reference"]
@@ -35,8 +36,7 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
     if causal and sizes.key_length != sizes.length:
         raise ValueError(f"causal flow attention needs keys of the query length (the paper defines it for "
                          f"self-attention), got N={sizes.length} queries and M={sizes.key_length} keys")
-    if isinstance(eps, bool) or not isinstance(eps, int | float) or not (0 <= eps < float("inf")):
-        raise ValueError(f"eps must be a finite number >= 0, got eps={eps!r}")
+    eps = check_float("eps", eps, minimum=0)
     dtype = compute_dtype(q.dtype)
     qp = torch.sigmoid(q.to(dtype))  # (B, H, N, D)
     kp = torch.sigmoid(expand_kv(k, sizes.heads).to(dtype))  # (B, H, M, D)
@@ -139,9 +139,8 @@ def flow_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     """
     check_causal(causal)
     check_impl(impl, IMPLS)
-    if impl == "reference":
-        return flow_attention_reference(q, k, v, causal=causal, eps=eps)
-    return _flow_linear(q, k, v, causal=causal, eps=eps)
+    form = flow_attention_reference if impl == "reference" else _flow_linear
+    return guard_nonfinite(lambda k, v: form(q, k, v, causal=causal, eps=eps), q, k, v, causal=causal)
 
 
 register(Mechanism(

@@ -21,8 +21,10 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from attnlab.ops.lightning import check_chunk_size, check_state
+from attnlab.ops.nonfinite import nonfinite_guarded
 from attnlab.ops.validation import (
     Sizes,
+    check_bool,
     check_causal,
     check_causal_lengths,
     check_impl,
@@ -139,8 +141,8 @@ def _chunked_pairwise(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, z: t
     ``q_t diag(exp(z_prev - z_t)) S``. O(N C D + N D Dv) time, O(C^2 D) extra memory per block.
     Returns the output ``[B, H, N, Dv]`` in the compute dtype and the final state.
     """
-    C = chunk_size
     N = qf.shape[2]
+    C = min(chunk_size, N)  # a chunk longer than the sequence is one chunk of N rows
     tril = torch.ones(C, C, dtype=torch.bool, device=qf.device).tril()
     outs = []
     # split once: slicing inside the loop would make the backward pass O(N^2 / C)
@@ -204,7 +206,7 @@ def lightnet_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     z = torch.logcumsumexp(kf, dim=2)  # (B, H, N, D)
     if state is not None:
         z = torch.logaddexp(z, state[1][:, :, None])
-    C = chunk_size
+    C = min(chunk_size, N)  # a chunk longer than the sequence is one chunk of N rows
     pad = -N % C
     # padded rows: key -inf (weight 0, gradient 0), z repeated, query 0
     zc = rearrange(torch.cat([z, z[:, :, -1:].expand(-1, -1, pad, -1)], dim=2), "b h (c t) d -> b h c t d", t=C)
@@ -303,6 +305,7 @@ def lightnet_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
                                         return_state=True)
 
 
+@nonfinite_guarded
 def lightnet_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                        key_gain: torch.Tensor | None = None, chunk_size: int = 32,
                        initial_state: State | None = None, return_state: bool = False,
@@ -331,6 +334,7 @@ def lightnet_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cau
     """
     check_causal(causal)
     check_impl(impl, IMPLS)
+    check_bool("return_state", return_state)
     form = {"reference": lightnet_attention_reference, "recurrent": lightnet_attention_recurrent}.get(
         impl, lightnet_attention_chunked)
     return form(q, k, v, causal=causal, key_gain=key_gain, chunk_size=chunk_size, initial_state=initial_state,

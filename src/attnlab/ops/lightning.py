@@ -24,7 +24,18 @@ import torch
 from einops import rearrange
 
 from attnlab.ops.alibi import alibi_slopes
-from attnlab.ops.validation import Sizes, check_causal, check_impl, check_qkv, check_scale, compute_dtype, expand_kv
+from attnlab.ops.nonfinite import nonfinite_guarded
+from attnlab.ops.validation import (
+    Sizes,
+    check_bool,
+    check_causal,
+    check_impl,
+    check_int,
+    check_qkv,
+    check_scale,
+    compute_dtype,
+    expand_kv,
+)
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = [
@@ -69,11 +80,7 @@ def check_decay(decay: Decay, heads: int, *, device: torch.device, dtype: torch.
 
 
 def check_chunk_size(chunk_size: int) -> int:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got chunk_size={chunk_size}")
-    return chunk_size
+    return check_int("chunk_size", chunk_size, minimum=1)
 
 
 def check_state(name: str, state: object, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -165,7 +172,7 @@ def lightning_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     """
     dtype = compute_dtype(q.dtype)
     B, H, N, D = q.shape
-    C = chunk_size
+    C = min(chunk_size, N)  # a chunk longer than the sequence is one chunk of N rows
     chunks = math.ceil(N / C)
     pad = chunks * C - N
     m_last = N - (chunks - 1) * C
@@ -265,6 +272,7 @@ def lightning_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return _step(q, k, v, state, rates, scale, sizes.heads)
 
 
+@nonfinite_guarded
 def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                         decay: Decay = None, scale: float | None = 1.0, chunk_size: int = 64,
                         initial_state: torch.Tensor | None = None, return_state: bool = False,
@@ -297,6 +305,7 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ca
     """
     check_causal(causal, causal_only="lightning attention")
     check_impl(impl, IMPLS)
+    check_bool("return_state", return_state)
     if impl == "reference":
         return lightning_attention_reference(q, k, v, decay=decay, scale=scale, chunk_size=chunk_size,
                                              initial_state=initial_state, return_state=return_state)

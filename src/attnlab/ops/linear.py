@@ -21,8 +21,10 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from attnlab.ops.lightning import check_chunk_size, check_state
+from attnlab.ops.nonfinite import nonfinite_guarded
 from attnlab.ops.validation import (
     Sizes,
+    check_bool,
     check_causal,
     check_causal_lengths,
     check_impl,
@@ -262,7 +264,7 @@ def linear_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         return (out, (S, z)) if return_state else out
     state = _prefix(fk, vf, state, M - N)
     fk, vf = fk[:, :, M - N:], vf[:, :, M - N:]
-    C = chunk_size
+    C = min(chunk_size, N)  # a chunk longer than the sequence is one chunk of N rows
     chunks = math.ceil(N / C)
     pad = chunks * C - N
 
@@ -361,6 +363,7 @@ def _linear_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                   initial_state=initial_state, return_state=return_state)
 
 
+@nonfinite_guarded
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                      feature_map: FeatureMap = "elu+1", normalize: bool = True, eps: float = 1e-6,
                      scale: float | None = 1.0, chunk_size: int = 64, initial_state: State | None = None,
@@ -396,6 +399,8 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     """
     check_causal(causal)
     check_impl(impl, IMPLS)
+    check_bool("normalize", normalize)
+    check_bool("return_state", return_state)
     if impl == "triton" or (impl == "auto" and q.is_cuda and causal and q.shape[-2] == k.shape[-2]):
         from attnlab.kernels.lightning import _MAX_HEAD_DIM, linear_attention_triton, triton_runs_on
 

@@ -32,6 +32,7 @@ from typing import Literal
 import torch
 
 from attnlab.ops.flex import auto_uses_flex, flex_masked_attention
+from attnlab.ops.nonfinite import Reach, guard_nonfinite, index_reach
 from attnlab.ops.sliding_window import gathered_block_attention
 from attnlab.ops.softmax import softmax_attention_reference
 from attnlab.ops.validation import check_impl, check_qkv, check_scale
@@ -62,9 +63,11 @@ class _Grid:
         for axis, (n, K, s, d) in enumerate(zip(self.shape, self.kernel, self.stride, self.dilation, strict=True)):
             where = f"(axis {axis} of shape {self.shape})"
             if K < 2:
-                raise ValueError(f"kernel_size={K} must be >= 2 {where}")
+                raise ValueError(f"kernel_size={K} must be >= 2 {where}: NATTEN's rule (any integer >= 2, even "
+                                 f"sizes included; kernel_size * dilation at most the axis length)")
             if K > n:
-                raise ValueError(f"kernel_size={K} is larger than the axis length {n} {where}")
+                raise ValueError(f"kernel_size={K} is larger than the axis length {n} {where} (NATTEN's rule: "
+                                 f"kernel_size * dilation <= axis length)")
             if d < 1:
                 raise ValueError(f"dilation={d} must be >= 1 {where}")
             if K * d > n:
@@ -250,7 +253,11 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 
     Args:
         q: ``[B, H, N, D]``; k, v: ``[B, H_kv, N, D|Dv]`` (``H_kv`` divides ``H``), ``N == prod(shape)``.
-        kernel_size, stride, dilation: an int or one per axis of ``shape``.
+        kernel_size, stride, dilation: an int or one per axis of ``shape``. ``kernel_size`` follows
+            NATTEN's rule (its argument check accepts any integer >= 2 per axis, even sizes included
+            since Generalized Neighborhood Attention: an even ``K`` sees ``K div 2`` keys before the centre
+            and ``K div 2 - 1`` after; ``kernel_size * dilation`` at most the axis length; ``1 <= stride
+            <= kernel_size``); anything else raises ``ValueError``, a non-int ``TypeError``.
         shape: the token grid, flattened row-major (default ``(N,)``). FreeSwim's inward window on
             video tokens is ``shape=(F, H, W)``, ``kernel_size=(F, 2 d_h + 1, 2 d_w + 1)``.
         causal: a bool or one per axis.
@@ -271,17 +278,36 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     """
     check_impl(impl, IMPLS)
     if impl == "reference":
-        return neighborhood_attention_reference(q, k, v, kernel_size=kernel_size, shape=shape, stride=stride,
-                                                dilation=dilation, causal=causal, scale=scale)
+        return guard_nonfinite(lambda k, v: neighborhood_attention_reference(
+            q, k, v, kernel_size=kernel_size, shape=shape, stride=stride, dilation=dilation, causal=causal,
+            scale=scale), q, k, v, reach=lambda bad: _grid_reach(q, shape, kernel_size, stride, dilation, causal)(bad))
     sizes = check_qkv(q, k, v)
     grid = _grid_for(sizes.length, sizes.key_length, shape, kernel_size, stride, dilation, causal)
     scale = check_scale(scale, sizes.head_dim)
+    reach = _neighbour_reach(grid, q.device)
     if impl == "auto":
         impl = "flex" if auto_uses_flex(q) else "gather"
     if impl == "flex":
-        return _flex(q, k, v, grid, scale)
+        return guard_nonfinite(lambda k, v: _flex(q, k, v, grid, scale), q, k, v, reach=reach)
     key_index, allowed = _gather_blocks(grid, q.device)
-    return gathered_block_attention(q, k, v, key_index=key_index, allowed=allowed, scale=scale)
+    return guard_nonfinite(lambda k, v: gathered_block_attention(q, k, v, key_index=key_index, allowed=allowed,
+                                                                 scale=scale), q, k, v, reach=reach)
+
+
+def _neighbour_reach(grid: _Grid, device: torch.device) -> Reach:
+    """Each row sees its NATTEN neighbours (the key lists are built only when a key is non-finite)."""
+
+    def reach(bad: torch.Tensor) -> torch.Tensor:
+        keys, valid = grid.neighbours(torch.arange(grid.length, device=device))  # (N, K), (N, K)
+        return index_reach(keys, valid)(bad)
+
+    return reach
+
+
+def _grid_reach(q: torch.Tensor, shape: Axes | None, kernel_size: Axes, stride: Axes, dilation: Axes,
+                causal: bool | Sequence[bool]) -> Reach:
+    N = q.shape[2]
+    return _neighbour_reach(_grid_for(N, N, shape, kernel_size, stride, dilation, causal), q.device)
 
 
 def _odd_kernel(size: int, length: int) -> int:

@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from attnlab.ops.nonfinite import Reach, guard_nonfinite, mask_reach, standard_reach
 from attnlab.ops.softmax_backends import choose_backends, sdpa_with_backends
 from attnlab.ops.validation import (
     Sizes,
@@ -256,16 +257,37 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
     """
     check_causal(causal)
     check_impl(impl, IMPLS)
+    reach = _softmax_reach(q, k, causal=causal, attn_mask=attn_mask, key_padding_mask=key_padding_mask)
     if impl == "reference":
-        return softmax_attention_reference(q, k, v, causal=causal, scale=scale, attn_mask=attn_mask,
-                                           key_padding_mask=key_padding_mask)
+        return guard_nonfinite(lambda k, v: softmax_attention_reference(
+            q, k, v, causal=causal, scale=scale, attn_mask=attn_mask, key_padding_mask=key_padding_mask),
+            q, k, v, reach=reach)
     sizes = check_qkv(q, k, v)
     scale = check_scale(scale, sizes.head_dim)
     _check_masks(sizes, attn_mask, key_padding_mask, q.device)
     if causal:
         check_causal_lengths(sizes.length, sizes.key_length)
-    return _sdpa(q, k, v, sizes, causal=causal, scale=scale, attn_mask=attn_mask,
-                 key_padding_mask=key_padding_mask, choose=impl == "auto")
+    return guard_nonfinite(lambda k, v: _sdpa(q, k, v, sizes, causal=causal, scale=scale, attn_mask=attn_mask,
+                                              key_padding_mask=key_padding_mask, choose=impl == "auto"),
+                           q, k, v, reach=reach)
+
+
+def _softmax_reach(q: torch.Tensor, k: torch.Tensor, *, causal: bool, attn_mask: torch.Tensor | None,
+                   key_padding_mask: torch.Tensor | None) -> Reach:
+    """The rows that see a key: the causal prefix (or all rows), narrowed by the masks when there are any.
+
+    Called only on validated inputs with a non-finite key (the dense ``[.., N, M]`` mask is built then only).
+    """
+
+    def reach(bad: torch.Tensor) -> torch.Tensor:
+        N, M = q.shape[2], k.shape[2]
+        if attn_mask is None and key_padding_mask is None:
+            return standard_reach(causal, N)(bad)
+        mask = attention_mask(N, M, causal=causal, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                              device=q.device)
+        return mask_reach(mask if mask.dtype == torch.bool else mask > float("-inf"))(bad)
+
+    return reach
 
 
 register(Mechanism(

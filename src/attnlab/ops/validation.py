@@ -6,6 +6,7 @@ expected, so that a user never has to read a broadcasting error from deep inside
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -17,7 +18,12 @@ __all__ = [
     "check_qkv",
     "check_scale",
     "check_impl",
+    "check_causal",
     "check_causal_lengths",
+    "check_bool",
+    "check_int",
+    "check_float",
+    "check_choice",
     "check_tensor",
     "expand_kv",
     "compute_dtype",
@@ -94,24 +100,71 @@ def check_scale(scale: float | None, head_dim: int) -> float:
     """``scale`` (default ``head_dim ** -0.5``) must be a positive finite number."""
     if scale is None:
         return head_dim**-0.5
-    if isinstance(scale, torch.Tensor) or not isinstance(scale, int | float):
-        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
-    if not (scale > 0 and scale < float("inf")):
-        raise ValueError(f"scale must be a positive finite number, got scale={scale}")
-    return float(scale)
+    return check_float("scale", scale, minimum=0.0, strict_minimum=True)
 
 
 def check_impl(impl: str, valid: Sequence[str]) -> str:
     """``impl`` must be one of ``valid``."""
-    if impl not in valid:
-        raise ValueError(f"impl={impl!r} is not one of {', '.join(repr(v) for v in valid)}")
-    return impl
+    return check_choice("impl", impl, valid)
+
+
+def check_bool(name: str, value: object) -> bool:
+    """``value`` must be a bool: ``"yes"``, ``None``, ``1`` or a tensor are refused, not read as truthy/falsy."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {name}={value!r} ({type(value).__name__})")
+    return value
+
+
+def check_int(name: str, value: object, *, minimum: int | None = None, maximum: int | None = None,
+              why: str = "") -> int:
+    """``value`` must be an int (not a bool, not a float such as ``4.0``) within ``[minimum, maximum]``.
+
+    ``why`` (e.g. "NATTEN's rule") is appended to the range error so the user learns where the bound comes from.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {name}={value!r} ({type(value).__name__})")
+    reason = f" ({why})" if why else ""
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}{reason}, got {name}={value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}{reason}, got {name}={value}")
+    return int(value)
+
+
+def check_float(name: str, value: object, *, minimum: float | None = None, maximum: float | None = None,
+                strict_minimum: bool = False) -> float:
+    """``value`` must be a finite real number (an int or a float, not a bool or a tensor) in range.
+
+    ``strict_minimum``: the minimum itself is refused (``> minimum`` instead of ``>= minimum``).
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a float, got {name}={value!r} ({type(value).__name__})")
+    value = float(value)
+    if minimum == 0 and maximum is None:
+        wanted = "a positive finite number" if strict_minimum else "a finite number >= 0"
+    else:
+        bounds = [f"{'>' if strict_minimum else '>='} {minimum}"] if minimum is not None else []
+        bounds += [f"<= {maximum}"] if maximum is not None else []
+        wanted = "a finite number" + (f" {' and '.join(bounds)}" if bounds else "")
+    below = minimum is not None and (value <= minimum if strict_minimum else value < minimum)
+    if not math.isfinite(value) or below or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be {wanted}, got {name}={value}")
+    return value
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    """``value`` must be one of the strings ``choices``."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {', '.join(repr(c) for c in choices)}; got {value!r} "
+                        f"({type(value).__name__})")
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(repr(c) for c in choices)}")
+    return value
 
 
 def check_causal(causal: object, *, causal_only: str | None = None) -> bool:
     """``causal`` must be a bool; a causal-only mechanism (``causal_only`` = its name) refuses False."""
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool (True or False), got causal={causal!r} ({type(causal).__name__})")
+    check_bool("causal", causal)
     if causal_only is not None and not causal:
         raise NotImplementedError(f"{causal_only} is defined for causal attention only; pass causal=True")
     return causal
