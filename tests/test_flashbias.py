@@ -174,3 +174,28 @@ def test_bad_factors_raise_naming_them() -> None:
         flashbias_attention(q, k, v, q_bias=good_q, k_bias=torch.randn(1, 1, 8, 3))
     with pytest.raises(TypeError, match="q_bias"):
         flashbias_attention(q, k, v, q_bias=good_q.long(), k_bias=good_k)
+
+
+def test_default_float32_alibi_factors_with_bf16_inputs_are_rebuilt_exactly() -> None:
+    """The default call (float32 factors, bf16 q/k/v) at N=2048: <= 1e-2 against float64 (was 0.38)."""
+    H, N = 4, 2048
+    q, k, v = (x.detach()[:1] for x in qkv(N, N, seed=5, heads=H, kv_heads=H, d=64, dv=64, dtype=torch.bfloat16))
+    q_bias, k_bias = alibi_bias_factors(H, N)  # float32
+    out = flashbias_attention(q, k, v, q_bias=q_bias, k_bias=k_bias, causal=True)
+    mask = dense_alibi(H, N, N).masked_fill(~torch.ones(N, N, dtype=torch.bool).tril(), float("-inf"))
+    expected = softmax_attention(q.double(), k.double(), v.double(), attn_mask=mask)
+    error = float((out.double() - expected).norm() / expected.norm())
+    assert out.dtype == torch.bfloat16 and error <= 1e-2, error
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_wider_factors_that_would_round_are_refused(dtype: torch.dtype) -> None:
+    q, k, v = (x.detach() for x in qkv(16, 16, seed=6, heads=2, kv_heads=2, d=8, dv=8, dtype=dtype))
+    g = torch.Generator().manual_seed(0)
+    q_bias, k_bias = torch.randn(1, 2, 16, 3, generator=g), torch.randn(1, 1, 16, 3, generator=g)
+    with pytest.raises(ValueError, match=r"alibi_bias_factors\(\.\.\., dtype="):
+        flashbias_attention(q, k, v, q_bias=q_bias, k_bias=k_bias)
+    # factors that the dtype holds exactly are cast, whatever their own dtype
+    exact = flashbias_attention(q, k, v, q_bias=q_bias.to(dtype).float(), k_bias=k_bias.to(dtype).double())
+    cast = flashbias_attention(q, k, v, q_bias=q_bias.to(dtype), k_bias=k_bias.to(dtype))
+    assert torch.equal(exact, cast)

@@ -135,6 +135,27 @@ def test_causal_layer_does_not_look_ahead(record: Mechanism, config: dict, causa
             assert not torch.allclose(out2[:, t + 1:], out[:, t + 1:]), "perturbation had no effect at all"
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("record,config,causal", [p for p in layer_cases(causal_only=True)
+                                                   if p.values[0].role == "mixer"])
+def test_causal_layer_nonfinite_token_does_not_reach_earlier_rows(record: Mechanism, config: dict, causal: bool,
+                                                                  bad: float) -> None:
+    """A NaN/Inf in the input at token t leaves the outputs before t exactly as they were; row t is NaN."""
+    layer = build(record, config, causal=True, dtype=torch.float64).eval()
+    inputs, _ = make_inputs(record, layer, batch=2, dtype=torch.float64, seed=3)
+    N = record.check.length
+    name = next(iter(inputs))
+    with torch.no_grad():
+        clean = run(layer, inputs)
+        for t in (1, N // 2, N - 1):
+            x = inputs[name].clone()
+            x[:, t, 0] = bad
+            out = run(layer, {**inputs, name: x})
+            torch.testing.assert_close(out[:, :t], clean[:, :t], rtol=1e-12, atol=1e-12,
+                                       msg=lambda m, t=t: f"{record.name}: rows before t={t} changed: {m}")
+            assert torch.isnan(out[:, t]).all(), f"{record.name}: row {t} saw {bad} but is not NaN"
+
+
 @pytest.mark.parametrize("record,config,causal", layer_cases())
 def test_layer_batch_elements_are_independent(record: Mechanism, config: dict, causal: bool) -> None:
     layer = build(record, config, causal=causal, dtype=torch.float64).eval()

@@ -15,6 +15,7 @@ from einops import rearrange
 from torch import nn
 
 from attnlab.nn.sequence_input import check_sequence
+from attnlab.ops.nonfinite import nonfinite_guarded_forward
 from attnlab.ops.softmax import softmax_attention
 from attnlab.ops.validation import check_causal, check_tensor
 from attnlab.registry import CheckConfig, Mechanism, register
@@ -109,6 +110,7 @@ class DeconstructedAttention(nn.Module):
                              f"[{int(token_ids.min())}, {int(token_ids.max())}]")
         return self.random_embeddings[token_ids].to(x.dtype)
 
+    @nonfinite_guarded_forward
     def forward(self, x: torch.Tensor, *, embeddings: torch.Tensor | None = None,
                 token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``x [B, N, dim] -> [B, N, dim]``."""

@@ -14,6 +14,7 @@ from einops import rearrange
 from torch import nn
 
 from attnlab.ops.dynamic_mask import dynamic_mask_attention, dynamic_mask_attention_reference
+from attnlab.ops.nonfinite import nonfinite_guarded_forward
 from attnlab.ops.validation import check_causal
 from attnlab.registry import BenchShape, CheckConfig, Mechanism, register
 
@@ -64,6 +65,7 @@ class DynamicMaskAttention(nn.Module):
         dt = self.dt_proj(rearrange(v, "b h m d -> b m (h d)"))  # (B, M, H_kv)
         return rearrange(self.A * F.softplus(dt), "b m h -> b h m")  # (B, H_kv, M)
 
+    @nonfinite_guarded_forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, N, dim] -> [B, N, dim]``."""
         if not isinstance(x, torch.Tensor):

@@ -16,6 +16,7 @@ from einops import rearrange
 from torch import nn
 
 from attnlab.nn.sequence_input import check_padding_mask, check_sequence
+from attnlab.ops.nonfinite import nonfinite_guarded_forward
 from attnlab.ops.softmax import softmax_attention
 from attnlab.ops.validation import check_causal, compute_dtype
 from attnlab.registry import CheckConfig, Mechanism, register
@@ -110,6 +111,7 @@ class ExpertAttention(nn.Module):
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         return softmax_attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask)
 
+    @nonfinite_guarded_forward
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``x [B, N, dim] -> [B, N, dim]``; updates ``usage`` and sets ``aux_loss`` in training mode."""
         x = check_sequence("x", x, self.dim)

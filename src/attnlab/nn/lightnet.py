@@ -12,6 +12,7 @@ from torch import nn
 from attnlab.nn.sequence_input import check_sequence
 from attnlab.ops.lightnet import lightnet_attention
 from attnlab.ops.lightning import check_chunk_size
+from attnlab.ops.nonfinite import nonfinite_guarded_forward
 from attnlab.ops.validation import check_causal
 from attnlab.registry import CheckConfig, Mechanism, register
 
@@ -110,6 +111,7 @@ class LightNetAttention(nn.Module):
         axes = 1 if self.grid is None else len(self.grid)
         self.register_buffer("theta", lrpe_theta(heads, self.head_dim, axes, base=lrpe_base))
 
+    @nonfinite_guarded_forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, N, dim] -> [B, N, dim]``; with ``grid``, ``N >= prod(grid)``."""
         x = check_sequence("x", x, self.dim)

@@ -16,6 +16,7 @@ from einops import rearrange
 from torch import nn
 
 from attnlab.nn.sequence_input import check_sequence
+from attnlab.ops.nonfinite import nonfinite_guarded_forward
 from attnlab.ops.validation import check_causal, check_scale, compute_dtype
 from attnlab.registry import CheckConfig, Mechanism, register
 
@@ -110,6 +111,7 @@ class MinimalAttention(nn.Module):
         W = self.similarity_matrix().to(dtype)
         return torch.einsum("bnc,hce,bme->bhnm", xf, W, xf) * self.scale
 
+    @nonfinite_guarded_forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, N, dim] -> [B, N, dim]``: one fused SDPA call, the ``N x N`` scores never stored.
 

@@ -15,6 +15,7 @@ from einops import rearrange
 from torch import nn
 
 from attnlab.nn.sequence_input import check_sequence
+from attnlab.ops.nonfinite import nonfinite_guarded_forward
 from attnlab.ops.softmax import softmax_attention
 from attnlab.ops.validation import check_causal, compute_dtype
 from attnlab.registry import CheckConfig, Mechanism, register
@@ -137,6 +138,7 @@ class MoHAttention(nn.Module):
             parts = [shared]
         return MoHGates(torch.cat(parts, dim=-1), probs, selected, stage)
 
+    @nonfinite_guarded_forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, N, dim] -> [B, N, dim]``; sets ``self.aux_loss`` in training mode."""
         routing = self.head_gates(x)

@@ -13,6 +13,7 @@ from einops import rearrange
 from torch import nn
 
 from attnlab.nn.sequence_input import check_sequence
+from attnlab.ops.nonfinite import nonfinite_guarded_forward
 from attnlab.ops.rcmha import relative_attention
 from attnlab.ops.validation import check_causal
 from attnlab.registry import CheckConfig, Mechanism, register
@@ -97,6 +98,7 @@ class RCMHA(nn.Module):
     def _heads(self, linear: nn.Linear, conv: DepthwiseCausalConv, x: torch.Tensor) -> torch.Tensor:
         return conv(rearrange(linear(x), "b n (h d) -> b h n d", h=self.heads))  # (B, H, n, d)
 
+    @nonfinite_guarded_forward
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None) -> torch.Tensor:
         """``x [B, N, dim] -> [B, N, dim]``, optionally attending to ``memory [B, M0, dim]`` first."""
         x = check_sequence("x", x, self.dim)

@@ -9,6 +9,7 @@ from einops import rearrange
 from torch import nn
 
 from attnlab.nn.sequence_input import check_sequence
+from attnlab.ops.nonfinite import nonfinite_guarded_forward
 from attnlab.ops.tensor import IMPLS, tensor_attention
 from attnlab.ops.validation import check_causal, check_impl, check_scale
 from attnlab.registry import CheckConfig, Mechanism, register
@@ -53,6 +54,7 @@ class TensorAttention(nn.Module):
         self.to_qkv = nn.Linear(dim, 5 * dim, bias=bias)
         self.to_out = nn.Linear(dim, dim, bias=bias)
 
+    @nonfinite_guarded_forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, N, dim]`` -> ``[B, N, dim]``."""
         x = check_sequence("x", x, self.dim)

@@ -9,6 +9,7 @@ from torch import nn
 
 from attnlab.nn.sequence_input import check_sequence
 from attnlab.ops.lightning import check_chunk_size, lightning_attention, lightning_decay_slopes
+from attnlab.ops.nonfinite import nonfinite_guarded_forward
 from attnlab.ops.validation import check_causal
 from attnlab.registry import CheckConfig, Mechanism, register
 
@@ -62,6 +63,7 @@ class TNLAttention(nn.Module):
         self.out_proj = nn.Linear(dim, dim, bias=bias)
         self.register_buffer("decay", lightning_decay_slopes(heads, layer_idx=layer_idx, num_layers=num_layers))
 
+    @nonfinite_guarded_forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, N, dim] -> [B, N, dim]``."""
         x = check_sequence("x", x, self.dim)
