@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -145,3 +147,30 @@ def test_ray_on_a_local_instance_gives_the_same_metrics_as_one_process(tmp_path:
             assert on_ray[key][field] == record[field], (key, field)
     lines = [json.loads(line) for line in (tmp_path / "ray" / "results.jsonl").read_text().splitlines()]
     assert len(lines) == 8 and all(r["status"] == "ok" for r in lines)
+
+
+def test_a_worker_killed_mid_run_fails_that_run_and_a_new_worker_trains_the_rest(tmp_path: Path) -> None:
+    config = get_preset("smoke").tasks["mqar"][0]
+    long_run = Job("mqar", "softmax", 0, dataclasses.replace(config, steps=5000), "smoke")
+    jobs = [long_run, Job("mqar", "softmax", 1, config, "smoke")]
+    killed: list[int] = []
+
+    def kill_the_worker() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not killed:
+            workers = [p for p in multiprocessing.active_children() if p.name.startswith("attnlab-worker")]
+            if workers and workers[0].pid:
+                time.sleep(0.5)
+                os.kill(workers[0].pid, signal.SIGKILL)
+                killed.append(workers[0].pid)
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_the_worker)
+    killer.start()
+    path = tmp_path / "results.jsonl"
+    run_in_workers(jobs, workers=1, recorder=Recorder(path, planned=2, done_before=0), progress=False)
+    killer.join()
+    assert killed
+    records = {r["seed"]: r for r in load_results(path)}
+    assert records[0]["status"] == "failed" and records[0]["error"].startswith("WorkerDied: ")
+    assert "-9" in records[0]["error"] and records[1]["status"] == "ok"

@@ -266,8 +266,11 @@ def _run_quality(tasks: Sequence[str], mechanisms: Sequence[str] | Mapping[str, 
         recorder = Recorder(results_path, planned=len(jobs), done_before=len(jobs) - len(todo))
         if todo:
             if nproc > 1 or context_parallel > 1:
-                launch(todo, out_dir=out, nproc=nproc * context_parallel, device=device,
-                       context_parallel=context_parallel)
+                try:
+                    launch(todo, out_dir=out, nproc=nproc * context_parallel, device=device,
+                           context_parallel=context_parallel)
+                except KeyboardInterrupt:  # torchrun's rank 0 appended what finished
+                    raise recorder.interrupted() from None
             elif ray is not None:
                 from attnlab.bench.ray_runner import run_on_ray
 

@@ -19,6 +19,7 @@ runs were saved (a rerun of the same command trains the rest, failed ones includ
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import queue
@@ -78,6 +79,8 @@ class Recorder:
         self.planned = planned
         self.done_before = done_before
         self.records: list[dict[str, Any]] = []
+        # where this run's appends start: Ctrl-C can land inside an append, after the line is on disk
+        self._start = self.results_path.stat().st_size if self.results_path.exists() else 0
 
     def ok(self, record: dict[str, Any]) -> dict[str, Any]:
         record = {**record, "status": "ok"}
@@ -95,9 +98,27 @@ class Recorder:
     def failures(self) -> list[dict[str, Any]]:
         return [r for r in self.records if r.get("status") == "failed"]
 
+    def _appended(self) -> list[dict[str, Any]]:
+        """The complete records appended since this recorder started (read back from the file)."""
+        if not self.results_path.exists():
+            return []
+        with self.results_path.open("rb") as handle:
+            handle.seek(self._start)
+            lines = handle.read().decode("utf-8", errors="replace").split("\n")
+        records = []
+        for line in lines[:-1]:  # the text after the last newline is a line still being written
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records
+
     def interrupted(self) -> Interrupted:
-        saved = self.done_before + sum(r.get("status") == "ok" for r in self.records)
-        failed = len(self.failures)
+        appended = self._appended()
+        saved = self.done_before + sum(r.get("status") != "failed" for r in appended)
+        failed = sum(r.get("status") == "failed" for r in appended)
         note = f" ({failed} failed, retried on rerun)" if failed else ""
         return Interrupted(f"interrupted; {saved} of {self.planned} runs saved in {self.results_path}{note}; "
                            f"rerun the same command to resume")
