@@ -238,3 +238,25 @@ def test_cli_lrs_runs_each_rate_and_refuses_a_bad_one(tmp_path: Path, capsys: py
     captured = capsys.readouterr()
     assert "--lrs" in captured.err + captured.out and "positive" in captured.err + captured.out
     assert len(load_results(out / "results.jsonl")) == 2
+
+
+def test_train_step_s_times_the_steps_and_leaves_out_evaluation_and_progress() -> None:
+    import time
+
+    from attnlab.bench.training import train_loop
+
+    def sample(generator: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        time.sleep(0.05)  # a step that cannot take less than 50 ms
+        x = torch.randn(n, 4, generator=generator)
+        return x, x.sum(-1, keepdim=True)
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        time.sleep(1.0)  # would add 0.25 s per step if it were counted
+        return {"mse": 0.0}
+
+    outcome = train_loop(torch.nn.Linear(4, 1), steps=4, lr=1e-2, weight_decay=0.0, batch_size=8, seed=0,
+                         sample=sample, loss_fn=lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]),
+                         evaluate=evaluate, validate=lambda m: {"mse": 1.0}, device=torch.device("cpu"),
+                         on_step=lambda step: time.sleep(0.3))
+    assert 0.05 <= outcome.train_step_s < 0.2
+    assert outcome.validation_metrics == {"mse": 1.0} and outcome.metrics == {"mse": 0.0}
