@@ -199,3 +199,27 @@ def test_the_real_entry_point_with_debug_shows_the_traceback() -> None:
     result = subprocess.run([sys.executable, "-m", "attnlab.cli", "--debug", "bench", "speed", "--batch", "0"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "Traceback" in result.stderr and "UsageError: --batch=0" in result.stderr
+
+
+def test_ctrl_c_in_bench_speed_and_eval_says_how_to_resume(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    import attnlab.bench.speed as speed
+    import attnlab.hf.eval as evaluation
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(speed, "run_speed_benchmark", interrupted)
+    code, _, stderr = invoke(["bench", "speed", "--preset", "smoke", "--mechanisms", "softmax", "--out",
+                              str(tmp_path / "speed")], capsys)
+    assert code == 130 and stderr.startswith("interrupted; the cells timed so far are in ")
+    assert "rerun the same command to resume" in stderr and len(stderr.splitlines()) == 1
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "results.jsonl").write_text('{"kind": "row"}\n{"kind": "row"}\n')
+    monkeypatch.setattr(evaluation, "run_eval", interrupted)
+    code, _, stderr = invoke(["eval", "--model", str(model), "--out", str(tmp_path / "eval")], capsys)
+    assert code == 130 and stderr.startswith("interrupted; 2 rows saved in ") and len(stderr.splitlines()) == 1

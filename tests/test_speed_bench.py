@@ -238,10 +238,10 @@ def test_cli_smoke_preset_covers_every_registered_mechanism(tmp_path: Path,
     assert html.count("data:image/png;base64,") == 2 and "<table" in html
     assert "| softmax | auto | fwd | yes | " in markdown and "(x1.00)" in markdown
     assert main(["bench", "speed", "--preset", "nosuch", "--out", str(tmp_path)]) == 2
-    assert "preset='nosuch'" in capsys.readouterr().out
+    assert "preset='nosuch'" in capsys.readouterr().err  # a UsageError: one line on stderr
     if not torch.cuda.is_available():
         assert main(["bench", "speed", "--preset", "gpu", "--out", str(tmp_path / "gpu")]) == 2
-        assert "no CUDA device" in capsys.readouterr().out
+        assert "no CUDA device" in capsys.readouterr().err
 
 
 def test_render_empty_folder(tmp_path: Path) -> None:

@@ -118,8 +118,14 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
     _check_plan(args, config)
     from attnlab.bench.speed import run_speed_benchmark
 
-    rows = run_speed_benchmark(preset=args.preset, out_dir=out, mechanisms=args.mechanisms,
-                               resume=not args.no_resume, **overrides)
+    try:
+        rows = run_speed_benchmark(preset=args.preset, out_dir=out, mechanisms=args.mechanisms,
+                                   resume=not args.no_resume, **overrides)
+    except KeyboardInterrupt:
+        from attnlab.cli_errors import Interrupted
+
+        raise Interrupted(f"interrupted; the cells timed so far are in {out}/speed.jsonl; rerun the same command "
+                          "to resume (finished cells are skipped)") from None
     failed = [r for r in rows if r.get("status") == "error"]
     print(f"{len(rows)} cells, {len(failed)} failed; results in {out}/speed.jsonl, table in {out}/speed.md")
     if rows and len(failed) == len(rows):

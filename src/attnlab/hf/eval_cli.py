@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from attnlab.cli_errors import UsageError
+from attnlab.cli_errors import Interrupted, UsageError
 
 __all__ = ["add_commands", "add_parser", "run"]
 
@@ -89,6 +89,11 @@ def run(args: argparse.Namespace) -> int:
         records = run_eval(config, console=console, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, ImportError) as error:  # e.g. an encoder model, a text too short
         raise UsageError(str(error.args[0] if error.args else error)) from None
+    except KeyboardInterrupt:
+        results = config.out / "results.jsonl"
+        saved = sum(1 for line in results.read_text().splitlines() if line.strip()) if results.exists() else 0
+        raise Interrupted(f"interrupted; {saved} rows saved in {results}; rerun the same command to resume "
+                          "(finished rows are skipped)") from None
     report, leaderboard = write_eval_report(config.out, records)
     console.print(leaderboard.read_text())
     console.print(f"results: {config.out / 'results.jsonl'}; wrote {report} and {leaderboard}")
