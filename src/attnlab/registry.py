@@ -298,6 +298,10 @@ class Mechanism:
         return function(q, k, v, **options)
 
     def _check_causal(self, causal: bool) -> bool:
+        # the type first (as attnlab.ops.validation.check_causal, which the registry cannot import):
+        # causal="yes" is a TypeError, not a truthy request for a causal form
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool (True or False), got causal={causal!r} ({type(causal).__name__})")
         if causal and not self.supports_causal:
             raise NotImplementedError(f"mechanism {self.name!r} defines no causal form ({self.paper})")
         if not causal and not self.supports_bidirectional:

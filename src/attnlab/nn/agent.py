@@ -9,7 +9,7 @@ from torch import nn
 
 from attnlab.nn.sequence_input import check_sequence
 from attnlab.ops.agent import _check_grid, _check_num_agents, agent_attention
-from attnlab.ops.validation import check_causal
+from attnlab.ops.validation import check_bool, check_causal
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["AgentAttention"]
@@ -48,6 +48,7 @@ class AgentAttention(nn.Module):
     def __init__(self, dim: int, heads: int, *, causal: bool = False, num_agents: int = 49,
                  grid: tuple[int, int] | None = None, qkv_bias: bool = False, bias_size: int = 7) -> None:
         super().__init__()
+        check_bool("qkv_bias", qkv_bias)
         check_causal(causal)
         if causal:
             raise NotImplementedError("AgentAttention defines no causal form (the paper and its code are "

@@ -12,6 +12,7 @@ from einops import rearrange
 from torch import nn
 
 from attnlab.nn.sequence_input import check_padding_mask, check_sequence
+from attnlab.ops.validation import check_bool
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["EfficientProbe"]
@@ -43,6 +44,7 @@ class EfficientProbe(nn.Module):
     def __init__(self, dim: int, *, num_queries: int = 32, num_classes: int | None = None, d_out: int = 1,
                  qkv_bias: bool = False, scale: float | None = None) -> None:
         super().__init__()
+        check_bool("qkv_bias", qkv_bias)
         for name, value in (("dim", dim), ("num_queries", num_queries), ("d_out", d_out)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {name}={value!r}")

@@ -10,7 +10,7 @@ from torch import nn
 from attnlab.nn.sequence_input import check_sequence
 from attnlab.ops.lightning import check_chunk_size, lightning_attention, lightning_decay_slopes
 from attnlab.ops.nonfinite import nonfinite_guarded_forward
-from attnlab.ops.validation import check_causal
+from attnlab.ops.validation import check_bool, check_causal
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["TNLAttention"]
@@ -46,6 +46,7 @@ class TNLAttention(nn.Module):
                  bias: bool = False, gate_dim: int | None = None, chunk_size: int = 64, norm_eps: float = 1e-5,
                  ) -> None:
         super().__init__()
+        check_bool("bias", bias)
         check_causal(causal, causal_only="TNLAttention (lightning attention has no bidirectional form)")
         if dim <= 0 or heads <= 0 or dim % heads != 0:
             raise ValueError(f"dim={dim} must be a positive multiple of heads={heads}")
