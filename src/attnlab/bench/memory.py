@@ -2,8 +2,10 @@
 
 On the CPU the reliable figure comes from a fresh Python process per call
 (:func:`cpu_peak_memory_subprocess`, whose child is :mod:`attnlab.bench.memory_child`): the peak
-resident set (Linux ``VmHWM``), reset just before the measured call, so that earlier work cannot hide
-or inflate it. Both figures count the inputs (and their gradients) as well as what the call allocates.
+resident set (Linux ``VmHWM``, reset after the inputs are built) above the resident set read just
+before the inputs are built, after a warm-up call of the same cell at a short length; so neither the
+interpreter and its libraries nor what a first call loads once are counted. Both figures count the
+inputs (and their gradients) as well as what the call allocates.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ import torch
 
 import attnlab
 
-__all__ = ["cuda_peak_memory", "cpu_peak_memory_inline", "cpu_peak_memory_subprocess", "MMAP_THRESHOLD"]
+__all__ = ["cuda_peak_memory", "cpu_peak_memory_inline", "cpu_peak_memory_subprocess", "MMAP_THRESHOLD",
+           "MEMORY_RESOLUTION_BYTES", "WARMUP_LENGTH"]
+
+WARMUP_LENGTH = 128  # the fresh process warms up on the same cell at this length (or shorter) first
 
 
 def cuda_peak_memory(setup: Callable[[], Callable[[], Any]], device: str | torch.device = "cuda") -> int:
@@ -55,6 +60,8 @@ def _reset_peak_rss() -> bool:
 
 
 MMAP_THRESHOLD = 128 * 1024
+# Below this, a figure may be the allocator reusing memory it already held: shown as "< 0.25 MiB".
+MEMORY_RESOLUTION_BYTES = 2 * MMAP_THRESHOLD
 
 
 def fix_malloc_threshold() -> None:
@@ -73,36 +80,41 @@ def fix_malloc_threshold() -> None:
         pass
 
 
-def cpu_peak_memory_inline(setup: Callable[[], Callable[[], Any]], *, warmup: bool = True) -> int:
-    """Peak resident bytes above the resident set before ``setup()`` built the inputs, in this process.
+def cpu_peak_memory_inline(setup: Callable[[], Callable[[], Any]], *, warmup: bool = True,
+                           warmup_setup: Callable[[], Callable[[], Any]] | None = None) -> int:
+    """Peak resident bytes of one call above this process's resident set just before ``setup()`` builds
+    the inputs (so the inputs count, and nothing the process held before does).
 
-    The kernel's peak mark is reset after the warm-up call so that only the measured call counts.
-    Approximate: memory the allocator kept from earlier work can be reused unseen.
+    ``warmup``: first run one call built by ``warmup_setup`` (a smaller cell of the same kind), else by
+    ``setup``, and free it, all before the baseline is read: what a first call loads once (library code
+    pages, thread pools, allocator arenas) then sits in the baseline instead of in the figure. The
+    kernel's peak mark is reset after ``setup()``, so the figure is the larger of the inputs and the
+    call's peak. Resolution: blocks under :data:`MMAP_THRESHOLD` may reuse memory the allocator already
+    holds and go unseen, so figures under :data:`MEMORY_RESOLUTION_BYTES` are not resolved.
     """
     import gc
 
     fix_malloc_threshold()
+    if warmup:
+        warm = (warmup_setup or setup)()
+        warm()
+        del warm
     gc.collect()
     before = _proc_status_kb("VmRSS")
     fn = setup()
-    if warmup:
-        fn()
-        gc.collect()
     if not _reset_peak_rss():
         raise RuntimeError("cannot reset the peak resident set (/proc/self/clear_refs): no CPU memory figure")
-    at_reset = _proc_status_kb("VmRSS")
     fn()
-    call = _proc_status_kb("VmHWM") - at_reset  # what the call itself added at its peak
-    inputs = max(0, at_reset - before)  # what setup added (0 if unrelated memory was freed meanwhile)
-    return max(0, call + inputs) * 1024
+    return max(0, _proc_status_kb("VmHWM") - before) * 1024
 
 
 def cpu_peak_memory_subprocess(spec: Mapping[str, Any], *, timeout: float = 300.0) -> int:
-    """Peak resident bytes of one benchmark cell, measured in a fresh Python process.
+    """Peak resident bytes of one benchmark cell above the fresh Python process's own, measured there.
 
     ``spec`` is a cell description (:func:`attnlab.bench.cells.cell_spec`); the child
-    (:mod:`attnlab.bench.memory_child`) builds the same inputs and call, measures with
-    :func:`cpu_peak_memory_inline` and prints the figure as JSON.
+    (:mod:`attnlab.bench.memory_child`) warms up on the same cell at N <= :data:`WARMUP_LENGTH`, then
+    builds the inputs and runs the call, measures with :func:`cpu_peak_memory_inline` and prints the
+    figure as JSON.
     """
     env = dict(os.environ)
     src = str(Path(attnlab.__file__).resolve().parents[1])

@@ -11,6 +11,7 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from attnlab.bench.memory import MEMORY_RESOLUTION_BYTES
 from attnlab.registry import Mechanism
 
 __all__ = ["fit_exponent", "predict_next", "complexity_exponent", "estimate_cell", "scaling_exponents"]
@@ -81,6 +82,11 @@ def estimate_cell(*, batch: int, heads: int, length: int, dim: int, dtype_bytes:
     return io + scores
 
 
+def _resolved(row: Mapping[str, Any]) -> bool:
+    peak = row.get("peak_bytes")
+    return isinstance(peak, int | float) and peak >= MEMORY_RESOLUTION_BYTES
+
+
 def scaling_exponents(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, str, bool], dict[str, Any]]:
     """Fitted exponents of time and peak memory in N per (mechanism, impl, mode, causal), from result rows."""
     groups: dict[tuple[str, str, str, bool], list[Mapping[str, Any]]] = {}
@@ -94,7 +100,8 @@ def scaling_exponents(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str,
         out[key] = {
             "lengths": ns,
             "time": fit_exponent(ns, [r["time_ms"] for r in items]),
-            "memory": fit_exponent([r["N"] for r in items if r.get("peak_bytes")],
-                                   [r["peak_bytes"] for r in items if r.get("peak_bytes")]),
+            # figures under the measurement's resolution say little about growth: left out of the fit
+            "memory": fit_exponent([r["N"] for r in items if _resolved(r)],
+                                   [r["peak_bytes"] for r in items if _resolved(r)]),
         }
     return out

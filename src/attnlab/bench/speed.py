@@ -43,7 +43,13 @@ from attnlab.bench.speed_plan import (
     select_mechanisms,
     skip_reason,
 )
-from attnlab.bench.speed_report import write_speed_report
+from attnlab.bench.speed_report import (
+    LENGTH_CAP_REASON,
+    crossover_lines,
+    memory_ratio,
+    memory_text,
+    write_speed_report,
+)
 from attnlab.bench.timing import time_callable
 from attnlab.registry import Mechanism
 
@@ -56,6 +62,7 @@ def run_speed_benchmark(*, preset: str | SpeedConfig = "cpu", out_dir: str | os.
                         **overrides: Any) -> list[dict[str, Any]]:
     """Run the sweep of ``preset`` (overridden by ``overrides``, fields of :class:`SpeedConfig`).
 
+    ``mechanisms`` ``None``: the preset's list (``SpeedConfig.mechanisms``), else every registered one.
     Every (mechanism, impl, N, mode) cell appends one row to ``out_dir/speed.jsonl``; softmax
     attention (SDPA, impl "auto") is timed for every (N, mode, causal) in the same run and each row
     carries ``time_ratio`` and ``memory_ratio`` to it. With ``resume`` (default) cells already in the
@@ -110,6 +117,13 @@ class _Sweep:
                 row["options"] = describe_options(bench_options(record, ctx))
             except Exception as error:  # an option builder that does not fit: recorded as the cell's error
                 row["options"] = {"error": str(error)}
+        if _past_cap(config, name, impl, N):
+            row.update(status="skipped", reason=f"{LENGTH_CAP_REASON} N <= {config.length_cap} for this mechanism "
+                                                f"(the preset runs only {', '.join(config.length_cap_exempt)} and "
+                                                "softmax longer)")
+            row.update(self.stamp, timestamp=datetime.now(UTC).isoformat(timespec="seconds"))
+            append_result(self.path, row)
+            return row
         exponent = complexity_exponent(record, impl) if record else 1.0
         estimate = estimate_costs(spec, series, config, exponent, self.externals, self.limit)
         row["estimate_bytes"] = int(estimate.memory_bytes)
@@ -139,7 +153,7 @@ def _run(config: SpeedConfig, preset: str | SpeedConfig, out_dir: str | os.PathL
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / RESULTS_FILE
-    records = select_mechanisms(mechanisms)
+    records = select_mechanisms(mechanisms if mechanisms is not None else config.mechanisms)
     externals = available_externals(config.externals, torch.device(config.device).type, report=say)
     plan = plan_series(records, config, externals, say)
     sweep = _Sweep(config, preset, path, resume, externals)
@@ -153,7 +167,12 @@ def _run(config: SpeedConfig, preset: str | SpeedConfig, out_dir: str | os.PathL
     for N in config.lengths:
         for mode in config.modes:
             for causal in causal_kinds:
-                baselines[(N, mode, causal)] = sweep.cell(BASELINE, "auto", "op", causal, baseline, N, mode)
+                # a baseline nobody is compared with at this N (every series of its kind past the length cap,
+                # e.g. bidirectional softmax for agent alone) is not timed: {} stands for it
+                needed = any(c == causal and (is_baseline(name, impl, kind) or not _past_cap(config, name, impl, N))
+                             for name, impl, kind, c, _ in plan)
+                baselines[(N, mode, causal)] = (sweep.cell(BASELINE, "auto", "op", causal, baseline, N, mode)
+                                                if needed else {})
             for name, impl, path_kind, causal, record in plan:
                 if is_baseline(name, impl, path_kind):
                     row = baselines[(N, mode, causal)]
@@ -164,7 +183,7 @@ def _run(config: SpeedConfig, preset: str | SpeedConfig, out_dir: str | os.PathL
                 rows.append(row)
                 say(_line(row))
     if not any(is_baseline(name, impl, kind) for name, impl, kind, _, _ in plan):
-        for base in baselines.values():  # the baseline is part of the table even when not asked for
+        for base in (b for b in baselines.values() if b):  # the baseline is in the table even when not asked for
             row = dict(base)
             _attach_ratios(row, base)
             rows.insert(0, row)
@@ -176,10 +195,18 @@ def _run(config: SpeedConfig, preset: str | SpeedConfig, out_dir: str | os.PathL
         kind = "causal" if causal else "bidir."
         say(f"  exponent in N  {name:>24s} {impl:>9s} {mode:>6s} {kind}: time {t}, memory {m}  "
             f"(N = {fit['lengths']})")
+    for line in crossover_lines(rows):
+        say(f"  crossover {line}")
     if write_report:
         for written in write_speed_report(out):
             say(f"wrote {written}")
     return rows
+
+
+def _past_cap(config: SpeedConfig, name: str, impl: str, N: int) -> bool:
+    """Whether the preset's length cap leaves this (mechanism, impl) out at length ``N``."""
+    return (config.length_cap is not None and N > config.length_cap and name not in config.length_cap_exempt
+            and not (name == BASELINE and impl == "auto"))
 
 
 def _attach_ratios(row: dict[str, Any], base: Mapping[str, Any]) -> None:
@@ -187,15 +214,14 @@ def _attach_ratios(row: dict[str, Any], base: Mapping[str, Any]) -> None:
     row["baseline_time_ms"] = base.get("time_ms")
     row["baseline_peak_bytes"] = base.get("peak_bytes")
     row["time_ratio"] = row["time_ms"] / base["time_ms"] if ok and base.get("time_ms") else None
-    row["memory_ratio"] = (row["peak_bytes"] / base["peak_bytes"]
-                           if ok and row.get("peak_bytes") and base.get("peak_bytes") else None)
+    row["memory_ratio"] = memory_ratio(row, base) if ok else None
 
 
 def _line(row: Mapping[str, Any]) -> str:
     head = f"{row['mechanism']:>24s} {row['impl']:>9s} {row['mode']:>6s} N={row['N']:<6d}"
     if row.get("status") != "ok":
         return f"{head} {row.get('status')}: {row.get('reason')}"
-    mem = f"{row['peak_bytes'] / 2**20:9.1f} MiB" if row.get("peak_bytes") else "        - MiB"
+    mem = f"{memory_text(row):>16s}"
     ratio = f"x{row['time_ratio']:.2f} softmax" if row.get("time_ratio") else ""
     return f"{head} {row['time_ms']:10.3f} ms (+-{row['spread'] * 100:.0f}%) {mem}  {ratio}"
 
@@ -223,15 +249,17 @@ def _measure(spec: Mapping[str, Any], config: SpeedConfig, externals: Sequence[E
             result["memory_method"] = "torch.cuda.max_memory_allocated"
             result["peak_bytes"] = cuda_peak_memory(lambda: build_cell(spec, externals=externals), device)
         elif config.memory == "subprocess":
-            result["memory_method"] = "peak RSS of a fresh subprocess"
+            result["memory_method"] = "peak RSS above a fresh subprocess's own (after a warm-up at a short N)"
             # the child imports torch and attnlab first: slow on a loaded machine
             timeout = max(600.0, 20 * timing.median_ms / 1e3)
             result["peak_bytes"] = cpu_peak_memory_subprocess(spec, timeout=timeout)
         elif config.memory == "inline":
-            result["memory_method"] = "peak RSS, same process (approximate)"
-            result["peak_bytes"] = cpu_peak_memory_inline(lambda: build_cell(spec, externals=externals))
+            result["memory_method"] = "peak RSS above the process's before the inputs, same process (approximate)"
+            # the timed calls just ran this cell here: they were the warm-up
+            result["peak_bytes"] = cpu_peak_memory_inline(lambda: build_cell(spec, externals=externals),
+                                                          warmup=False)
         else:
-            result["memory_method"] = "none"
+            result["memory_method"] = "none (not measured)"
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:  # the timing stands without it
         result["memory_error"] = f"{type(error).__name__}: {str(error).strip()[:200]}"
     return result

@@ -49,6 +49,11 @@ class SpeedConfig:
         max_cell_seconds: cells whose predicted single-call time exceeds it are skipped.
         externals: optional external baselines tried when installed ("fla", "natten", "flex").
         device: "cpu" or "cuda" (default: cuda when available, else cpu).
+        mechanisms: what the preset times when the caller names none (``None``: every registered one).
+        length_cap, length_cap_exempt: series of mechanisms not in ``length_cap_exempt`` (and not the
+            softmax baseline) stop at ``N <= length_cap``; longer cells are recorded as skipped with
+            that reason. A preset with a time budget runs the O(N) mechanisms and softmax far enough to
+            show where they overtake it, and the rest only to the cap.
     """
 
     lengths: tuple[int, ...] = (256, 1024, 4096)
@@ -74,6 +79,9 @@ class SpeedConfig:
     externals: tuple[str, ...] = ("fla", "natten", "flex")
     device: str | None = None
     seed: int = 0
+    mechanisms: tuple[str, ...] | None = None
+    length_cap: int | None = None
+    length_cap_exempt: tuple[str, ...] = ()
 
     def batch_for(self, length: int) -> int:
         return max(1, self.tokens // length) if self.tokens else self.batch
@@ -83,9 +91,15 @@ PRESETS: dict[str, SpeedConfig] = {
     # seconds, for tests: tiny sizes, no memory subprocesses
     "smoke": SpeedConfig(lengths=(32, 64), heads=2, dim=16, modes=("fwd",), repeats=2, max_repeats=3,
                          min_seconds=0.0, max_seconds=0.5, memory="none", max_cell_seconds=0.5, externals=()),
-    # what the demo runs (~60 s on a 2-core CPU): two lengths, forward only, in-process memory
-    "demo": SpeedConfig(lengths=(128, 512), heads=4, dim=32, modes=("fwd",), repeats=2, max_repeats=5,
-                        min_seconds=0.05, max_seconds=1.0, memory="inline", max_cell_seconds=1.0, externals=()),
+    # what the demo runs (about a minute of one core): softmax and the O(N) mechanisms to N=8192, far enough
+    # to see them overtake softmax, the demo's other mechanisms to N=2048; in-process memory
+    "demo": SpeedConfig(lengths=(256, 512, 1024, 2048, 4096, 8192), heads=4, dim=32, modes=("fwd", "fwdbwd"),
+                        warmup=1, repeats=2, max_repeats=3, min_seconds=0.0, max_seconds=1.0, memory="inline",
+                        max_cell_seconds=3.0, externals=(), threads=1,
+                        mechanisms=("softmax", "lightning", "linear", "flow", "lightnet", "sliding_window", "tnl",
+                                    "agent", "neighborhood", "flashbias", "moh", "deconstructed"),
+                        length_cap=2048,
+                        length_cap_exempt=("lightning", "linear", "flow", "lightnet", "sliding_window", "tnl")),
     # the CPU table of docs/benchmarks.md: B=1, H=4, D=64, float32, causal, 1k-16k tokens
     "cpu": SpeedConfig(lengths=(1024, 4096, 16384), heads=4, dim=64, modes=("fwd", "fwdbwd"),
                        repeats=3, max_repeats=10, min_seconds=0.5, max_seconds=60.0, memory="subprocess",
@@ -111,7 +125,7 @@ def resolve_config(preset: str | SpeedConfig, overrides: Mapping[str, Any]) -> S
     unknown = set(fields) - set(asdict(config))
     if unknown:
         raise TypeError(f"unknown speed benchmark option(s): {', '.join(sorted(unknown))}")
-    for name in ("lengths", "modes", "impls", "externals"):
+    for name in ("lengths", "modes", "impls", "externals", "mechanisms", "length_cap_exempt"):
         if name in fields:
             fields[name] = tuple(fields[name])
     config = replace(config, **fields)
