@@ -190,6 +190,14 @@ def test_failed_runs_appear_with_their_error() -> None:
     assert "| - | hip | f | failed: MemoryError: out of memory | 0 |" in markdown
     assert "| 1 | softmax | f | 0.5000 (1 more seed failed) | 1 |" in markdown
     assert "- failed: softmax, seed 1: ValueError: bad" in markdown
+    # what the runner writes for a run that raised: the job's fields, status and error (no metric, no family)
+    runner_record = {"task": "mqar", "mechanism": "agent", "seed": 0, "lr": 3e-3, "sweep": [3e-3],
+                     "config": {"seq_len": 32, "dim": 16, "lr": 3e-3}, "config_label": "L32", "status": "failed",
+                     "error": "RuntimeError: x", "finished": "2026-01-01T00:00:00"}
+    rows = aggregate([*records, runner_record])
+    assert len({(r.task, r.config_label) for r in rows}) == 1  # the same table as the runs that finished
+    agent = next(r for r in rows if r.mechanism == "agent")
+    assert agent.failed and agent.metric == "accuracy" and value_text(agent) == "failed: RuntimeError: x"
 
 
 def test_a_failed_try_then_a_rerun_counts_once() -> None:

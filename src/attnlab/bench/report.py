@@ -271,6 +271,14 @@ def aggregate(records: Iterable[dict[str, Any]]) -> list[Row]:
         groups[(record["task"], record.get("config_label", "-"), record["mechanism"])].append(record)
     rows = [row for (task, label, mechanism), group in groups.items()
             for row in _rows_of_group(task, label, mechanism, group)]
+    # a failed run's record holds the job, not the task's metric or the mechanism's family: take them from
+    # the runs of the same task / mechanism that finished
+    metrics = {r.task: (r.metric, r.higher_is_better) for r in rows if not r.failed}
+    families = {r.mechanism: r.family for r in rows if not r.failed}
+    for row in rows:
+        if row.failed:
+            row.metric, row.higher_is_better = metrics.get(row.task, (row.metric, row.higher_is_better))
+            row.family = families.get(row.mechanism, row.family)
     return sorted(rows, key=_order)
 
 
