@@ -83,7 +83,7 @@ def test_cost_grows_linearly_the_scores_are_n_by_N() -> None:
 @pytest.mark.parametrize("kwargs,error,words", [
     ({"causal": True}, NotImplementedError, "no causal form"),
     ({"num_agents": 11}, ValueError, "num_agents=11 is larger than the sequence length N=10"),
-    ({"num_agents": 0}, ValueError, "num_agents must be a positive int"),
+    ({"num_agents": 0}, ValueError, "num_agents must be >= 1"),
     ({"num_agents": 3, "grid": (2, 5)}, ValueError, "perfect square"),
     ({"num_agents": 9, "grid": (2, 5)}, ValueError, "larger than the grid"),
     ({"num_agents": 4, "grid": (2, 3)}, ValueError, "grid=(2, 3) needs N = h*w = 6"),

@@ -322,6 +322,30 @@ def test_bad_input_raises_with_a_clear_message(record: Mechanism) -> None:
         assert word.lower() in str(info.value).lower(), f"{record.name} / {label}: message {info.value!r}"
 
 
+@pytest.mark.parametrize("record", OPS, ids=lambda m: m.name)
+def test_options_are_type_checked(record: Mechanism) -> None:
+    """A flag is a bool and a size an int: wrong types are a TypeError naming the option, through the op and
+    through ``attnlab.attention`` (which used to read ``causal="yes"`` as a request for the causal form)."""
+    q, k, v = random_qkv(record, generator=seeded(13))
+    options = run_options(record, causal=modes(record)[0])
+    wrong: list[tuple[str, object]] = [("causal", "yes"), ("causal", None), ("causal", 1)]
+    for name, default in record.defaults.items():
+        if isinstance(default, bool) and name != "causal":
+            wrong += [(name, "yes"), (name, None), (name, 0)]
+        elif isinstance(default, int) and not isinstance(default, bool):
+            wrong += [(name, float(default)), (name, True), (name, "4")]
+    for name in ("window", "kernel_size", "k_budget"):
+        if name in record.required_options or name in record.defaults:
+            wrong += [(name, 4.0), (name, None)]
+    impls = [{}, {"impl": "reference"}] if record.accepts("impl") else [{}]  # the reference path too
+    for (name, value), impl in ((w, i) for w in wrong for i in impls):
+        with pytest.raises(TypeError, match=rf"\b{name}\b"):
+            record.op(q, k, v, **{**options, name: value, **impl})
+        if name == "causal":
+            with pytest.raises(TypeError, match="causal"):
+                attnlab.attention(q, k, v, mechanism=record.name, **{**options, name: value})
+
+
 @pytest.mark.parametrize("record", [m for m in OPS if m.layer is None], ids=lambda m: m.name)
 def test_generic_layer_runs_the_op(record: Mechanism) -> None:
     """``attnlab.nn.Attention(mechanism=name)`` wraps every parameter-free op."""

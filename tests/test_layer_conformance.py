@@ -225,3 +225,18 @@ def test_layer_bad_input_raises_with_a_clear_message(record: Mechanism) -> None:
         message = str(info.value)
         assert isinstance(info.value, error), f"{record.name} / {name} {label}: raised {info.value!r}"
         assert re.search(rf"\b{re.escape(name)}\b", message), f"{record.name} / {name} {label}: {message!r}"
+
+
+@pytest.mark.parametrize("record", LAYERS, ids=lambda m: m.name)
+def test_layer_flags_are_bools(record: Mechanism) -> None:
+    """``causal`` and every bool option refuse "yes", None and 1 with a TypeError naming the option."""
+    config = dict(record.check.layer_configs[0])
+    flags = [n for n, d in record.defaults.items() if isinstance(d, bool)]
+    for name in flags:
+        for value in ("yes", None, 1):
+            causal = value if name == "causal" else modes(record)[0]
+            options = {key: val for key, val in config.items() if key != name}
+            if name != "causal":
+                options[name] = value
+            with pytest.raises(TypeError, match=rf"\b{name}\b"):
+                build(record, options, causal=causal, dtype=torch.float32)

@@ -19,7 +19,16 @@ import torch
 import torch.nn.functional as F
 
 from attnlab.ops.nonfinite import nonfinite_guarded
-from attnlab.ops.validation import Sizes, check_causal, check_impl, check_qkv, check_scale, compute_dtype, expand_kv
+from attnlab.ops.validation import (
+    Sizes,
+    check_causal,
+    check_impl,
+    check_int,
+    check_qkv,
+    check_scale,
+    compute_dtype,
+    expand_kv,
+)
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["agent_attention", "agent_attention_reference", "agent_tokens", "adaptive_pool_matrix"]
@@ -52,8 +61,7 @@ def _check_grid(grid: object, length: int) -> tuple[int, int, int]:
 
 
 def _check_num_agents(num_agents: int, length: int, grid: tuple[int, int] | None) -> int:
-    if isinstance(num_agents, bool) or not isinstance(num_agents, int) or num_agents < 1:
-        raise ValueError(f"num_agents must be a positive int, got num_agents={num_agents!r}")
+    check_int("num_agents", num_agents, minimum=1)
     if grid is None:
         if num_agents > length:
             raise ValueError(f"num_agents={num_agents} is larger than the sequence length N={length} "

@@ -43,8 +43,10 @@ IMPLS = ("auto", "reference", "gather", "flex")
 
 # Query blocks per call are capped so that one call's gathered keys stay near this many bytes: the
 # tensors then come from memory the allocator already holds (fresh multi-hundred-MiB buffers cost
-# more in page faults than the attention itself on CPU), and the forward peak stays O(chunk).
-_GATHER_CHUNK_BYTES = 16 << 20
+# more in page faults than the attention itself on CPU), stay in cache, and the forward peak stays
+# O(chunk). SDPA adds a float copy of the chunk's mask per head, several times the gathered keys: at
+# 1 MiB a chunk's working set is ~10 MiB (16 MiB chunks ran 2x slower than 1 MiB ones at N = 16384).
+_GATHER_CHUNK_BYTES = 1 << 20
 
 
 def gathered_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_index: torch.Tensor,
@@ -66,7 +68,7 @@ def gathered_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
     Returns:
         ``[B, H, N, Dv]`` in the dtype of q; a query row with no allowed key returns zeros.
-        The query blocks run in chunks whose gathered keys/values take about 16 MiB; under autograd
+        The query blocks run in chunks whose gathered keys take about 1 MiB; under autograd
         each chunk is checkpointed (its gather and attention are recomputed in the backward pass), so
         time is ``O(N S D)`` and memory ``O(N D)`` plus one chunk, in the forward and the backward pass.
     """
@@ -80,14 +82,20 @@ def gathered_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     chunk = max(1, _GATHER_CHUNK_BYTES // max(per_block, 1))
     recompute = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, key_bias))
     outputs = []
+    # without a graph each chunk is written into the output (no list of chunks plus their concatenation)
+    out = None if recompute else q.new_empty(B, H, N, Dv)  # (B, H, N, Dv)
     for g0 in range(0, -(-N // Bq), chunk):
         g1 = min(G, g0 + chunk)
         rows = slice(g0 * Bq, min(N, g1 * Bq))
         index = key_index[g0:g1] if key_index.ndim == 2 else key_index[:, :, g0:g1]
         mask = allowed[g0:g1] if allowed.ndim == 3 else allowed[:, :, g0:g1]
         args = (q[:, :, rows], k, v, index, mask, key_bias, scale)
-        outputs.append(checkpoint(_gathered_chunk, *args, use_reentrant=False) if recompute
-                       else _gathered_chunk(*args))
+        if out is not None:
+            out[:, :, rows] = _gathered_chunk(*args)
+        else:
+            outputs.append(checkpoint(_gathered_chunk, *args, use_reentrant=False))
+    if out is not None:
+        return out
     return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
 
 
@@ -290,7 +298,7 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if impl == "reference":
         return guard_nonfinite(lambda k, v: sliding_window_attention_reference(
             q, k, v, window=window, causal=causal, sink_tokens=sink_tokens, scale=scale),
-            q, k, v, reach=_window_reach(window, causal, sink_tokens))
+            q, k, v, reach=lambda bad: _window_reach(window, causal, sink_tokens)(bad))  # options checked by then
     sizes = check_qkv(q, k, v)
     _check_self(sizes.length, sizes.key_length, "sliding_window_attention")
     window = _check_window(window)
