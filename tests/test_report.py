@@ -125,6 +125,7 @@ def test_the_rate_with_the_best_mean_validation_value_is_chosen_and_its_test_met
     markdown = leaderboard_markdown([row])
     assert "| 1 | softmax | f | 0.7500 ± 0.0707 | 2 | 0.003 |" in markdown
     assert "swept over 0.001, 0.003, 0.01" in markdown and ONE_RATE_NOTE not in markdown
+    assert "## mqar (L32): learning rate swept\n" in markdown
     # lower is better: the smallest validation mean wins
     low = [_run("linear", 0, 1e-3, test=2.0, validation=3.0, higher=False),
            _run("linear", 0, 3e-3, test=2.5, validation=1.0, higher=False)]
@@ -140,6 +141,7 @@ def test_one_rate_says_not_swept_and_one_seed_prints_no_spread() -> None:
     rows = aggregate([_run("softmax", 0, 3e-3, test=0.5, sweep=(3e-3,)),  # old-style: no validation value
                       _run("lightning", 0, 3e-3, test=0.25, validation=0.2, sweep=(3e-3,))])
     markdown = leaderboard_markdown(rows)
+    assert f"## mqar (L32): {ONE_RATE_NOTE}\n" in markdown
     assert f"Learning rate: {ONE_RATE_NOTE} (0.003)." in markdown
     assert "| 1 | softmax | f | 0.5000 | 1 | 0.003 |" in markdown
     assert "| 2 | lightning | f | 0.2500 | 1 | 0.003 |" in markdown

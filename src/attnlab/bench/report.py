@@ -351,7 +351,8 @@ def leaderboard_markdown(rows: Sequence[Row], *, title: str = "Leaderboard", int
     lines = [f"# {title}", ""]
     for (task, label), group in _by_table(rows).items():
         first = group[0]
-        lines += [f"## {task} ({label})", "", " ".join(_table_notes(group))]
+        swept = "learning rate swept" if any(r.swept for r in group) else ONE_RATE_NOTE
+        lines += [f"## {task} ({label}): {swept}", "", " ".join(_table_notes(group))]
         if interval:
             lines[-1] += (" 95% interval: mean ± t(0.975, n - 1) × std / √n, Student's t over seeds "
                           "(rows with two or more seeds).")
@@ -386,7 +387,9 @@ def print_leaderboard(records: Sequence[dict[str, Any]], console: Any) -> None:
     from rich.table import Table
 
     for (task, label), group in _by_table(aggregate(records)).items():
-        table = Table(title=f"{task} ({label}): {group[0].metric}", caption=escape(" ".join(_table_notes(group))))
+        swept = "learning rate swept" if any(r.swept for r in group) else ONE_RATE_NOTE
+        table = Table(title=f"{task} ({label}): {group[0].metric}, {swept}",
+                      caption=escape(" ".join(_table_notes(group))))
         for column in ("rank", "mechanism", "family", group[0].metric, "seeds", "lr", "params", "time (s)"):
             table.add_column(column)
         for rank, row in zip(ranks(group), group, strict=True):
