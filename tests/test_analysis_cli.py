@@ -158,3 +158,22 @@ def test_ctrl_c_saves_the_finished_metrics_and_says_how_to_resume(tiny_bert, tmp
     assert last.startswith("interrupted; 1 of 2 metrics saved") and "rerun with --metrics importance" in last
     assert "normalised attention entropy" in (out / "report.html").read_text()
     assert sorted(json.loads((out / SECTIONS_FILE).read_text())["sections"]) == ["entropy"]
+
+
+def test_retrieval_alone_on_an_encoder_is_refused_and_ctrl_c_before_any_metric_leaves_no_folder(
+        tiny_bert, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert main(["analyze", "--model", str(tiny_bert), "--out", str(out), "--metrics", "retrieval"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("attnlab analyze: error: --metrics retrieval: needs a causal LM") and not out.exists()
+
+    import attnlab.analysis.cli as analysis_cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(analysis_cli, "_entropy", interrupted)
+    code = main(["analyze", "--model", str(tiny_bert), "--out", str(out), "--probe-tokens", "16",
+                 "--metrics", "entropy"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 130 and last.startswith("interrupted; 0 of 1 metrics saved") and not out.exists()

@@ -235,6 +235,9 @@ def _analyze(args: argparse.Namespace, request: _Request) -> int:
     if "retrieval" in metrics and not loaded.causal:
         console.print("[yellow]retrieval heads need a causal LM (generation): skipped for this encoder[/yellow]")
         metrics.remove("retrieval")
+        if not metrics:
+            raise UsageError(f"--metrics retrieval: needs a causal LM and {args.model!r} is an encoder; "
+                             f"choose from {','.join(m for m in METRICS if m != 'retrieval')}")
     try:
         stored = read_sections(out) if out.is_dir() else {"sections": {}}
     except (ValueError, OSError) as error:
@@ -267,7 +270,8 @@ def _analyze(args: argparse.Namespace, request: _Request) -> int:
                               f"run {run.base['time']}, {time.time() - t0:.0f} s"]}
     except KeyboardInterrupt:
         done = [m for m in metrics if m in new]
-        _store(run, request, new, stored)
+        if new:
+            _store(run, request, new, stored)
         rest = [m for m in metrics if m not in new]
         raise Interrupted(f"interrupted; {len(done)} of {len(metrics)} metrics saved in {out} "
                           f"({','.join(done) or 'none'}); rerun with --metrics {','.join(rest)} "
