@@ -223,3 +223,16 @@ def test_ctrl_c_in_bench_speed_and_eval_says_how_to_resume(monkeypatch: pytest.M
     monkeypatch.setattr(evaluation, "run_eval", interrupted)
     code, _, stderr = invoke(["eval", "--model", str(model), "--out", str(tmp_path / "eval")], capsys)
     assert code == 130 and stderr.startswith("interrupted; 2 rows saved in ") and len(stderr.splitlines()) == 1
+
+
+def test_device_cuda_without_cuda_is_refused_before_any_work(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU build, whatever this machine has
+    for argv, expected in ((["--device", "cuda"], "--device cuda: this torch"),
+                           (["--device", "cuda:1"], "--device cuda:1: this torch"),
+                           (["--preset", "gpu"], "--device: device='cuda' but no CUDA device")):
+        code, _, stderr = invoke(["bench", "speed", *argv, "--out", str(tmp_path / "out")], capsys)
+        assert code == 2 and len(stderr.splitlines()) == 1 and expected in stderr, stderr
+    assert not (tmp_path / "out").exists()
