@@ -174,3 +174,13 @@ def test_a_worker_killed_mid_run_fails_that_run_and_a_new_worker_trains_the_rest
     records = {r["seed"]: r for r in load_results(path)}
     assert records[0]["status"] == "failed" and records[0]["error"].startswith("WorkerDied: ")
     assert "-9" in records[0]["error"] and records[1]["status"] == "ok"
+
+
+def test_ray_without_the_extra_is_one_clear_usage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from attnlab.cli_errors import UsageError
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets where the extra is not installed
+    with pytest.raises(UsageError, match=r"--ray needs Ray, which is not installed: pip install 'attnlab\[ray\]'"):
+        run_quality(tasks=["mqar"], mechanisms=["softmax"], preset="smoke", seeds=2, out_dir=tmp_path, ray="local",
+                    progress=False)
+    assert not (tmp_path / "results.jsonl").exists()

@@ -142,8 +142,11 @@ def _demo(quality: QualityPreset, preset: str, out: Path, seeds: int, workers: i
                       f"the demo asks for at least 8[/yellow]")
     console.print(f"training {seeds} seed(s) per (task, mechanism) in {workers} worker process(es)")
     quality_started = time.perf_counter()
+    # the demo picks its mechanisms by timing them, so a rerun plans afresh in a new folder
     records = run_quality(tasks=list(chosen), mechanisms=chosen, preset=quality, seeds=seeds, out_dir=out,
-                          workers=workers, progress=console.is_terminal, console=console)
+                          workers=workers, progress=console.is_terminal, console=console,
+                          resume_hint=f"`attnlab report {out}` shows them; `attnlab demo` starts afresh in a "
+                                      f"new folder")
     console.print(f"quality runs: {time.perf_counter() - quality_started:.0f} s wall with {workers} worker(s)")
     # The budget is for an otherwise idle 2-core machine; the runs use every core, so the wall clock
     # (not this process's CPU time, which leaves out the workers') is what is left of it.

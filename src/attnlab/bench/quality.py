@@ -167,7 +167,8 @@ def run_quality(*, tasks: Sequence[str], mechanisms: Sequence[str] | Mapping[str
                 seeds: int | None = None, out_dir: str | Path, nproc: int = 1, device: str | None = None,
                 threads: int | None = 1, progress: bool = True, console: Any = None,
                 context_parallel: int = 1, workers: int = 1, ray: str | None = None,
-                strict: bool = True, lrs: Sequence[float] | None = None) -> QualityResults:
+                strict: bool = True, lrs: Sequence[float] | None = None,
+                resume_hint: str = "rerun the same command to resume") -> QualityResults:
     """Validate, then train every pending job and append its record to ``out_dir/results.jsonl``.
 
     ``mechanisms`` is one list for all tasks or a mapping task -> list. Returns the successful records
@@ -184,6 +185,7 @@ def run_quality(*, tasks: Sequence[str], mechanisms: Sequence[str] | Mapping[str
     ``nproc`` data-parallel replicas of them, ``nproc * C`` processes (torchrun). Ctrl-C raises
     :class:`attnlab.cli_errors.Interrupted` after stopping every worker; the same call resumes.
     ``lrs``: the learning rates to train every task at, instead of the preset's sweeps (:func:`plan_jobs`).
+    ``resume_hint``: how the Ctrl-C message tells the user to carry on.
     """
     previous_threads = torch.get_num_threads()
     if threads is not None:
@@ -193,7 +195,7 @@ def run_quality(*, tasks: Sequence[str], mechanisms: Sequence[str] | Mapping[str
     try:
         return _run_quality(tasks, mechanisms, preset, seeds, out_dir, nproc, device, progress, console,
                             context_parallel, workers=workers, ray=ray, strict=strict, threads=threads or 1,
-                            lrs=lrs)
+                            lrs=lrs, resume_hint=resume_hint)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -217,7 +219,8 @@ def _run_quality(tasks: Sequence[str], mechanisms: Sequence[str] | Mapping[str, 
                  preset: str | QualityPreset, seeds: int | None, out_dir: str | Path, nproc: int,
                  device: str | None, progress: bool, console: Any, context_parallel: int = 1, *,
                  workers: int = 1, ray: str | None = None, strict: bool = True, threads: int = 1,
-                 lrs: Sequence[float] | None = None) -> QualityResults:
+                 lrs: Sequence[float] | None = None, resume_hint: str = "rerun the same command to resume",
+                 ) -> QualityResults:
     preset = get_preset(preset) if isinstance(preset, str) else preset
     seeds = preset.seeds if seeds is None else seeds
     if seeds < 1:
@@ -263,7 +266,8 @@ def _run_quality(tasks: Sequence[str], mechanisms: Sequence[str] | Mapping[str, 
         if console is not None:
             console.print(f"{len(jobs)} runs in plan, {len(jobs) - len(todo)} already in {results_path}, "
                           f"{len(todo)} to train")
-        recorder = Recorder(results_path, planned=len(jobs), done_before=len(jobs) - len(todo))
+        recorder = Recorder(results_path, planned=len(jobs), done_before=len(jobs) - len(todo),
+                            resume_hint=resume_hint)
         if todo:
             if nproc > 1 or context_parallel > 1:
                 try:

@@ -71,11 +71,14 @@ def failed_record(job: Job, error: str, *, device: str) -> dict[str, Any]:
 class Recorder:
     """The one writer of a run's ``results.jsonl``: appends each finished record, counts what was saved.
 
-    ``planned``: the runs of the whole plan; ``done_before``: those already complete in the file.
+    ``planned``: the runs of the whole plan; ``done_before``: those already complete in the file;
+    ``resume_hint``: the end of the Ctrl-C message, how to carry on.
     """
 
-    def __init__(self, results_path: Path, *, planned: int, done_before: int) -> None:
+    def __init__(self, results_path: Path, *, planned: int, done_before: int,
+                 resume_hint: str = "rerun the same command to resume") -> None:
         self.results_path = Path(results_path)
+        self.resume_hint = resume_hint
         self.planned = planned
         self.done_before = done_before
         self.records: list[dict[str, Any]] = []
@@ -121,7 +124,7 @@ class Recorder:
         failed = sum(r.get("status") == "failed" for r in appended)
         note = f" ({failed} failed, retried on rerun)" if failed else ""
         return Interrupted(f"interrupted; {saved} of {self.planned} runs saved in {self.results_path}{note}; "
-                           f"rerun the same command to resume")
+                           f"{self.resume_hint}")
 
 
 def _title(job: Job) -> str:
