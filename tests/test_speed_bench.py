@@ -410,3 +410,28 @@ def test_markdown_to_html_covers_what_both_reports_write() -> None:
         '<table class="speed"><tr><th>name</th><th>N=1</th></tr><tr><td>softmax</td><td>1.5 (x1.00)</td></tr></table>',
         '<div class="note">linear: skipped</div>']
     assert markdown_to_html("| a |\n|---|\n| 1 |").startswith("<table><tr><th>a</th>")
+
+
+def test_a_second_sweep_into_a_folder_being_written_is_refused(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    from attnlab.cli_errors import UsageError
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from attnlab.bench.results import exclusive_writer\n"
+        "with exclusive_writer(sys.argv[1]):\n"
+        "    Path(sys.argv[1], 'holding').write_text('1')\n"
+        "    while not Path(sys.argv[1], 'release').exists(): time.sleep(0.02)\n"), str(tmp_path)])
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "holding").exists():
+            assert holder.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        with pytest.raises(UsageError, match=f"pid {holder.pid}.*wait for it to finish or choose another --out"):
+            speed.run_speed_benchmark(preset="smoke", out_dir=tmp_path, mechanisms="softmax", say=lambda line: None)
+        assert not (tmp_path / speed_config.RESULTS_FILE).exists()
+    finally:
+        (tmp_path / "release").write_text("1")
+        holder.wait(timeout=60)

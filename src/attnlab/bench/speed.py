@@ -30,7 +30,7 @@ import attnlab
 from attnlab.bench.cells import build_cell, cell_spec
 from attnlab.bench.externals import ExternalBaseline, available_externals
 from attnlab.bench.memory import cpu_peak_memory_inline, cpu_peak_memory_subprocess, cuda_peak_memory
-from attnlab.bench.results import append_result, load_results, result_key, versions
+from attnlab.bench.results import append_result, exclusive_writer, load_results, result_key, versions
 from attnlab.bench.scaling import complexity_exponent, scaling_exponents
 from attnlab.bench.speed_config import BASELINE, DTYPES, KEY_FIELDS, RESULTS_FILE, SpeedConfig, resolve_config
 from attnlab.bench.speed_options import bench_options, describe_options
@@ -66,8 +66,9 @@ def run_speed_benchmark(*, preset: str | SpeedConfig = "cpu", out_dir: str | os.
     Every (mechanism, impl, N, mode) cell appends one row to ``out_dir/speed.jsonl``; softmax
     attention (SDPA, impl "auto") is timed for every (N, mode, causal) in the same run and each row
     carries ``time_ratio`` and ``memory_ratio`` to it. With ``resume`` (default) cells already in the
-    file are not run again. Returns the rows of this sweep (loaded or new), and writes
-    ``speed.md`` / ``speed.html`` (table and log-log plots) unless ``write_report=False``.
+    file are not run again. The folder is held with :func:`attnlab.bench.results.exclusive_writer`
+    while the sweep runs (a second writer is refused). Returns the rows of this sweep (loaded or new),
+    and writes ``speed.md`` / ``speed.html`` (table and log-log plots) unless ``write_report=False``.
     """
     config = resolve_config(preset, overrides)
     say = say or print
@@ -75,7 +76,9 @@ def run_speed_benchmark(*, preset: str | SpeedConfig = "cpu", out_dir: str | os.
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     try:
-        return _run(config, preset, out_dir, mechanisms, resume, say, write_report)
+        # one writer per folder: a second sweep into the same --out would time the same cells twice
+        with exclusive_writer(out_dir):
+            return _run(config, preset, out_dir, mechanisms, resume, say, write_report)
     finally:
         torch.set_num_threads(threads)
 
