@@ -47,9 +47,13 @@ def test_demo_smoke_runs_at_least_eight_mechanisms_and_writes_the_report(
         assert line is not None and line.group(1).split(", ")[0] == PREFERRED_MECHANISMS[0]
 
 
-def test_demo_refuses_a_folder_that_already_holds_results(tmp_path: Path) -> None:
+def test_demo_refuses_a_folder_that_already_holds_results(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "results.jsonl").write_text('{"task": "mqar"}\n')
     assert main(["demo", "--preset", "smoke", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--out {tmp_path} already holds results" in err[0]
+    assert (tmp_path / "results.jsonl").read_text() == '{"task": "mqar"}\n'  # untouched
 
 
 def test_ctrl_c_during_the_demo_says_what_was_saved_and_how_to_carry_on(tmp_path: Path) -> None:

@@ -118,8 +118,8 @@ def run_demo(*, preset: str = "quick", out: str | Path | None = None, seeds: int
     quality = get_preset(preset)
     out = Path(out) if out is not None else Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     if (out / "results.jsonl").exists():
-        console.print(f"[red]{out} already holds results; the demo trains afresh into a new folder[/red]")
-        return 2
+        raise UsageError(f"--out {out} already holds results: the demo trains afresh, so give a new folder (or no "
+                         f"--out for runs/demo-<time>); `attnlab report {out}` shows what is there")
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small models: one thread is faster than two spinning on a shared CPU
     try:
