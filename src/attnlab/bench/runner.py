@@ -321,6 +321,10 @@ def run_in_workers(jobs: Sequence[Job], *, workers: int, recorder: Recorder, dev
     appends each record through ``recorder`` as it arrives. A worker that dies (killed, out of memory)
     fails its run and is replaced. Ctrl-C stops the workers and raises ``recorder.interrupted()``.
     Returns the records written.
+
+    The workers import attnlab afresh and know only the mechanisms attnlab registers itself: one
+    registered at run time in this process is unknown to them (its runs fail with ``KeyError``);
+    train such a mechanism with ``workers=1``.
     """
     if workers < 1:
         raise ValueError(f"workers={workers} must be at least 1")
