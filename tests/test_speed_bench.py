@@ -435,3 +435,14 @@ def test_a_second_sweep_into_a_folder_being_written_is_refused(tmp_path: Path) -
     finally:
         (tmp_path / "release").write_text("1")
         holder.wait(timeout=60)
+
+
+def test_a_spent_time_budget_leaves_the_rest_for_a_rerun(tmp_path: Path) -> None:
+    kwargs = dict(preset="smoke", out_dir=tmp_path, mechanisms="softmax,linear", lengths=(32, 64),
+                  say=lambda line: None)
+    rows = speed.run_speed_benchmark(max_total_seconds=0.0, **kwargs)  # spent before the first cell
+    assert {r["status"] for r in rows} == {"skipped"}
+    assert all(r["reason"].startswith("time budget: the sweep's 0 s were spent") for r in rows)
+    assert "not run (time budget)" in (tmp_path / "speed.md").read_text()
+    rows = speed.run_speed_benchmark(**kwargs)  # the rerun measures what the budget left out
+    assert {r["status"] for r in rows} == {"ok"} and len(rows) == 4

@@ -45,6 +45,7 @@ from attnlab.bench.speed_plan import (
 )
 from attnlab.bench.speed_report import (
     LENGTH_CAP_REASON,
+    TIME_BUDGET_REASON,
     crossover_lines,
     memory_ratio,
     memory_text,
@@ -95,6 +96,7 @@ class _Sweep:
         self.limit = memory_limit_bytes(config)
         self.stamp = {**versions(), "device_name": _device_name(config.device)}
         self.series: dict[tuple[str, str, str, str], Series] = {}
+        self.started = time.perf_counter()
 
     def cell(self, name: str, impl: str, path_kind: str, causal: bool, record: Mechanism | None, N: int,
              mode: str) -> dict[str, Any]:
@@ -109,6 +111,8 @@ class _Sweep:
         key = result_key(row, KEY_FIELDS)
         series = self.series.setdefault((name, impl, path_kind, mode), Series())
         done = self.existing.get(key)
+        if done is not None and str(done.get("reason", "")).startswith(TIME_BUDGET_REASON):
+            done = None  # left out for want of time last run: a rerun tries it again
         if done is not None and done.get("status") in ("ok", "skipped"):
             if done.get("status") == "ok":
                 series.add(N, done)
@@ -120,10 +124,15 @@ class _Sweep:
                 row["options"] = describe_options(bench_options(record, ctx))
             except Exception as error:  # an option builder that does not fit: recorded as the cell's error
                 row["options"] = {"error": str(error)}
-        if _past_cap(config, name, impl, N):
+        spent = time.perf_counter() - self.started
+        if spent > config.max_total_seconds:
+            row.update(status="skipped", reason=f"{TIME_BUDGET_REASON} the sweep's {config.max_total_seconds:g} s "
+                                                f"were spent ({spent:.0f} s); rerun the same command to add it")
+        elif _past_cap(config, name, impl, N):
             row.update(status="skipped", reason=f"{LENGTH_CAP_REASON} N <= {config.length_cap} for this mechanism "
                                                 f"(the preset runs only {', '.join(config.length_cap_exempt)} and "
                                                 "softmax longer)")
+        if row.get("status") == "skipped":
             row.update(self.stamp, timestamp=datetime.now(UTC).isoformat(timespec="seconds"))
             append_result(self.path, row)
             return row

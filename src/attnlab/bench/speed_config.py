@@ -54,6 +54,8 @@ class SpeedConfig:
             softmax baseline) stop at ``N <= length_cap``; longer cells are recorded as skipped with
             that reason. A preset with a time budget runs the O(N) mechanisms and softmax far enough to
             show where they overtake it, and the rest only to the cap.
+        max_total_seconds: once the sweep has run this long, the cells left are recorded as skipped
+            for want of time; a rerun of the same command runs them.
     """
 
     lengths: tuple[int, ...] = (256, 1024, 4096)
@@ -82,6 +84,7 @@ class SpeedConfig:
     mechanisms: tuple[str, ...] | None = None
     length_cap: int | None = None
     length_cap_exempt: tuple[str, ...] = ()
+    max_total_seconds: float = math.inf
 
     def batch_for(self, length: int) -> int:
         return max(1, self.tokens // length) if self.tokens else self.batch
@@ -99,7 +102,8 @@ PRESETS: dict[str, SpeedConfig] = {
                         mechanisms=("softmax", "lightning", "linear", "flow", "lightnet", "sliding_window", "tnl",
                                     "agent", "neighborhood", "flashbias", "moh", "deconstructed"),
                         length_cap=2048,
-                        length_cap_exempt=("lightning", "linear", "flow", "lightnet", "sliding_window", "tnl")),
+                        length_cap_exempt=("lightning", "linear", "flow", "lightnet", "sliding_window", "tnl"),
+                        max_total_seconds=150.0),  # a guard for a loaded machine: about 65 s of one idle core
     # the CPU table of docs/benchmarks.md: B=1, H=4, D=64, float32, causal, 1k-16k tokens
     "cpu": SpeedConfig(lengths=(1024, 4096, 16384), heads=4, dim=64, modes=("fwd", "fwdbwd"),
                        repeats=3, max_repeats=10, min_seconds=0.5, max_seconds=60.0, memory="subprocess",

@@ -26,9 +26,10 @@ from attnlab.bench.speed_config import BASELINE, KEY_FIELDS, RESULTS_FILE
 from attnlab.files import atomic_write_bytes, atomic_write_text
 
 __all__ = ["load_speed_rows", "speed_tables_markdown", "speed_plots", "render_speed_section", "write_speed_report",
-           "memory_text", "memory_ratio", "crossover_lines", "LENGTH_CAP_REASON"]
+           "memory_text", "memory_ratio", "crossover_lines", "LENGTH_CAP_REASON", "TIME_BUDGET_REASON"]
 
 LENGTH_CAP_REASON = "length cap:"  # how the reason of a cell skipped by the preset's length cap starts
+TIME_BUDGET_REASON = "time budget:"  # ... and of one left out because the sweep's time budget was spent
 
 Series = tuple[str, str, str, bool]  # (mechanism, impl, mode, causal)
 
@@ -128,6 +129,8 @@ def _cell_text(row: Mapping[str, Any] | None, what: str) -> str:
         reason = str(row.get("reason"))
         if reason.startswith(LENGTH_CAP_REASON):
             return "not run (length cap)"
+        if reason.startswith(TIME_BUDGET_REASON):
+            return "not run (time budget)"
         estimate = row.get("estimate_bytes")
         return f"skipped (est. {estimate / 2**30:.1f} GiB)" if "GiB" in reason else "skipped (slow)"
     if status != "ok":
@@ -179,15 +182,17 @@ def speed_tables_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
                 "-" if fit is None else f"{fit:.2f}",
             ]) + " |")
         parts.append("\n".join(lines) + "\n")
-    capped = [r for r in rows if r.get("status") == "skipped" and str(r.get("reason")).startswith(LENGTH_CAP_REASON)]
-    problems = [r for r in rows if r.get("status") in ("error", "skipped") and r not in capped]
-    notes = [f"- {r['mechanism']} ({r['impl']}, {r['mode']}, N={r['N']}): {r.get('status')}: {r.get('reason')}"
-             for r in problems]
-    if capped:
-        names = ", ".join(sorted({r["mechanism"] for r in capped}))
-        caps = sorted({r["N"] for r in capped})
-        notes.insert(0, f"- not run at N={', '.join(map(str, caps))} (the preset's length cap, to fit its time "
-                        f"budget): {names}")
+    grouped = {LENGTH_CAP_REASON: "the preset's length cap, to fit its time budget",
+               TIME_BUDGET_REASON: "the sweep's time budget was spent; rerun the same command to add them"}
+    notes = []
+    for start, why in grouped.items():
+        left = [r for r in rows if r.get("status") == "skipped" and str(r.get("reason")).startswith(start)]
+        if left:
+            names = ", ".join(sorted({r["mechanism"] for r in left}))
+            notes.append(f"- not run at N={', '.join(map(str, sorted({r['N'] for r in left})))} ({why}): {names}")
+    notes += [f"- {r['mechanism']} ({r['impl']}, {r['mode']}, N={r['N']}): {r.get('status')}: {r.get('reason')}"
+              for r in rows if r.get("status") in ("error", "skipped")
+              and not str(r.get("reason")).startswith(tuple(grouped))]
     if notes:
         parts.append("Skipped or failed cells:\n\n" + "\n".join(notes) + "\n")
     return "\n".join(parts)
@@ -261,7 +266,7 @@ def speed_plots(rows: Sequence[Mapping[str, Any]]) -> dict[str, bytes]:
             ax.grid(True, which="both", alpha=0.3)
             if missing:
                 fig.text(0.01, -0.02, "no point: " + ", ".join(missing), fontsize=8, wrap=True)
-            if ax.lines:
+            if ax.get_legend_handles_labels()[0]:  # (the ratio plot's line at 1 has no label)
                 ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8, frameon=False)
             buffer = io.BytesIO()
             fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
