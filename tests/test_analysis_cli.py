@@ -177,3 +177,32 @@ def test_retrieval_alone_on_an_encoder_is_refused_and_ctrl_c_before_any_metric_l
                  "--metrics", "entropy"])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 130 and last.startswith("interrupted; 0 of 1 metrics saved") and not out.exists()
+
+
+def test_a_second_analysis_into_a_held_folder_is_refused_with_the_holder_pid(tiny_bert, tmp_path, capsys):
+    """One writer per folder: the report sections are read, merged and written under the folder's lock."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from attnlab.bench.results import exclusive_writer\n"
+        "with exclusive_writer(sys.argv[1]):\n"
+        "    Path(sys.argv[1], 'holding').write_text('1')\n"
+        "    while not Path(sys.argv[1], 'release').exists(): time.sleep(0.02)\n"), str(out)])
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "holding").exists():
+            assert holder.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        code = main(["analyze", "--model", str(tiny_bert), "--out", str(out), "--probe-tokens", "16",
+                     "--metrics", "entropy"])
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert code == 2 and f"pid {holder.pid}" in last and "choose another --out" in last
+        assert not (out / "results.jsonl").exists() and not (out / SECTIONS_FILE).exists()
+    finally:
+        (out / "release").write_text("1")
+        holder.wait(timeout=60)
+    assert main(["analyze", "--model", str(tiny_bert), "--out", str(out), "--probe-tokens", "16",
+                 "--metrics", "entropy"]) == 0  # released: the folder is free again

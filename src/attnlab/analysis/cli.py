@@ -196,18 +196,24 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     stored in the folder and write ``report.html``.
 
     Every argument is checked first (the model's config.json included, no weights loaded); the
-    ``--out`` folder is created only when the model has loaded, and removed again if it is still
-    empty when the run fails.
+    ``--out`` folder is created (and held, see ``attnlab.bench.results.exclusive_writer``) only when
+    the work starts, and removed again if nothing was written to it when the run fails.
     """
+    from attnlab.bench.results import LOCK_FILE, exclusive_writer
+
     request = _check_arguments(args)
     _check_against_model(args, request)
     out = request.out
     created = not out.exists()
     try:
-        return _analyze(args, request)
+        # one writer per folder: a second analysis into it is refused with the holder's pid, so the
+        # read-merge-write of the report sections never loses another run's sections
+        with exclusive_writer(out):
+            return _analyze(args, request)
     except BaseException:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # nothing was written: leave no empty folder behind
+        if created and out.is_dir() and {entry.name for entry in out.iterdir()} <= {LOCK_FILE}:
+            (out / LOCK_FILE).unlink(missing_ok=True)  # nothing was written: leave no folder behind
+            out.rmdir()
         raise
 
 
@@ -249,7 +255,6 @@ def _analyze(args: argparse.Namespace, request: _Request) -> int:
     probs = record.stacked("probs")  # (L, B, H, N, N)
     if request.heads:  # the config may not have said (checked there when it did)
         _check_heads(request.heads, probs.shape[0], probs.shape[2], args.model)
-    out.mkdir(parents=True, exist_ok=True)
     steps = {"distance": lambda: _distance(run, probs), "entropy": lambda: _entropy(run, probs),
              "sinks": lambda: _sinks(run, record, inputs),
              "importance": lambda: _importance(run, probs.shape[0] * probs.shape[2], progress),
