@@ -446,3 +446,9 @@ def test_a_spent_time_budget_leaves_the_rest_for_a_rerun(tmp_path: Path) -> None
     assert "not run (time budget)" in (tmp_path / "speed.md").read_text()
     rows = speed.run_speed_benchmark(**kwargs)  # the rerun measures what the budget left out
     assert {r["status"] for r in rows} == {"ok"} and len(rows) == 4
+    # a cell past the length cap says so, budget or not
+    rows = speed.run_speed_benchmark(max_total_seconds=0.0, length_cap=32, length_cap_exempt=("softmax",),
+                                     **{**kwargs, "out_dir": tmp_path / "capped"})
+    reasons = {(r["mechanism"], r["N"]): r["reason"].split(":")[0] for r in rows}
+    assert reasons == {("softmax", 32): "time budget", ("softmax", 64): "time budget",
+                       ("linear", 32): "time budget", ("linear", 64): "length cap"}

@@ -125,13 +125,13 @@ class _Sweep:
             except Exception as error:  # an option builder that does not fit: recorded as the cell's error
                 row["options"] = {"error": str(error)}
         spent = time.perf_counter() - self.started
-        if spent > config.max_total_seconds:
-            row.update(status="skipped", reason=f"{TIME_BUDGET_REASON} the sweep's {config.max_total_seconds:g} s "
-                                                f"were spent ({spent:.0f} s); rerun the same command to add it")
-        elif _past_cap(config, name, impl, N):
+        if _past_cap(config, name, impl, N):
             row.update(status="skipped", reason=f"{LENGTH_CAP_REASON} N <= {config.length_cap} for this mechanism "
                                                 f"(the preset runs only {', '.join(config.length_cap_exempt)} and "
                                                 "softmax longer)")
+        elif spent > config.max_total_seconds:
+            row.update(status="skipped", reason=f"{TIME_BUDGET_REASON} the sweep's {config.max_total_seconds:g} s "
+                                                f"were spent ({spent:.0f} s); rerun the same command to add it")
         if row.get("status") == "skipped":
             row.update(self.stamp, timestamp=datetime.now(UTC).isoformat(timespec="seconds"))
             append_result(self.path, row)
