@@ -20,7 +20,7 @@ from attnlab.registry import _REGISTRY
 
 SMOKE_FIELDS = {"task", "mechanism", "seed", "config", "config_label", "preset", "metric", "value", "metrics",
                 "loss_curve", "parameters", "state_size", "wall_time_s", "versions", "world_size", "steps",
-                "higher_is_better", "mixer_options"}
+                "higher_is_better", "mixer_options", "status"}
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def test_runs_append_one_json_line_each_and_rerunning_resumes(tmp_path: Path) ->
         assert SMOKE_FIELDS <= set(record)
         assert record["metric"] in record["metrics"] and record["value"] == record["metrics"][record["metric"]]
         assert record["loss_curve"][-1][0] == record["steps"] == record["config"]["steps"]
-        assert record["versions"]["torch"] and record["world_size"] == 1
+        assert record["versions"]["torch"] and record["world_size"] == 1 and record["status"] == "ok"
     icl = next(r for r in records if r["task"] == "incontext_regression")
     assert icl["metric"] == "mse" and icl["metrics"]["baseline_ridge"] < icl["metrics"]["baseline_zero"]
 
