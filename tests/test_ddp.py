@@ -18,6 +18,7 @@ def test_two_cpu_processes_train_to_equal_parameters(tmp_path: Path) -> None:
            timeout=240)
     records = load_results(tmp_path / "results.jsonl")
     assert len(records) == 1 and records[0]["world_size"] == 2 and records[0]["task"] == "mqar"
+    assert records[0]["status"] == "ok"  # rank 0 writes through the same Recorder as the other runners
     rank0 = torch.load(tmp_path / "parameters-mqar-softmax-seed0-rank0.pt")
     rank1 = torch.load(tmp_path / "parameters-mqar-softmax-seed0-rank1.pt")
     assert rank0.keys() == rank1.keys()
