@@ -44,7 +44,8 @@ __all__ = ["execute", "run_in_workers", "Recorder", "failed_record", "describe_e
 # forkserver: the server imports torch and the benchmark once, and each worker forks from it (2.7-2.9 s
 # for two ready workers on the 2-core machine, against 3.3-5.9 s with spawn, which imports torch
 # again in every worker); plain fork is unsafe once this process has started torch's thread pools.
-START_METHOD = "forkserver"
+# Windows has no forkserver: spawn there.
+START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 # how often a worker reports its training step to the parent (seconds): enough for a live bar
 STEP_REPORT_INTERVAL = 0.25
 
