@@ -4,6 +4,8 @@ option, no traceback, nothing trained; incompatible pairs are skipped with their
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -132,3 +134,23 @@ def test_help_shows_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
         assert "(default: quick)" in text
     assert "(default: softmax)" in texts["bench"] and "(default: 1)" in texts["bench"]
     assert "--ray [ADDRESS]" in texts["bench"] and "(None: no Ray)" in texts["bench"]
+
+
+def test_a_second_run_into_a_held_folder_is_refused_naming_the_holder(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom attnlab.bench.results import exclusive_writer\n"
+         "with exclusive_writer(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)\n", str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        code, printed, err = _run(["bench", "quality", *SMOKE, "--mechanisms", "softmax", "--workers", "2",
+                                   "--seeds", "2", "--out", str(out)], capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code == 2, (printed, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and f"--out {out} is being written by another attnlab run (pid {holder.pid}," in lines[0]
+    assert not (out / "results.jsonl").exists()
