@@ -231,3 +231,28 @@ def test_tnl_layer_is_causal_only_and_the_plain_op_fits_the_generic_layer() -> N
         TNLAttention(16, 2, causal=False)
     layer = attnlab.nn.Attention(16, 2, mechanism="lightning", causal=True, decay=0.1)
     assert layer(rand(1, 9, 16, seed=41, dtype=torch.float32)).shape == (1, 9, 16)
+
+
+# ----------------------------------------------------------------------------------------------------
+# segments: long inputs run in pieces with the state carried (forced here with a tiny segment size)
+
+
+@pytest.mark.parametrize("decay", [None, "slopes"], ids=["no-decay", "decay"])
+def test_segmented_chunked_equals_reference(monkeypatch: pytest.MonkeyPatch, decay: str | None) -> None:
+    import attnlab.ops.lightning as lightning_module
+
+    monkeypatch.setattr(lightning_module, "SEGMENT_BYTES", 1 << 12)  # segments of one 8-token chunk
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 4, 75, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    rates = lightning_decay_slopes(4) if decay else None
+    s0 = torch.randn(2, 4, 8, 8, generator=gen, dtype=torch.float64)
+    assert lightning_module.segment_length(q, v, 8) < 75  # several segments do run
+    out, state = lightning_attention(q, k, v, decay=rates, chunk_size=8, initial_state=s0, return_state=True)
+    ref, ref_state = lightning_attention(q, k, v, decay=rates, chunk_size=8, initial_state=s0, return_state=True,
+                                         impl="reference")
+    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    got, want = torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)
+    assert relative_error(out, ref) < 1e-10 and relative_error(state, ref_state) < 1e-10
+    assert all(relative_error(a, b) < 1e-10 for a, b in zip(got, want, strict=True))
+    with torch.no_grad():  # the path that writes each segment into one output tensor
+        assert relative_error(lightning_attention(q, k, v, decay=rates, chunk_size=8, initial_state=s0), ref) < 1e-10

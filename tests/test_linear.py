@@ -160,3 +160,23 @@ def test_bad_options_raise_naming_the_argument(kwargs: dict, error: type, words:
 def test_causal_with_more_queries_than_keys_is_an_error() -> None:
     with pytest.raises(ValueError, match="N=6 queries and M=3 keys"):
         linear_attention(rand(1, 1, 6, 4), rand(1, 1, 3, 4), rand(1, 1, 3, 4), causal=True)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["f64", "f32"])
+def test_segmented_causal_equals_reference(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, tol: float) -> None:
+    """Long causal inputs run segment by segment with (S, z) carried; forced here with a tiny segment size."""
+    import attnlab.ops.lightning as lightning_module
+
+    monkeypatch.setattr(lightning_module, "SEGMENT_BYTES", 1 << 12)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 4, 70, 8, generator=gen, dtype=dtype, requires_grad=True) for _ in range(3))
+    s0 = (torch.randn(2, 4, 8, 8, generator=gen, dtype=dtype), torch.rand(2, 4, 8, generator=gen, dtype=dtype) + 1)
+    options = dict(causal=True, chunk_size=8, initial_state=s0, return_state=True)
+    out, (S, z) = linear_attention(q, k, v, **options)
+    ref, (S_ref, z_ref) = linear_attention(q, k, v, **options, impl="reference")
+    grad = torch.randn(out.shape, generator=gen, dtype=dtype)
+    got, want = torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)
+    assert max(relative_error(out, ref), relative_error(S, S_ref), relative_error(z, z_ref)) < tol
+    assert all(relative_error(a, b) < tol for a, b in zip(got, want, strict=True))
+    with torch.no_grad():
+        assert relative_error(linear_attention(q, k, v, causal=True, chunk_size=8, initial_state=s0), ref) < tol

@@ -20,9 +20,10 @@ from typing import Literal
 
 import torch
 
+from attnlab.ops.lightning import scan_segments, segment_length
 from attnlab.ops.linear import linear_attention_chunked
 from attnlab.ops.nonfinite import guard_nonfinite
-from attnlab.ops.validation import check_causal, check_float, check_impl, check_qkv, compute_dtype, expand_kv
+from attnlab.ops.validation import Sizes, check_causal, check_float, check_impl, check_qkv, compute_dtype, expand_kv
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["flow_attention", "flow_attention_reference"]
@@ -30,13 +31,17 @@ __all__ = ["flow_attention", "flow_attention_reference"]
 IMPLS = ("auto", "reference", "linear")
 
 
-def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, eps: float
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, eps: float) -> tuple[Sizes, float]:
     sizes = check_qkv(q, k, v)
     if causal and sizes.key_length != sizes.length:
         raise ValueError(f"causal flow attention needs keys of the query length (the paper defines it for "
                          f"self-attention), got N={sizes.length} queries and M={sizes.key_length} keys")
-    eps = check_float("eps", eps, minimum=0)
+    return sizes, float(check_float("eps", eps, minimum=0))
+
+
+def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, eps: float
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    sizes, eps = _check(q, k, v, causal=causal, eps=eps)
     dtype = compute_dtype(q.dtype)
     qp = torch.sigmoid(q.to(dtype))  # (B, H, N, D)
     kp = torch.sigmoid(expand_kv(k, sizes.heads).to(dtype))  # (B, H, M, D)
@@ -84,8 +89,67 @@ def flow_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return out.to(q.dtype)
 
 
+# prefix sums carried from one segment to the next: sum K', sum Q', sum K' O, sum Q' I, sum exp(O^),
+# and the state (S, z) of the causal linear attention of the output
+FlowCarry = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                  tuple[torch.Tensor, torch.Tensor] | None]
+
+
+def _flow_causal_segment(parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor], carry: FlowCarry | None,
+                         start: int, *, eps: float) -> tuple[torch.Tensor, FlowCarry]:
+    """Causal flow-attention of rows ``[start, start + n)`` given the prefix sums of the rows before.
+
+    ``parts``: q ``[B, H, n, D]`` and k, v ``[B, H_kv, n, D|Dv]`` (before the feature map). Every sum of
+    the causal formulas is a prefix sum, so a segment needs only the carried totals of the earlier rows
+    (Flowformer, arXiv 2202.06258, ``Flow_Attention_Causal``). Returns the output (compute dtype) and the
+    totals after the segment.
+    """
+    q, k, v = parts
+    dtype = compute_dtype(q.dtype)
+    H = q.shape[1]
+    qp = torch.sigmoid(q.to(dtype))  # (B, H, n, D)
+    kp = torch.sigmoid(expand_kv(k, H).to(dtype))  # (B, H, n, D)
+    vf = expand_kv(v, H).to(dtype)  # (B, H, n, Dv)
+    n = qp.shape[2]
+    nu = torch.arange(start + 1, start + n + 1, dtype=dtype, device=q.device)  # (n,) nu_i = i + 1
+
+    def prefix(x: torch.Tensor, before: torch.Tensor | None, dim: int = 2) -> torch.Tensor:
+        x = x.cumsum(dim)
+        return x if before is None else x + before.unsqueeze(dim)
+
+    sk, sq, sko, sqi, se, state = carry if carry is not None else (None,) * 6
+    key_sums, query_sums = prefix(kp, sk), prefix(qp, sq)  # (B, H, n, D)
+    incoming = nu / torch.einsum("bhnd,bhnd->bhn", qp + eps, key_sums + eps)
+    outgoing = nu / torch.einsum("bhnd,bhnd->bhn", kp + eps, query_sums + eps)
+    sink_sums = prefix(kp * outgoing[..., None], sko)  # (B, H, n, D)
+    source_sums = prefix(qp * incoming[..., None], sqi)
+    conserved_sink = torch.einsum("bhnd,bhnd->bhn", qp + eps, sink_sums + eps) / nu
+    conserved_source = torch.einsum("bhnd,bhnd->bhn", kp + eps, source_sums + eps) / nu
+    allocation = torch.sigmoid(conserved_sink)
+    e = torch.exp(conserved_source.clamp(-1.0, 1.0))
+    e_sums = prefix(e, se, dim=-1)  # (B, H, n)
+    competition = e / e_sums * nu
+    # the causal product sum_{j<=i} (a_i . K'_j) c_j v_j as chunked linear attention (no O(N D Dv) memory)
+    out, state = linear_attention_chunked(qp * (incoming / nu)[..., None], kp, vf * competition[..., None],
+                                          causal=True, feature_map="identity", normalize=False, scale=1.0,
+                                          initial_state=state, return_state=True)
+    carry = (key_sums[:, :, -1], query_sums[:, :, -1], sink_sums[:, :, -1], source_sums[:, :, -1], e_sums[..., -1],
+             state)
+    return out * allocation[..., None], carry
+
+
 def _flow_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, eps: float) -> torch.Tensor:
-    """The official code's linear-time order: (prefix) sums, then ``(Q' I) (K'^T (V comp))``."""
+    """The official code's linear-time order: (prefix) sums, then ``(Q' I) (K'^T (V comp))``.
+
+    Causal: segment by segment (~2 MiB of q, k, v each, :func:`attnlab.ops.lightning.scan_segments`), the
+    prefix sums and the linear-attention state carried, so the working set of the cumulative sums and
+    products stays in cache and the forward memory is O(segment) beyond inputs and output.
+    """
+    if causal:
+        _, eps = _check(q, k, v, causal=True, eps=eps)
+        out, _ = scan_segments(lambda parts, carry, start: _flow_causal_segment(parts, carry, start, eps=eps),
+                               (q, k, v), None, segment=segment_length(q, v, 64))
+        return out.to(q.dtype)
     qp, kp, vf, eps = _prepare(q, k, v, causal=causal, eps=eps)
     N, M = qp.shape[2], kp.shape[2]
     if not causal:
@@ -98,18 +162,6 @@ def _flow_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: b
         kv = torch.einsum("bhmd,bhme->bhde", kp, vf * competition[..., None])  # (B, H, D, Dv)
         out = torch.einsum("bhnd,bhde->bhne", qp * incoming[..., None], kv) * allocation[..., None]
         return out.to(q.dtype)
-    nu = torch.arange(1, N + 1, dtype=qp.dtype, device=q.device)
-    incoming = nu / torch.einsum("bhnd,bhnd->bhn", qp + eps, kp.cumsum(2) + eps)
-    outgoing = nu / torch.einsum("bhnd,bhnd->bhn", kp + eps, qp.cumsum(2) + eps)
-    conserved_sink = torch.einsum("bhnd,bhnd->bhn", qp + eps, (kp * outgoing[..., None]).cumsum(2) + eps) / nu
-    conserved_source = torch.einsum("bhnd,bhnd->bhn", kp + eps, (qp * incoming[..., None]).cumsum(2) + eps) / nu
-    allocation = torch.sigmoid(conserved_sink)
-    e = torch.exp(conserved_source.clamp(-1.0, 1.0))
-    competition = e / e.cumsum(-1) * nu
-    # the causal product sum_{j<=i} (a_i . K'_j) c_j v_j as chunked linear attention (no O(N D Dv) memory)
-    out = linear_attention_chunked(qp * (incoming / nu)[..., None], kp, vf * competition[..., None], causal=True,
-                                   feature_map="identity", normalize=False, scale=1.0)
-    return (out * allocation[..., None]).to(q.dtype)
 
 
 def flow_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, eps: float = 1e-6,

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from attnlab.ops.lightning import check_chunk_size, check_state
+from attnlab.ops.lightning import check_chunk_size, check_state, scan_segments, segment_length
 from attnlab.ops.nonfinite import nonfinite_guarded
 from attnlab.ops.validation import (
     Sizes,
@@ -190,8 +190,38 @@ def lightnet_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     A block whose spread exceeds what the dtype holds (60 in float32, 600 in float64: keys that
     jump by that much within ``chunk_size`` tokens) sends the call to the pairwise form
     (:func:`_chunked_pairwise`), whose weights are each at most 1.
+
+    Causal self-attention longer than a segment (~2 MiB of q, k, v) runs segment by segment, the
+    state ``(S, z)`` carried (:func:`attnlab.ops.lightning.scan_segments`): forward memory
+    O(segment) beyond inputs and output, and the fallback decided per segment.
     """
     chunk_size = check_chunk_size(chunk_size)
+    sizes = check_qkv(q, k, v)
+    B, H, N, D = sizes.batch, sizes.heads, sizes.length, sizes.head_dim
+    if causal is True and N == sizes.key_length > segment_length(q, v, chunk_size):
+        gain, cut = None, key_gain is None
+        if isinstance(key_gain, torch.Tensor) and key_gain.is_floating_point():
+            try:  # a view with the rows to cut (a broadcast gain may have one row)
+                gain, cut = key_gain.expand(B, H, N, D), True
+            except RuntimeError:
+                pass  # left to the one-piece call below, which names the bad argument
+        if cut:
+
+            def step(parts: tuple, state: State | None, start: int) -> tuple[torch.Tensor, State]:
+                q_, k_, v_, gain_ = parts
+                return _lightnet_chunked_segment(q_, k_, v_, causal=True, key_gain=gain_, chunk_size=chunk_size,
+                                                 initial_state=state, return_state=True)
+
+            out, state = scan_segments(step, (q, k, v, gain), initial_state, segment=segment_length(q, v, chunk_size))
+            return (out, state) if return_state else out
+    return _lightnet_chunked_segment(q, k, v, causal=causal, key_gain=key_gain, chunk_size=chunk_size,
+                                     initial_state=initial_state, return_state=return_state)
+
+
+def _lightnet_chunked_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+                              key_gain: torch.Tensor | None, chunk_size: int, initial_state: State | None,
+                              return_state: bool) -> torch.Tensor | tuple[torch.Tensor, State]:
+    """:func:`lightnet_attention_chunked` in one piece."""
     sizes, qf, kf, vf, gain, state = _prepare(q, k, v, causal=causal, key_gain=key_gain,
                                               initial_state=initial_state)
     N, M = sizes.length, sizes.key_length

@@ -18,10 +18,12 @@ Forms here: :func:`lightning_attention_reference` (masked quadratic), :func:`lig
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import torch
 from einops import rearrange
+from torch.utils.checkpoint import checkpoint
 
 from attnlab.ops.alibi import alibi_slopes
 from attnlab.ops.nonfinite import nonfinite_guarded
@@ -50,6 +52,59 @@ __all__ = [
 IMPLS = ("auto", "reference", "chunked", "recurrent", "triton")
 
 Decay = float | torch.Tensor | None
+
+
+# ----------------------------------------------------------------------------------------------------
+# segments: long sequences in pieces of bounded working set, the recurrent state carried between them
+
+# Bytes of q, k and v per segment. The chunked forms hold several per-block tensors (scores, block
+# states, prefix sums) of the size of their inputs; one segment at a time they stay a few MiB (in cache)
+# instead of several times the whole inputs: forward memory O(segment) on top of inputs and output.
+SEGMENT_BYTES = 2 << 20
+
+
+def segment_length(q: torch.Tensor, v: torch.Tensor, chunk_size: int) -> int:
+    """Tokens per segment for ``q [B, H, N, D]``, ``v [..., Dv]``: about :data:`SEGMENT_BYTES` of q, k and v,
+    a multiple of ``chunk_size`` (so the segments split no block the unsegmented form would keep)."""
+    B, H, _, D = q.shape
+    per_token = B * H * (2 * D + v.shape[-1]) * torch.finfo(compute_dtype(q.dtype)).bits // 8
+    return max(1, SEGMENT_BYTES // max(per_token * chunk_size, 1)) * chunk_size
+
+
+def scan_segments(step: Callable[[tuple[torch.Tensor | None, ...], Any, int], tuple[torch.Tensor, Any]],
+                  inputs: Sequence[torch.Tensor | None], state: Any, *, segment: int) -> tuple[torch.Tensor, Any]:
+    """Run ``step(parts, state, start) -> (out, state)`` over consecutive segments of ``segment`` tokens.
+
+    ``inputs`` are ``[B, H, N, *]`` tensors (or ``None``) cut along dim 2; ``parts`` are their rows
+    ``[start, start + segment)``; the outputs ``[B, H, n, Dv]`` are joined along dim 2. A recurrent form
+    run in pieces equals one run (the state carries everything earlier rows contribute), so this is
+    exact up to rounding. Under autograd each segment is checkpointed (its step is recomputed in the
+    backward pass from its inputs and incoming state): memory O(segment) in both passes. Without a
+    graph the segments write into one output tensor.
+    """
+    N = next(x for x in inputs if x is not None).shape[2]
+    tensors = [x for x in inputs if x is not None]
+    if isinstance(state, torch.Tensor):
+        tensors.append(state)
+    elif isinstance(state, tuple | list):
+        tensors.extend(x for x in state if isinstance(x, torch.Tensor))
+    recompute = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+    outputs, out = [], None
+    # split once: a slice per segment would give each input a full-size gradient per segment in the
+    # backward pass (O(N^2 / segment) time)
+    pieces = [[None] * -(-N // segment) if x is None else x.split(segment, dim=2) for x in inputs]
+    for start, parts in zip(range(0, N, segment), zip(*pieces, strict=True), strict=True):
+        if recompute:
+            piece, state = checkpoint(step, parts, state, start, use_reentrant=False)
+            outputs.append(piece)
+            continue
+        piece, state = step(parts, state, start)
+        if out is None:
+            out = piece.new_empty(*piece.shape[:2], N, *piece.shape[3:])  # (B, H, N, Dv)
+        out[:, :, start:start + piece.shape[2]] = piece
+    if recompute:
+        out = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+    return out, state
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -155,6 +210,29 @@ def lightning_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 def lightning_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, decay: torch.Tensor | None,
                                 scale: float, chunk_size: int, initial_state: torch.Tensor | None,
                                 return_state: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The Lightning-2 block algorithm (arXiv 2401.04658, Algorithm 1), in segments of ~2 MiB of q, k, v.
+
+    Each segment (:func:`segment_length` tokens, a multiple of ``chunk_size``) runs
+    :func:`_lightning_chunked_segment` from the state the previous one returned (:func:`scan_segments`):
+    the same blocks and the same result as one call, with the forward memory of one segment on top of
+    the inputs and the output. Same contract as :func:`_lightning_chunked_segment`.
+    """
+    segment = segment_length(q, v, min(chunk_size, q.shape[2]))
+    if q.shape[2] <= segment:
+        return _lightning_chunked_segment(q, k, v, decay=decay, scale=scale, chunk_size=chunk_size,
+                                          initial_state=initial_state, return_state=return_state)
+
+    def step(parts: tuple, state: torch.Tensor | None, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _lightning_chunked_segment(*parts, decay=decay, scale=scale, chunk_size=chunk_size,
+                                          initial_state=state, return_state=True)
+
+    out, state = scan_segments(step, (q, k, v), initial_state, segment=segment)
+    return (out, state) if return_state else out
+
+
+def _lightning_chunked_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, decay: torch.Tensor | None,
+                               scale: float, chunk_size: int, initial_state: torch.Tensor | None,
+                               return_state: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The Lightning-2 block algorithm (arXiv 2401.04658, Algorithm 1 / the ``_fwd_kernel`` of the repo).
 
     For block ``b`` (rows ``[start, start + m)``, local indices ``i, j``) with running state

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from attnlab.ops.lightning import check_chunk_size, check_state
+from attnlab.ops.lightning import check_chunk_size, check_state, scan_segments, segment_length
 from attnlab.ops.nonfinite import nonfinite_guarded
 from attnlab.ops.validation import (
     Sizes,
@@ -248,8 +248,29 @@ def linear_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     Not causal: ``S = phi(K)^T V``, ``z = phi(K)^T 1`` once, then ``phi(Q) S`` (eq. 5-6 of
     arXiv 2006.16236). Causal: blocks of ``chunk_size`` rows; inside a block the masked quadratic
     form, across blocks the state ``S, z`` before the block (an exclusive prefix sum over blocks).
+    Causal self-attention longer than a segment (~2 MiB of q, k, v) runs segment by segment, the
+    state ``(S, z)`` carried (:func:`attnlab.ops.lightning.scan_segments`): the features, scores and
+    block states of one segment at a time (forward memory O(segment) beyond inputs and output).
     """
     chunk_size = check_chunk_size(chunk_size)
+    options = dict(feature_map=feature_map, normalize=normalize, eps=eps, scale=scale, chunk_size=chunk_size)
+    sizes = check_qkv(q, k, v)
+    if causal is True and sizes.length == sizes.key_length > segment_length(q, v, chunk_size):
+
+        def step(parts: tuple, state: State | None, start: int) -> tuple[torch.Tensor, State]:
+            return _linear_chunked_segment(*parts, causal=True, initial_state=state, return_state=True, **options)
+
+        out, state = scan_segments(step, (q, k, v), initial_state, segment=segment_length(q, v, chunk_size))
+        return (out, state) if return_state else out
+    return _linear_chunked_segment(q, k, v, causal=causal, initial_state=initial_state, return_state=return_state,
+                                   **options)
+
+
+def _linear_chunked_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+                            feature_map: FeatureMap, normalize: bool, eps: float, scale: float | None,
+                            chunk_size: int, initial_state: State | None,
+                            return_state: bool) -> torch.Tensor | tuple[torch.Tensor, State]:
+    """:func:`linear_attention_chunked` in one piece."""
     fq, fk, vf, scale, eps, state = _prepare(q, k, v, causal=causal, feature_map=feature_map, eps=eps,
                                              scale=scale, initial_state=initial_state)
     N, M = fq.shape[2], fk.shape[2]
