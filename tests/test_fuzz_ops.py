@@ -49,7 +49,17 @@ COUNTS: Counter[str] = Counter()
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 INVALID = (0, -1, -7, 10**5, 2.5, float("nan"), float("inf"), "yes", None, True, (1, 2, 3))
+LAYER_VALUES = (0, -1, 10**4, 2.5, float("nan"), "yes", True, (1, 2, 3))
 SLOW_IMPLS = ("flex", "triton")  # compiled on first use per shape: seconds per draw on CPU
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Any:
+    """Tiny calls: one intra-op thread is several times faster than a pool fighting over shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tolerance(record: Mechanism, dtype: torch.dtype) -> float:
@@ -205,14 +215,21 @@ def layer_draws(draw: st.DrawFn, record: Mechanism) -> dict[str, Any]:
     modes = [c for c in (False, True) if (record.supports_causal if c else record.supports_bidirectional)]
     config = dict(draw(st.sampled_from(record.check.layer_configs)))
     causal: Any = draw(st.sampled_from(modes))
-    kind = draw(st.sampled_from(["valid"] * 3 + ["causal", "bool", "nonfinite", "nonfinite"]))
+    kind = draw(st.sampled_from(["valid"] * 3 + ["causal", "bool", "option", "option", "nonfinite", "nonfinite"]))
     invalid = None
     bools = [n for n, d in record.defaults.items() if isinstance(d, bool) and n != "causal"]
+    numbers = [n for n, d in record.defaults.items()
+               if n != "causal" and not isinstance(d, bool) and (d is None or isinstance(d, int | float))]
     if kind == "causal" and "causal" in record.defaults:
         invalid, causal = "causal", draw(st.sampled_from(["yes", None, 1]))
     elif kind == "bool" and bools:
         invalid = draw(st.sampled_from(bools))
         config[invalid] = draw(st.sampled_from(["yes", None, 1, 0.0]))
+    elif kind == "option" and numbers:
+        # a number option with a value that is wrong for it, or legal and extreme (then it must still run)
+        name = draw(st.sampled_from(numbers))
+        config[name] = draw(st.sampled_from([x for x in LAYER_VALUES if name != "grid" or not isinstance(x, tuple)]))
+        invalid = name
     nonfinite = (draw(st.integers(0, record.check.length - 1)), draw(st.sampled_from([float("nan"), float("inf")]))
                  ) if kind == "nonfinite" else None
     return {"config": config, "causal": causal, "invalid": invalid, "nonfinite": nonfinite,
@@ -233,7 +250,10 @@ def run_layer_draw(record: Mechanism, case: dict[str, Any]) -> None:
         COUNTS["layer refusals"] += 1
         assert case["invalid"] and case["invalid"] in str(error), f"{record.name} {case}: {error!r}"
         return
-    assert case["invalid"] is None, f"{record.name} {case}: accepted {case['invalid']}"
+    value = case["config"].get(case["invalid"])
+    wrong_type = case["invalid"] == "causal" or isinstance(value, str | bool | tuple) or (
+        isinstance(value, float) and not math.isfinite(value))
+    assert not wrong_type, f"{record.name} {case}: accepted {case['invalid']}={value!r}"
     layer = layer.to(case["dtype"]).eval()
     generator = torch.Generator().manual_seed(case["seed"])
     if c.layer_inputs is not None:
@@ -255,8 +275,9 @@ def run_layer_draw(record: Mechanism, case: dict[str, Any]) -> None:
         x[:, t, 0] = value
         out = first_output(layer(**{**inputs, name: x}))
     assert torch.isnan(out[:, t]).all(), f"{record.name} {case}: the row of the non-finite token is not NaN"
-    # earlier rows: exactly the clean output (the same computation on the same values)
-    torch.testing.assert_close(out[:, :t], clean[:, :t], rtol=0, atol=0)
+    # earlier rows: the clean output, up to rounding (a key set gathered per block of queries may be ordered
+    # differently once the token is zeroed; the conformance suite checks float64 at 1e-12)
+    torch.testing.assert_close(out[:, :t], clean[:, :t])
 
 
 @pytest.mark.fuzz

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from attnlab.nn.sequence_input import check_padding_mask, check_sequence
-from attnlab.ops.validation import check_tensor
+from attnlab.ops.validation import check_int, check_tensor
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["AdditiveAttentionPooling"]
@@ -38,6 +38,7 @@ class AdditiveAttentionPooling(nn.Module):
 
     def __init__(self, dim: int, *, hidden: int | None = None) -> None:
         super().__init__()
+        check_int("hidden", hidden, minimum=1, allow_none=True)
         hidden = max(1, dim // 2) if hidden is None else hidden
         if dim <= 0 or hidden <= 0:
             raise ValueError(f"dim and hidden must be positive, got dim={dim}, hidden={hidden}")

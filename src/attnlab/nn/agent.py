@@ -8,8 +8,8 @@ from einops import rearrange
 from torch import nn
 
 from attnlab.nn.sequence_input import check_sequence
-from attnlab.ops.agent import _check_grid, _check_num_agents, agent_attention
-from attnlab.ops.validation import check_bool, check_causal
+from attnlab.ops.agent import _check_grid, _check_num_agents, agent_attention, check_grid_pair
+from attnlab.ops.validation import check_bool, check_causal, check_int
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["AgentAttention"]
@@ -48,6 +48,8 @@ class AgentAttention(nn.Module):
     def __init__(self, dim: int, heads: int, *, causal: bool = False, num_agents: int = 49,
                  grid: tuple[int, int] | None = None, qkv_bias: bool = False, bias_size: int = 7) -> None:
         super().__init__()
+        check_int("num_agents", num_agents, minimum=1)
+        check_int("bias_size", bias_size, minimum=1)
         check_bool("qkv_bias", qkv_bias)
         check_causal(causal)
         if causal:
@@ -58,6 +60,8 @@ class AgentAttention(nn.Module):
         self.dim, self.heads, self.causal = dim, heads, False
         self.head_dim = dim // heads
         self.num_agents = num_agents
+        if grid is not None:
+            check_grid_pair(grid)
         self.grid = None if grid is None else tuple(grid)
         n = num_agents
         if self.grid is not None:

@@ -16,7 +16,7 @@ from attnlab.nn.attention import Attention
 from attnlab.nn.dcal import _Projections
 from attnlab.nn.sequence_input import check_sequence
 from attnlab.ops.softmax import softmax_attention
-from attnlab.ops.validation import check_bool, check_causal
+from attnlab.ops.validation import check_bool, check_causal, check_float, check_int
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["merge_visual_tokens", "PooledVisualCrossAttention"]
@@ -73,6 +73,8 @@ class PooledVisualCrossAttention(nn.Module):
     def __init__(self, dim: int, heads: int, *, causal: bool = False, visual_length: int | None = None,
                  gate_init: float = 0.0, bias: bool = False) -> None:
         super().__init__()
+        check_int("visual_length", visual_length, minimum=1, allow_none=True)
+        check_float("gate_init", gate_init)
         check_bool("bias", bias)
         check_causal(causal)
         self.dim, self.heads, self.causal = dim, heads, causal

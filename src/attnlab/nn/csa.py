@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from attnlab.nn.sequence_input import check_sequence
+from attnlab.ops.validation import check_int
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["ClassSemanticsAttention"]
@@ -43,6 +44,9 @@ class ClassSemanticsAttention(nn.Module):
     def __init__(self, channels: int, semantic_channels: int | None = None, *, reduction: int = 16,
                  kernel_size: int = 3, fusion: Literal["sum", "product"] = "sum") -> None:
         super().__init__()
+        check_int("semantic_channels", semantic_channels, minimum=1, allow_none=True)
+        check_int("reduction", reduction, minimum=1)
+        check_int("kernel_size", kernel_size, minimum=1)
         semantic_channels = channels if semantic_channels is None else semantic_channels
         for name, value in (("channels", channels), ("semantic_channels", semantic_channels),
                             ("reduction", reduction), ("kernel_size", kernel_size)):

@@ -15,7 +15,7 @@ from torch import nn
 
 from attnlab.nn.sequence_input import check_sequence
 from attnlab.ops.softmax import softmax_attention
-from attnlab.ops.validation import check_bool, check_tensor
+from attnlab.ops.validation import check_bool, check_float, check_tensor
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["attention_rollout", "GlobalLocalCrossAttention", "GlobalLocalOutput", "PairwiseCrossAttention"]
@@ -107,6 +107,7 @@ class GlobalLocalCrossAttention(nn.Module):
     def __init__(self, dim: int, heads: int, *, top_ratio: float = 0.1, include_cls: bool = True,
                  bias: bool = True) -> None:
         super().__init__()
+        check_float("top_ratio", top_ratio, minimum=0.0, maximum=1.0, strict_minimum=True)
         check_bool("include_cls", include_cls)
         check_bool("bias", bias)
         if not 0.0 < top_ratio <= 1.0:

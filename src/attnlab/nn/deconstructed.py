@@ -17,7 +17,7 @@ from torch import nn
 from attnlab.nn.sequence_input import check_sequence
 from attnlab.ops.nonfinite import nonfinite_guarded_forward
 from attnlab.ops.softmax import softmax_attention
-from attnlab.ops.validation import check_causal, check_tensor
+from attnlab.ops.validation import check_causal, check_int, check_tensor
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["DeconstructedAttention", "VARIANTS", "variant_layers", "deconstructed_layer_inputs"]
@@ -53,6 +53,9 @@ class DeconstructedAttention(nn.Module):
                  max_length: int = 2048, fixed_sequence: Literal["learned", "random"] = "learned",
                  vocab_size: int | None = None, random_seed: int = 0) -> None:
         super().__init__()
+        check_int("max_length", max_length, minimum=1)
+        check_int("vocab_size", vocab_size, minimum=1, allow_none=True)
+        check_int("random_seed", random_seed)
         check_causal(causal)
         if variant not in VARIANTS:
             raise ValueError(f"variant={variant!r} is not one of {VARIANTS} (the paper's 'Approximate' and "

@@ -15,7 +15,7 @@ from torch import nn
 
 from attnlab.ops.dynamic_mask import dynamic_mask_attention, dynamic_mask_attention_reference
 from attnlab.ops.nonfinite import nonfinite_guarded_forward
-from attnlab.ops.validation import check_causal
+from attnlab.ops.validation import check_causal, check_float, check_int
 from attnlab.registry import BenchShape, CheckConfig, Mechanism, register
 
 __all__ = ["DynamicMaskAttention"]
@@ -43,6 +43,9 @@ class DynamicMaskAttention(nn.Module):
     def __init__(self, dim: int, heads: int, *, causal: bool = False, k_budget: int = 2048,
                  kv_heads: int | None = None, a_init: float = 0.0, bias: bool = False) -> None:
         super().__init__()
+        check_int("k_budget", k_budget, minimum=1)
+        check_int("kv_heads", kv_heads, minimum=1, allow_none=True)
+        check_float("a_init", a_init)
         check_causal(causal)
         if dim <= 0 or heads <= 0 or dim % heads != 0:
             raise ValueError(f"dim={dim} must be a positive multiple of heads={heads}")

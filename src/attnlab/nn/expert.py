@@ -18,7 +18,7 @@ from torch import nn
 from attnlab.nn.sequence_input import check_padding_mask, check_sequence
 from attnlab.ops.nonfinite import nonfinite_guarded_forward
 from attnlab.ops.softmax import softmax_attention
-from attnlab.ops.validation import check_causal, compute_dtype
+from attnlab.ops.validation import check_causal, check_float, check_int, compute_dtype
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["ExpertAttention", "PrunedAttention"]
@@ -62,6 +62,9 @@ class ExpertAttention(nn.Module):
                  router: Literal["sequence", "prefix", "token"] | None = None, usage_momentum: float = 0.99,
                  causal: bool = False) -> None:
         super().__init__()
+        check_int("head_dim", head_dim, minimum=1, allow_none=True)
+        check_int("expander_hidden", expander_hidden, minimum=1, allow_none=True)
+        check_float("usage_momentum", usage_momentum, minimum=0.0, maximum=1.0)
         check_causal(causal)
         if dim <= 0 or heads <= 0:
             raise ValueError(f"dim={dim} and heads={heads} must be positive")

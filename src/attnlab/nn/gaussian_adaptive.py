@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from attnlab.nn.sequence_input import check_sequence
-from attnlab.ops.validation import check_causal, check_tensor, compute_dtype
+from attnlab.ops.validation import check_causal, check_float, check_int, check_tensor, compute_dtype
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["GaussianAdaptiveAttention", "MultiHeadGaussianAdaptiveAttention", "GaussianAdaptiveMixer",
@@ -165,6 +165,9 @@ class GaussianAdaptiveMixer(nn.Module):
                  norm_axis: Literal["sequence", "feature"] = "sequence", mixture: Literal["product", "sum"] = "product",
                  padding_value: float | None = None, eps: float = 1e-8) -> None:
         super().__init__()
+        check_int("num_gaussians", num_gaussians, minimum=1)
+        check_float("padding_value", padding_value, allow_none=True)
+        check_float("eps", eps, minimum=0.0, strict_minimum=True)
         check_causal(causal)
         if causal:
             raise NotImplementedError("GAAM defines no causal form (its statistics cover the whole axis)")

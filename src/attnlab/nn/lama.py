@@ -12,7 +12,7 @@ from einops import rearrange
 from torch import nn
 
 from attnlab.nn.sequence_input import check_padding_mask, check_sequence
-from attnlab.ops.validation import check_causal, compute_dtype
+from attnlab.ops.validation import check_causal, check_int, compute_dtype
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["LowRankAttentionPooling", "lama_layer_inputs"]
@@ -38,6 +38,8 @@ class LowRankAttentionPooling(nn.Module):
     def __init__(self, dim: int, heads: int, *, rank: int = 1, out_features: int | None = None,
                  causal: bool = False) -> None:
         super().__init__()
+        check_int("rank", rank, minimum=1)
+        check_int("out_features", out_features, minimum=1, allow_none=True)
         check_causal(causal)
         if causal:
             raise NotImplementedError("LAMA defines no causal form (its context vector is the mean of the sequence)")

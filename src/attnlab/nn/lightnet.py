@@ -13,7 +13,7 @@ from attnlab.nn.sequence_input import check_sequence
 from attnlab.ops.lightnet import lightnet_attention
 from attnlab.ops.lightning import check_chunk_size
 from attnlab.ops.nonfinite import nonfinite_guarded_forward
-from attnlab.ops.validation import check_bool, check_causal
+from attnlab.ops.validation import check_bool, check_causal, check_float, check_int
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["LightNetAttention", "md_lrpe", "md_lrpe_angles", "lrpe_theta"]
@@ -88,6 +88,10 @@ class LightNetAttention(nn.Module):
                  use_lrpe: bool = True, lrpe_base: float = 10000.0, gate_dim: int | None = None,
                  norm_eps: float = 1e-5, chunk_size: int = 32, bias: bool = False) -> None:
         super().__init__()
+        check_float("lrpe_base", lrpe_base, minimum=0.0, strict_minimum=True)
+        check_int("gate_dim", gate_dim, minimum=1, allow_none=True)
+        check_float("norm_eps", norm_eps, minimum=0.0, strict_minimum=True)
+        check_int("chunk_size", chunk_size, minimum=1)
         check_bool("use_lrpe", use_lrpe)
         check_bool("bias", bias)
         check_causal(causal)

@@ -17,7 +17,7 @@ from torch import nn
 
 from attnlab.nn.sequence_input import check_sequence
 from attnlab.ops.nonfinite import nonfinite_guarded_forward
-from attnlab.ops.validation import check_bool, check_causal, check_scale, compute_dtype
+from attnlab.ops.validation import check_bool, check_causal, check_int, check_scale, compute_dtype
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["MinimalAttention", "MinimalBlock"]
@@ -51,6 +51,8 @@ class MinimalAttention(nn.Module):
                  symmetric_rank: int | None = None, head_combine: Literal["mean", "sum"] = "mean",
                  scale: float | None = None) -> None:
         super().__init__()
+        check_int("head_dim", head_dim, minimum=1, allow_none=True)
+        check_int("symmetric_rank", symmetric_rank, minimum=1, allow_none=True)
         check_bool("value_output", value_output)
         check_causal(causal)
         if dim <= 0 or heads <= 0:

@@ -15,7 +15,7 @@ from torch import nn
 
 from attnlab.nn.sequence_input import check_sequence
 from attnlab.ops.softmax import softmax_attention
-from attnlab.ops.validation import check_bool, check_causal
+from attnlab.ops.validation import check_bool, check_causal, check_float
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["DuplexAlignmentAttention", "duplex_align"]
@@ -86,6 +86,7 @@ class DuplexAlignmentAttention(nn.Module):
                  fuse_init: Literal["identity", "random"] = "identity", bias: bool = False,
                  eps: float = 1e-6) -> None:
         super().__init__()
+        check_float("eps", eps, minimum=0.0, strict_minimum=True)
         check_bool("duplex", duplex)
         check_bool("bias", bias)
         check_causal(causal)

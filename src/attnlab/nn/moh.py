@@ -17,7 +17,7 @@ from torch import nn
 from attnlab.nn.sequence_input import check_sequence
 from attnlab.ops.nonfinite import nonfinite_guarded_forward
 from attnlab.ops.softmax import softmax_attention
-from attnlab.ops.validation import check_bool, check_causal, compute_dtype
+from attnlab.ops.validation import check_bool, check_causal, check_int, compute_dtype
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["MoHAttention", "MoHGates", "moh_load_balance_loss"]
@@ -86,6 +86,8 @@ class MoHAttention(nn.Module):
                  routed_heads_per_token: int | None = None, causal: bool = False, qkv_bias: bool = False,
                  qk_norm: bool = False) -> None:
         super().__init__()
+        check_int("shared_heads", shared_heads, minimum=0, allow_none=True)
+        check_int("routed_heads_per_token", routed_heads_per_token, minimum=0, allow_none=True)
         check_bool("qkv_bias", qkv_bias)
         check_bool("qk_norm", qk_norm)
         check_causal(causal)

@@ -12,7 +12,7 @@ from einops import rearrange
 from torch import nn
 
 from attnlab.nn.sequence_input import check_sequence
-from attnlab.ops.validation import check_causal
+from attnlab.ops.validation import check_causal, check_float, check_int
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["MixerFeedForward", "MixerBlock", "MixerGatingUnit", "NiNBlock"]
@@ -69,6 +69,10 @@ class MixerGatingUnit(nn.Module):
     def __init__(self, dim: int, heads: int = 1, *, seq_len: int, token_dim: int | None = None,
                  channel_dim: int | None = None, dropout: float = 0.0, causal: bool = False) -> None:
         super().__init__()
+        check_int("seq_len", seq_len, minimum=1)
+        check_int("token_dim", token_dim, minimum=1, allow_none=True)
+        check_int("channel_dim", channel_dim, minimum=1, allow_none=True)
+        check_float("dropout", dropout, minimum=0.0, maximum=1.0)
         check_causal(causal)
         if causal:
             raise NotImplementedError("NiNformer defines no causal form (its token MLP mixes every position)")

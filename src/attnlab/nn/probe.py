@@ -12,7 +12,7 @@ from einops import rearrange
 from torch import nn
 
 from attnlab.nn.sequence_input import check_padding_mask, check_sequence
-from attnlab.ops.validation import check_bool
+from attnlab.ops.validation import check_bool, check_int, check_scale
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["EfficientProbe"]
@@ -44,6 +44,9 @@ class EfficientProbe(nn.Module):
     def __init__(self, dim: int, *, num_queries: int = 32, num_classes: int | None = None, d_out: int = 1,
                  qkv_bias: bool = False, scale: float | None = None) -> None:
         super().__init__()
+        check_int("num_queries", num_queries, minimum=1)
+        check_int("num_classes", num_classes, minimum=1, allow_none=True)
+        check_int("d_out", d_out, minimum=1)
         check_bool("qkv_bias", qkv_bias)
         for name, value in (("dim", dim), ("num_queries", num_queries), ("d_out", d_out)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -58,7 +61,7 @@ class EfficientProbe(nn.Module):
             raise ValueError(f"num_classes must be None or a positive int, got num_classes={num_classes!r}")
         self.dim, self.num_queries, self.d_out = dim, num_queries, d_out
         self.out_dim = dim // d_out
-        self.scale = dim**-0.5 if scale is None else float(scale)
+        self.scale = check_scale(scale, dim)
         self.queries = nn.Parameter(torch.randn(num_queries, dim) * 0.02)  # (M, C)
         self.to_v = nn.Linear(dim, self.out_dim, bias=qkv_bias)
         self.head: nn.Module | None = None

@@ -15,7 +15,7 @@ from torch import nn
 from attnlab.nn.sequence_input import check_sequence
 from attnlab.ops.nonfinite import nonfinite_guarded_forward
 from attnlab.ops.rcmha import relative_attention
-from attnlab.ops.validation import check_causal
+from attnlab.ops.validation import check_causal, check_int
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["RCMHA", "DepthwiseCausalConv"]
@@ -76,6 +76,8 @@ class RCMHA(nn.Module):
     def __init__(self, dim: int, heads: int, *, causal: bool = False, kernel_size: int = 3,
                  max_distance: int = 4096) -> None:
         super().__init__()
+        check_int("kernel_size", kernel_size, minimum=1)
+        check_int("max_distance", max_distance, minimum=1)
         check_causal(causal)
         if dim <= 0 or heads <= 0 or dim % heads != 0:
             raise ValueError(f"dim={dim} must be a positive multiple of heads={heads}")

@@ -13,7 +13,7 @@ from einops import rearrange
 from torch import nn
 
 from attnlab.nn.sequence_input import check_sequence
-from attnlab.ops.validation import check_tensor
+from attnlab.ops.validation import check_float, check_int, check_tensor
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["TripleAlignmentAttention", "TripleAlignmentOutput"]
@@ -69,6 +69,9 @@ class TripleAlignmentAttention(nn.Module):
     def __init__(self, dim: int = 256, heads: int = 8, *, text_dim: int = 768, dropout: float = 0.1,
                  drop_key: float = 0.0) -> None:
         super().__init__()
+        check_int("text_dim", text_dim, minimum=1)
+        check_float("dropout", dropout, minimum=0.0, maximum=1.0)
+        check_float("drop_key", drop_key, minimum=0.0, maximum=1.0)
         if dim <= 0 or heads <= 0 or dim % heads != 0:
             raise ValueError(f"dim={dim} must be a positive multiple of heads={heads}")
         if text_dim <= 0:

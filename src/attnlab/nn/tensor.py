@@ -11,7 +11,7 @@ from torch import nn
 from attnlab.nn.sequence_input import check_sequence
 from attnlab.ops.nonfinite import nonfinite_guarded_forward
 from attnlab.ops.tensor import IMPLS, tensor_attention
-from attnlab.ops.validation import check_bool, check_causal, check_impl, check_scale
+from attnlab.ops.validation import check_bool, check_causal, check_impl, check_int, check_scale
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["TensorAttention"]
@@ -43,6 +43,7 @@ class TensorAttention(nn.Module):
     def __init__(self, dim: int, heads: int, *, causal: bool = False, scale: float | None = None, degree: int = 8,
                  bias: bool = False, impl: Literal["auto", "reference", "chunked", "taylor"] = "auto") -> None:
         super().__init__()
+        check_int("degree", degree, minimum=1)
         check_bool("bias", bias)
         check_causal(causal)
         if dim <= 0 or heads <= 0 or dim % heads != 0:

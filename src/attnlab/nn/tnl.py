@@ -10,7 +10,7 @@ from torch import nn
 from attnlab.nn.sequence_input import check_sequence
 from attnlab.ops.lightning import check_chunk_size, lightning_attention, lightning_decay_slopes
 from attnlab.ops.nonfinite import nonfinite_guarded_forward
-from attnlab.ops.validation import check_bool, check_causal
+from attnlab.ops.validation import check_bool, check_causal, check_float, check_int
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = ["TNLAttention"]
@@ -46,6 +46,11 @@ class TNLAttention(nn.Module):
                  bias: bool = False, gate_dim: int | None = None, chunk_size: int = 64, norm_eps: float = 1e-5,
                  ) -> None:
         super().__init__()
+        check_int("layer_idx", layer_idx, minimum=0)
+        check_int("num_layers", num_layers, minimum=1)
+        check_int("gate_dim", gate_dim, minimum=1, allow_none=True)
+        check_int("chunk_size", chunk_size, minimum=1)
+        check_float("norm_eps", norm_eps, minimum=0.0, strict_minimum=True)
         check_bool("bias", bias)
         check_causal(causal, causal_only="TNLAttention (lightning attention has no bidirectional form)")
         if dim <= 0 or heads <= 0 or dim % heads != 0:

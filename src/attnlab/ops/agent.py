@@ -47,12 +47,17 @@ def adaptive_pool_matrix(length: int, size: int, *, dtype: torch.dtype = torch.f
     return P
 
 
-def _check_grid(grid: object, length: int) -> tuple[int, int, int]:
-    """``grid=(h, w)`` for ``N = prefix + h * w`` tokens (prefix 0, or 1: a CLS token); returns (h, w, prefix)."""
+def check_grid_pair(grid: object) -> tuple[int, int]:
+    """``grid`` must be a pair of positive ints ``(h, w)``."""
     if not (isinstance(grid, tuple | list) and len(grid) == 2
             and all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid)):
         raise ValueError(f"grid must be a pair of positive ints (h, w), got grid={grid!r}")
-    h, w = grid
+    return int(grid[0]), int(grid[1])
+
+
+def _check_grid(grid: object, length: int) -> tuple[int, int, int]:
+    """``grid=(h, w)`` for ``N = prefix + h * w`` tokens (prefix 0, or 1: a CLS token); returns (h, w, prefix)."""
+    h, w = check_grid_pair(grid)
     prefix = length - h * w
     if prefix not in (0, 1):
         raise ValueError(f"grid=({h}, {w}) needs N = h*w = {h * w} tokens (or h*w + 1 with a leading CLS token), "

@@ -116,11 +116,14 @@ def check_bool(name: str, value: object) -> bool:
 
 
 def check_int(name: str, value: object, *, minimum: int | None = None, maximum: int | None = None,
-              why: str = "") -> int:
+              why: str = "", allow_none: bool = False) -> int | None:
     """``value`` must be an int (not a bool, not a float such as ``4.0``) within ``[minimum, maximum]``.
 
     ``why`` (e.g. "NATTEN's rule") is appended to the range error so the user learns where the bound comes from.
+    ``allow_none``: ``None`` (an option's "choose for me") passes as ``None``.
     """
+    if allow_none and value is None:
+        return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {name}={value!r} ({type(value).__name__})")
     reason = f" ({why})" if why else ""
@@ -132,11 +135,14 @@ def check_int(name: str, value: object, *, minimum: int | None = None, maximum: 
 
 
 def check_float(name: str, value: object, *, minimum: float | None = None, maximum: float | None = None,
-                strict_minimum: bool = False) -> float:
+                strict_minimum: bool = False, allow_none: bool = False) -> float | None:
     """``value`` must be a finite real number (an int or a float, not a bool or a tensor) in range.
 
     ``strict_minimum``: the minimum itself is refused (``> minimum`` instead of ``>= minimum``).
+    ``allow_none``: ``None`` passes as ``None``.
     """
+    if allow_none and value is None:
+        return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a float, got {name}={value!r} ({type(value).__name__})")
     value = float(value)
