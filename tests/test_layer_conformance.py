@@ -240,3 +240,23 @@ def test_layer_flags_are_bools(record: Mechanism) -> None:
                 options[name] = value
             with pytest.raises(TypeError, match=rf"\b{name}\b"):
                 build(record, options, causal=causal, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("record", LAYERS, ids=lambda m: m.name)
+def test_layer_number_options_are_checked(record: Mechanism) -> None:
+    """Number options refuse a string (TypeError), an int option a float, a float option NaN (ValueError),
+    each naming the option (they used to surface as torch allocation errors, or be accepted)."""
+    config = dict(record.check.layer_configs[0])
+    causal = modes(record)[0]
+    for name, default in record.defaults.items():
+        if name in ("causal", "grid") or isinstance(default, bool | str | tuple):
+            continue
+        # a None default may stand for a choice of strings (shrp's router): then "yes" is a ValueError
+        wrong: list[tuple[object, Any]] = [("yes", TypeError if default is not None else (TypeError, ValueError))]
+        if isinstance(default, int):
+            wrong.append((2.5, TypeError))
+        if isinstance(default, float):
+            wrong.append((float("nan"), ValueError))
+        for value, error in wrong:
+            with pytest.raises(error, match=rf"\b{name}\b"):
+                build(record, {**config, name: value}, causal=causal, dtype=torch.float32)
