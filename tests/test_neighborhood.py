@@ -205,3 +205,18 @@ def test_bfloat16_gather_accumulates_in_float32() -> None:
     assert error < 1e-2
     dense = softmax_attention(q, k, v, causal=True)
     assert ((dense.double() - expected).norm() / expected.norm()).item() > 0.05  # the window matters here
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "centred"])
+def test_gather_lists_built_in_parts_give_the_mask(causal: bool) -> None:
+    """At N=2048, kernel 127 the lists are built in several parts of blocks (their widths differ and are
+    padded): the keys each query may see are exactly the rows of :func:`neighborhood_mask`."""
+    N, K = 2048, 127
+    key_index, allowed = _gather_blocks(_Grid((N,), K, 1, 1, causal), torch.device("cpu"))
+    G, Bq, S = allowed.shape
+    dense = torch.zeros(G * Bq, N + 1, dtype=torch.long)
+    rows = torch.arange(G * Bq)[:, None].expand(-1, S)
+    cols = torch.where(allowed.reshape(G * Bq, S), key_index.repeat_interleave(Bq, dim=0), N)
+    dense.index_put_((rows, cols), torch.ones_like(cols), accumulate=True)
+    assert int(dense[:, :N].max()) == 1  # no key twice in a row
+    assert torch.equal(dense[:N, :N].bool(), neighborhood_mask((N,), K, causal=causal))

@@ -215,19 +215,29 @@ def _gather_blocks_cached(shape: tuple, kernel: tuple, stride: tuple, dilation: 
     per_query = math.prod(grid.kernel)
     Bq = min(N, max(32, min(128, per_query)) if len(grid.shape) == 1 else 64)
     G = -(-N // Bq)
-    queries = torch.arange(G * Bq, device=device)  # (G*Bq,)
-    keys, valid = grid.neighbours(queries.clamp(max=N - 1))  # (G*Bq, K)
-    keys = torch.where(valid, keys, N).reshape(G, -1).sort(dim=1).values  # sentinel N sorts last
-    duplicate = torch.zeros_like(keys, dtype=torch.bool)
-    duplicate[:, 1:] = keys[:, 1:] == keys[:, :-1]
-    keys = keys.masked_fill(duplicate, N).sort(dim=1).values
-    S = int((keys < N).sum(dim=1).max())
-    keys = keys[:, :S]  # (G, S)
-    present = keys < N
-    keys = keys.masked_fill(~present, 0)
-    queries = queries.reshape(G, Bq)
-    allowed = grid.allowed(queries[:, :, None], keys[:, None, :]) & present[:, None, :]
-    allowed &= (queries < N)[:, :, None]
+    # built a few blocks at a time: the int64 (blocks, Bq, K) temporaries of the whole sequence would
+    # otherwise dominate the memory of a long call (N = 16384, K = 127: ~17 MiB each)
+    step = max(1, (1 << 18) // (Bq * per_query))
+    parts = []
+    for g0 in range(0, G, step):
+        g1 = min(G, g0 + step)
+        queries = torch.arange(g0 * Bq, g1 * Bq, device=device)  # (g*Bq,)
+        keys, valid = grid.neighbours(queries.clamp(max=N - 1))  # (g*Bq, K)
+        keys = torch.where(valid, keys, N).reshape(g1 - g0, -1).sort(dim=1).values  # sentinel N sorts last
+        duplicate = torch.zeros_like(keys, dtype=torch.bool)
+        duplicate[:, 1:] = keys[:, 1:] == keys[:, :-1]
+        keys = keys.masked_fill(duplicate, N).sort(dim=1).values
+        keys = keys[:, :int((keys < N).sum(dim=1).max())]  # (g, S_part)
+        present = keys < N
+        keys = keys.masked_fill(~present, 0)
+        queries = queries.reshape(g1 - g0, Bq)
+        allowed = grid.allowed(queries[:, :, None], keys[:, None, :]) & present[:, None, :]
+        allowed &= (queries < N)[:, :, None]
+        parts.append((keys, allowed))
+    S = max(keys.shape[1] for keys, _ in parts)  # padding entries: key 0, never allowed
+    keys = torch.cat([torch.nn.functional.pad(keys, (0, S - keys.shape[1])) for keys, _ in parts])  # (G, S)
+    allowed = torch.cat([torch.nn.functional.pad(allowed, (0, S - allowed.shape[2]))
+                         for _, allowed in parts])  # (G, Bq, S)
     return keys, allowed
 
 

@@ -47,6 +47,9 @@ IMPLS = ("auto", "reference", "gather", "flex")
 # O(chunk). SDPA adds a float copy of the chunk's mask per head, several times the gathered keys: at
 # 1 MiB a chunk's working set is ~10 MiB (16 MiB chunks ran 2x slower than 1 MiB ones at N = 16384).
 _GATHER_CHUNK_BYTES = 1 << 20
+# Under autograd the chunks are larger: each chunk's backward gives k and v a full-size gradient
+# (the gather's), so the backward pass costs O(chunks * M * D) on top of the attention.
+_GATHER_CHUNK_BYTES_GRAD = 16 << 20
 
 
 def gathered_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_index: torch.Tensor,
@@ -79,17 +82,19 @@ def gathered_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         raise ValueError(f"allowed covers {G} blocks of {Bq} queries, fewer than N={N}")
     width = -(-max(D + (key_bias is not None), Dv) // 8) * 8
     per_block = B * Hkv * S * width * torch.finfo(compute_dtype(q.dtype)).bits // 8
-    chunk = max(1, _GATHER_CHUNK_BYTES // max(per_block, 1))
     recompute = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, key_bias))
+    chunk = max(1, (_GATHER_CHUNK_BYTES_GRAD if recompute else _GATHER_CHUNK_BYTES) // max(per_block, 1))
     outputs = []
     # without a graph each chunk is written into the output (no list of chunks plus their concatenation)
     out = None if recompute else q.new_empty(B, H, N, Dv)  # (B, H, N, Dv)
-    for g0 in range(0, -(-N // Bq), chunk):
+    # split once: a slice per chunk would give q a full-size gradient per chunk in the backward pass
+    q_chunks = q.split(chunk * Bq, dim=2)
+    for g0, q_chunk in zip(range(0, -(-N // Bq), chunk), q_chunks, strict=True):
         g1 = min(G, g0 + chunk)
         rows = slice(g0 * Bq, min(N, g1 * Bq))
         index = key_index[g0:g1] if key_index.ndim == 2 else key_index[:, :, g0:g1]
         mask = allowed[g0:g1] if allowed.ndim == 3 else allowed[:, :, g0:g1]
-        args = (q[:, :, rows], k, v, index, mask, key_bias, scale)
+        args = (q_chunk, k, v, index, mask, key_bias, scale)
         if out is not None:
             out[:, :, rows] = _gathered_chunk(*args)
         else:
