@@ -64,6 +64,8 @@ def test_state_size_falls_back_to_the_kv_cache() -> None:
     assert state_size_of(_record("mqar", "lightning", 0, 0.5, state=77)) == (77.0, "recurrent")
     digits = {"task": "digits", "config": {"patch_size": 2, "dim": 32, "depth": 2}}  # 8x8 image: 16 patches
     assert state_size_of(digits) == (2 * 16 * 32 * 2, "kv-cache")
+    local = {**_record("mqar", "sliding_window", 0, 0.5), "mixer_options": {"window": 8, "sink_tokens": 4}}
+    assert state_size_of(local) == (2 * 12 * 16 * 2, "kv-cache")  # 8 recent keys and 4 sinks per layer
 
 
 def test_report_is_self_contained_with_plots(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

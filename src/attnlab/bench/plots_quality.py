@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the report imports this module to draw its rows
     from attnlab.bench.report import Row
 
-__all__ = ["quality_figures", "mechanism_style", "missing_note", "legend_outside", "png_base64", "plain_log_ticks"]
+__all__ = ["quality_figures", "mechanism_style", "missing_note", "legend_outside", "png_base64", "plain_log_ticks",
+           "x_scale"]
 
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
@@ -37,7 +38,10 @@ def mechanism_style(name: str, names: Sequence[str]) -> dict[str, Any]:
     ordered = sorted(set(names))
     index = ordered.index(name) if name in ordered else len(ordered)
     colours = matplotlib.colormaps["tab20"].colors
-    return {"color": colours[index % len(colours)], "marker": _MARKERS[(index // len(colours)) % len(_MARKERS)]}
+    # tab20 pairs a dark and a light shade of each hue: the ten dark shades first, so that up to ten
+    # mechanisms get ten distinct hues
+    shade = (2 * index) % len(colours) + (index // (len(colours) // 2)) % 2
+    return {"color": colours[shade], "marker": _MARKERS[(index // len(colours)) % len(_MARKERS)]}
 
 
 def legend_outside(axis: Any) -> None:
@@ -58,6 +62,15 @@ def plain_log_ticks(axis: Any) -> None:
 
     axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     axis.set_minor_formatter(FuncFormatter(minor))
+
+
+def x_scale(axis: Any, values: Sequence[float]) -> None:
+    """A log x axis with plain tick labels where ``values`` span 5x or more; a linear one otherwise (a log
+    axis over a narrow range can show no labelled tick at all)."""
+    finite = [v for v in values if math.isfinite(v) and v > 0]
+    if finite and max(finite) >= 5 * min(finite):
+        axis.set_xscale("log")
+        plain_log_ticks(axis.xaxis)
 
 
 def png_base64(figure: Any) -> str:
@@ -108,6 +121,17 @@ def _width_free(config: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in config.items() if k not in ("dim", "lr")}, sort_keys=True, default=str)
 
 
+def _spread_sideways(points: dict[str, list[Row]]) -> dict[tuple[str, float | None], float]:
+    """A factor on x per (mechanism, state size): the mechanisms sharing one state size sit 4% apart on
+    the log axis, centred on the true value."""
+    sharing: dict[float | None, list[str]] = defaultdict(list)
+    for mechanism in sorted(points):
+        for row in points[mechanism]:
+            sharing[row.state_size].append(mechanism)
+    return {(mechanism, size): 1.04 ** (index - (len(names) - 1) / 2)
+            for size, names in sharing.items() for index, mechanism in enumerate(names)}
+
+
 def quality_figures(rows: Sequence[Row]) -> list[tuple[str, str]]:
     """(caption, base64 PNG) pairs: per table the metric bars, the frontier and the loss curves; per task
     and shape the zoology picture."""
@@ -148,20 +172,22 @@ def quality_figures(rows: Sequence[Row]) -> list[tuple[str, str]]:
             continue
         metric = group[0].metric
         figure, axis = plt.subplots(figsize=(7, 4.5))
+        spread = _spread_sideways(points)
         for mechanism in sorted(points):
             mine = sorted(points[mechanism], key=lambda r: r.state_size or 0.0)
             style = mechanism_style(mechanism, names)
-            axis.errorbar([r.state_size for r in mine], [r.mean for r in mine], yerr=[_error_bar(r) for r in mine],
+            axis.errorbar([(r.state_size or 0.0) * spread[(mechanism, r.state_size)] for r in mine],
+                          [r.mean for r in mine], yerr=[_error_bar(r) for r in mine],
                           label=mechanism, capsize=3, linestyle="-", markersize=6, **style)
-        axis.set_xscale("log")
-        plain_log_ticks(axis.xaxis)
+        x_scale(axis, [r.state_size or 0.0 for rows_ in points.values() for r in rows_])
         axis.set_xlabel("state size (floats per sequence; the KV cache for attention)")
         axis.set_ylabel(metric)
         labels = sorted({r.config_label for r in group})
         axis.set_title(f"{task}: {metric} vs state size")
         legend_outside(axis)
         images.append((f"{task} ({', '.join(labels)}): {metric} against state size, one point per (mechanism, "
-                       "width) at its chosen learning rate, error bars std over seeds (zoology's Figure 2)."
+                       "width) at its chosen learning rate, error bars std over seeds (zoology's Figure 2); points "
+                       "of equal state size are spread a little sideways so that none hides another."
                        f"{missing_note(missing)}", png_base64(figure)))
 
     for (task, label), group in tables.items():
@@ -181,8 +207,7 @@ def quality_figures(rows: Sequence[Row]) -> list[tuple[str, str]]:
             axis.errorbar([1000 * (row.train_step_s or math.nan)], [row.mean], yerr=[_error_bar(row)],
                           label=row.mechanism, capsize=3, linestyle="none", markersize=7,
                           **mechanism_style(row.mechanism, names))
-        axis.set_xscale("log")
-        plain_log_ticks(axis.xaxis)
+        x_scale(axis, [1000 * (r.train_step_s or math.nan) for r in shown])
         axis.set_xlabel("time per training step (ms, mean over the run; same shape for every mechanism)")
         axis.set_ylabel(metric)
         axis.set_title(f"{task} ({label}): quality vs speed")

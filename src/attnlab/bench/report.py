@@ -136,7 +136,9 @@ def state_size_of(record: dict[str, Any]) -> tuple[float | None, str]:
 
     Recurrent mechanisms report their state; for the others (softmax and friends) the cache a decoder
     keeps grows with the sequence: ``2 * N * dim * depth`` floats, as zoology plots it (for the digits
-    ViT, an encoder, the keys and values its layers hold over the image's N patches).
+    ViT, an encoder, the keys and values its layers hold over the image's N patches). A local mechanism
+    (``window`` or ``kernel_size`` in its ``mixer_options``, plus any ``sink_tokens``) keeps only that
+    many keys and values.
     """
     if record.get("state_size") is not None:
         return float(record["state_size"]), "recurrent"
@@ -147,6 +149,11 @@ def state_size_of(record: dict[str, Any]) -> tuple[float | None, str]:
         length, dim = config.get("length", 0) + 1, config.get("heads", 1) * (dim + 1)
     if record.get("task") == "digits" and config.get("patch_size"):
         length = (DIGITS_IMAGE_SIZE // int(config["patch_size"])) ** 2  # the ViT's tokens: one per patch
+    options = record.get("mixer_options") or {}
+    span = options.get("window", options.get("kernel_size"))
+    if length and isinstance(span, int) and span > 0:  # a local mechanism keeps only the keys it can still see
+        sinks = options.get("sink_tokens")
+        length = min(length, span + (sinks if isinstance(sinks, int) else 0))
     if length and dim:
         return float(2 * length * dim * depth), "kv-cache"
     return None, "n/a"
@@ -154,9 +161,12 @@ def state_size_of(record: dict[str, Any]) -> tuple[float | None, str]:
 
 def quality_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """The quality-benchmark records among ``records`` (ok or failed), one per run (see the module doc)."""
-    mine = [r for r in records if "task" in r and "mechanism" in r
+    return deduplicate(_quality_candidates(records), QUALITY_RECORD_KEY)
+
+
+def _quality_candidates(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in records if "task" in r and "mechanism" in r
             and (("value" in r and "metric" in r) or not is_ok(r))]
-    return deduplicate(mine, QUALITY_RECORD_KEY)
 
 
 def _rate(record: dict[str, Any]) -> float | None:
@@ -448,7 +458,7 @@ def write_report(run_dir: str | Path, *, title: str | None = None) -> tuple[Path
         from attnlab.bench.plots_quality import quality_figures  # matplotlib only when there is a plot to draw
 
         versions = records[-1].get("versions", {})
-        duplicates = len([r for r in stored.records if "task" in r and "mechanism" in r]) - len(records)
+        duplicates = len(_quality_candidates(stored.records)) - len(records)
         parts.append(f"<p>{len(records)} runs"
                      + (f" ({duplicates} duplicate records ignored)" if duplicates else "")
                      + f"; versions: {html.escape(str(versions))}</p>")
