@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from attnlab.ops import neighborhood_attention, neighborhood_mask, softmax_attention
-from attnlab.ops.neighborhood import _gather_blocks, _Grid
+from attnlab.ops.neighborhood import _gather_blocks, _Grid, neighborhood_attention_reference
 
 # The mask pictures of specs/mechanisms.md section 9 (generated there from a port of NATTEN's flex rule).
 PICTURES = {
@@ -220,3 +220,20 @@ def test_gather_lists_built_in_parts_give_the_mask(causal: bool) -> None:
     dense.index_put_((rows, cols), torch.ones_like(cols), accumulate=True)
     assert int(dense[:, :N].max()) == 1  # no key twice in a row
     assert torch.equal(dense[:N, :N].bool(), neighborhood_mask((N,), K, causal=causal))
+
+
+def test_kernel_size_follows_natten_argument_rule() -> None:
+    """NATTEN's check accepts any integer kernel >= 2 (even ones too, since GNA): an even K sees K//2 keys
+    before the centre and K//2 - 1 after; 1, a float, a bool or a kernel longer than the axis are refused."""
+    mask = neighborhood_mask(9, 4)
+    assert mask.sum(dim=1).eq(4).all()  # every query sees exactly K keys (inward shift at the borders)
+    assert mask[4].nonzero().flatten().tolist() == [2, 3, 4, 5]  # centre 4: two before, one after
+    q = torch.randn(1, 2, 9, 4, dtype=torch.float64)
+    out = neighborhood_attention(q, q, q, kernel_size=4)
+    ref = neighborhood_attention_reference(q, q, q, kernel_size=4)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for bad, error in ((1, ValueError), (10, ValueError), (4.0, TypeError), (True, TypeError), (None, TypeError)):
+        with pytest.raises(error, match="kernel_size"):
+            neighborhood_attention(q, q, q, kernel_size=bad)
+    with pytest.raises(ValueError, match="NATTEN's rule"):
+        neighborhood_attention(q, q, q, kernel_size=1)
