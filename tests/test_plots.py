@@ -81,3 +81,16 @@ def test_the_legend_sits_outside_the_axes(entries: int) -> None:
     axes_box = axis.get_window_extent(renderer)
     assert legend_box.x0 >= axes_box.x1  # nothing of the legend over the data
     plt.close(figure)
+
+
+def test_points_of_equal_state_size_are_spread_apart_around_the_true_value() -> None:
+    from attnlab.bench.plots_quality import _spread_sideways
+
+    rows = {r.mechanism: [r] for r in aggregate([_run("softmax", 0, 0.9), _run("moh", 0, 0.9),
+                                                 _run("lightning", 0, 0.5, state=64)])}
+    factors = _spread_sideways(rows)
+    kv = rows["softmax"][0].state_size
+    assert rows["moh"][0].state_size == kv  # both hold the same KV cache
+    assert factors[("moh", kv)] != factors[("softmax", kv)]
+    assert factors[("moh", kv)] * factors[("softmax", kv)] == pytest.approx(1.0)  # centred on the value
+    assert factors[("lightning", 64.0)] == 1.0  # alone at its size: not moved
