@@ -50,6 +50,9 @@ _GATHER_CHUNK_BYTES = 1 << 20
 # Under autograd the chunks are larger: each chunk's backward gives k and v a full-size gradient
 # (the gather's), so the backward pass costs O(chunks * M * D) on top of the attention.
 _GATHER_CHUNK_BYTES_GRAD = 16 << 20
+# ... and never fewer query rows than this per SDPA call: HiP's blocks of 32 queries over ~700 keys would
+# otherwise run one small masked SDPA call each, whose fixed cost then dominates
+_GATHER_CHUNK_MIN_ROWS = 512
 
 
 def gathered_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_index: torch.Tensor,
@@ -83,7 +86,8 @@ def gathered_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     width = -(-max(D + (key_bias is not None), Dv) // 8) * 8
     per_block = B * Hkv * S * width * torch.finfo(compute_dtype(q.dtype)).bits // 8
     recompute = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, key_bias))
-    chunk = max(1, (_GATHER_CHUNK_BYTES_GRAD if recompute else _GATHER_CHUNK_BYTES) // max(per_block, 1))
+    chunk = max(-(-_GATHER_CHUNK_MIN_ROWS // Bq),
+                (_GATHER_CHUNK_BYTES_GRAD if recompute else _GATHER_CHUNK_BYTES) // max(per_block, 1))
     outputs = []
     # without a graph each chunk is written into the output (no list of chunks plus their concatenation)
     out = None if recompute else q.new_empty(B, H, N, Dv)  # (B, H, N, Dv)
