@@ -29,3 +29,14 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Pat
         atomic_write_bytes(target, b"half")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["table.md"]
+
+
+def test_the_file_gets_the_permissions_open_would_give(tmp_path: Path) -> None:
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        target = atomic_write_text(tmp_path / "report.html", "x")
+    finally:
+        os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o644
