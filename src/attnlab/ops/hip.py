@@ -134,7 +134,7 @@ def hip_select_blocks(q: torch.Tensor, k: torch.Tensor, *, k_budget: int = 512, 
     return result
 
 
-_SEARCH_CHUNK = 32  # query blocks searched at once: O(chunk * k_budget * d) gathered keys
+_SEARCH_CHUNK = 16  # query blocks searched at once: O(chunk * k_budget * d) gathered keys
 
 
 def hip_select_blocks_vectorized(q: torch.Tensor, k: torch.Tensor, *, k_budget: int = 512, block_size_q: int = 32,
@@ -174,6 +174,11 @@ def hip_select_blocks_vectorized(q: torch.Tensor, k: torch.Tensor, *, k_budget: 
     few = (blocks <= K)[:, None] & (j[None, :K] < blocks[:, None])  # (G, K) blocks <= K: keep them all
     result = torch.where(few, j[:K] * bk, result)
     searched = (blocks > K).nonzero().flatten()
+    # one buffer for the gathered keys and one for their scores, reused by every round and chunk: fresh
+    # tensors of this size (tens of MiB) cost more in page faults on CPU than the gather itself
+    nq = qs.shape[-2]
+    most = B * H * min(_SEARCH_CHUNK, searched.numel()) * 2 * K * bk  # rows of the first round of a chunk
+    key_buffer, score_buffer = kh.new_empty(most, D), kh.new_empty(most * nq)
     for part in searched.split(_SEARCH_CHUNK) if searched.numel() else ():
         C = part.numel()
         cand, n_blocks = candidates[part], blocks[part]  # (C,)
@@ -190,8 +195,10 @@ def hip_select_blocks_vectorized(q: torch.Tensor, k: torch.Tensor, *, k_budget: 
             X = block.shape[-1]
             pos = block[..., None] * bk + offsets  # (B, H, C, X, bk)
             pos = torch.where(pos < cand[:, None, None], pos, pos[..., :1])
-            keys = kh.index_select(0, (pos.reshape(B, H, -1) + row0).reshape(-1)).reshape(B, H, C, X * bk, D)
-            scores = torch.matmul(keys, qc)  # (B, H, C, X*bk, nq)
+            rows = B * H * C * X * bk
+            keys = torch.index_select(kh, 0, (pos.reshape(B, H, -1) + row0).reshape(-1), out=key_buffer[:rows])
+            scores = torch.matmul(keys.reshape(B, H, C, X * bk, D), qc,
+                                  out=score_buffer[:rows * nq].reshape(B, H, C, X * bk, nq))  # (B, H, C, X*bk, nq)
             return scores.reshape(B, H, C, X, -1).amax(dim=-1)  # (B, H, C, X): max over the block's keys and queries
 
         kept_score = None  # the representative scores of the kept groups
