@@ -236,28 +236,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
-    except UsageError as error:
+    except (Exception, KeyboardInterrupt) as error:
         if debug:
             raise
-        print(f"attnlab {_command_name(args, argv)}: error: {_one_line(error)}", file=sys.stderr)
-        return USAGE_EXIT
-    except Interrupted as error:
-        if debug:
-            raise
-        print(_one_line(error), file=sys.stderr)
-        return INTERRUPT_EXIT
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        print(f"attnlab {_command_name(args, argv)}: interrupted", file=sys.stderr)
-        return INTERRUPT_EXIT
-    except Exception as error:
-        if debug:
-            raise
-        print(f"attnlab {_command_name(args, argv)}: {type(error).__name__}: {_one_line(error)} "
-              "(rerun with --debug for the traceback)", file=sys.stderr)
-        return 1
+        line, code = _failure(error, f"attnlab {_command_name(args, argv)}")
+        print(line, file=sys.stderr)
+        return code
 
+
+def _failure(error: BaseException, command: str) -> tuple[str, int]:
+    """The one stderr line and the exit code of a command that raised ``error``."""
+    if isinstance(error, UsageError):
+        return f"{command}: error: {_one_line(error)}", USAGE_EXIT
+    if isinstance(error, Interrupted):
+        return _one_line(error), INTERRUPT_EXIT
+    if isinstance(error, KeyboardInterrupt):
+        return f"{command}: interrupted", INTERRUPT_EXIT
+    return f"{command}: {type(error).__name__}: {_one_line(error)} (rerun with --debug for the traceback)", 1
 
 if __name__ == "__main__":
     sys.exit(main())
