@@ -21,8 +21,9 @@ import torch.distributed as dist
 
 from attnlab.distributed.comm import Message, anchor, exchange, group_rank
 from attnlab.distributed.sharding import SequenceLayout
+from attnlab.ops.gathered_blocks import gathered_block_attention
 from attnlab.ops.neighborhood import _Grid
-from attnlab.ops.sliding_window import _band, _check_window, gathered_block_attention
+from attnlab.ops.sliding_window import _band, _check_window
 from attnlab.ops.validation import check_scale
 
 __all__ = ["HALO_MECHANISMS", "halo_reach", "halo_attention"]

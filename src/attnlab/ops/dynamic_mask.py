@@ -26,8 +26,8 @@ from typing import Literal
 
 import torch
 
+from attnlab.ops.gathered_blocks import gathered_block_attention
 from attnlab.ops.nonfinite import nonfinite_guarded
-from attnlab.ops.sliding_window import gathered_block_attention
 from attnlab.ops.softmax import attention_mask
 from attnlab.ops.validation import (
     Sizes,

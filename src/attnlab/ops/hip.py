@@ -31,8 +31,8 @@ from typing import Literal
 
 import torch
 
+from attnlab.ops.gathered_blocks import gathered_block_attention
 from attnlab.ops.nonfinite import nonfinite_guarded
-from attnlab.ops.sliding_window import gathered_block_attention
 from attnlab.ops.softmax import softmax_attention_reference
 from attnlab.ops.validation import (
     check_causal,

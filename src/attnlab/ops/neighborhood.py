@@ -32,8 +32,8 @@ from typing import Literal
 import torch
 
 from attnlab.ops.flex import auto_uses_flex, flex_masked_attention
+from attnlab.ops.gathered_blocks import gathered_block_attention
 from attnlab.ops.nonfinite import Reach, guard_nonfinite, index_reach
-from attnlab.ops.sliding_window import gathered_block_attention
 from attnlab.ops.softmax import softmax_attention_reference
 from attnlab.ops.validation import check_impl, check_qkv, check_scale
 from attnlab.registry import CheckConfig, Mechanism, register

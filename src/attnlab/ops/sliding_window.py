@@ -9,7 +9,7 @@ Transformer", arXiv 2004.05150, sec. 3.1) and Mistral: softmax attention restric
   with Attention Sinks", arXiv 2309.17453, sec. 3.2): the first ``s`` keys are visible to every
   query at or after them as well (``j < s`` and ``j <= i``).
 
-The fast path (:func:`gathered_block_attention`) processes the queries in blocks of ``Bq``
+The fast path (:func:`attnlab.ops.gathered_blocks.gathered_block_attention`) processes the queries in blocks of ``Bq``
 consecutive positions; each block gathers only the keys its queries may see (a span of
 ``Bq + window - 1`` keys here), so memory is ``O(N * window)`` instead of ``O(N^2)``, and autograd
 gives the backward pass. Neighborhood, dynamic-mask and HiP attention reuse the same helper with
@@ -22,147 +22,21 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from einops import rearrange
-from torch.utils.checkpoint import checkpoint
 
 from attnlab.ops.flex import auto_uses_flex, flex_masked_attention
+from attnlab.ops.gathered_blocks import gathered_block_attention
 from attnlab.ops.nonfinite import Reach, guard_nonfinite, window_reach
 from attnlab.ops.softmax import softmax_attention_reference
-from attnlab.ops.validation import check_causal, check_impl, check_int, check_qkv, check_scale, compute_dtype
+from attnlab.ops.validation import check_causal, check_impl, check_int, check_qkv, check_scale
 from attnlab.registry import CheckConfig, Mechanism, register
 
 __all__ = [
     "sliding_window_attention",
     "sliding_window_attention_reference",
     "sliding_window_mask",
-    "gathered_block_attention",
 ]
 
 IMPLS = ("auto", "reference", "gather", "flex")
-
-
-# Query blocks per call are capped so that one call's gathered keys stay near this many bytes: the
-# tensors then come from memory the allocator already holds (fresh multi-hundred-MiB buffers cost
-# more in page faults than the attention itself on CPU), stay in cache, and the forward peak stays
-# O(chunk). SDPA adds a float copy of the chunk's mask per head, several times the gathered keys: at
-# 1 MiB a chunk's working set is ~10 MiB (16 MiB chunks ran 2x slower than 1 MiB ones at N = 16384).
-_GATHER_CHUNK_BYTES = 1 << 20
-# Under autograd the chunks are larger: each chunk's backward gives k and v a full-size gradient
-# (the gather's), so the backward pass costs O(chunks * M * D) on top of the attention.
-_GATHER_CHUNK_BYTES_GRAD = 16 << 20
-# ... and never fewer query rows than this per SDPA call: HiP's blocks of 32 queries over ~700 keys would
-# otherwise run one small masked SDPA call each, whose fixed cost then dominates
-_GATHER_CHUNK_MIN_ROWS = 512
-
-
-def gathered_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_index: torch.Tensor,
-                             allowed: torch.Tensor, scale: float,
-                             key_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Softmax attention where each block of queries sees only a gathered list of keys.
-
-    The queries are split into ``G`` blocks of ``Bq`` consecutive positions (the last block is
-    padded); block ``g`` attends to the keys ``key_index[..., g, :]`` where ``allowed`` is True.
-
-    Args:
-        q: ``[B, H, N, D]``; k: ``[B, H_kv, M, D]``; v: ``[B, H_kv, M, Dv]`` (``H_kv`` divides ``H``).
-        key_index: int64 ``[G, S]`` (shared by every batch element and head) or ``[B, H_kv, G, S]``;
-            entries in ``[0, M)``. Padding entries may hold any valid index with ``allowed`` False.
-            A key must appear at most once among the allowed entries of a query row.
-        allowed: bool ``[G, Bq, S]`` or ``[B, H_kv, G, Bq, S]``; ``G * Bq >= N``.
-        scale: multiplies ``q . k``.
-        key_bias: optional additive bias per key ``[B, H_kv, M]`` (gathered with the keys).
-
-    Returns:
-        ``[B, H, N, Dv]`` in the dtype of q; a query row with no allowed key returns zeros.
-        The query blocks run in chunks whose gathered keys take about 1 MiB; under autograd
-        each chunk is checkpointed (its gather and attention are recomputed in the backward pass), so
-        time is ``O(N S D)`` and memory ``O(N D)`` plus one chunk, in the forward and the backward pass.
-    """
-    B, H, N, D = q.shape
-    Hkv, Dv = k.shape[1], v.shape[-1]
-    G, Bq, S = allowed.shape[-3:]
-    if G * Bq < N:
-        raise ValueError(f"allowed covers {G} blocks of {Bq} queries, fewer than N={N}")
-    width = -(-max(D + (key_bias is not None), Dv) // 8) * 8
-    per_block = B * Hkv * S * width * torch.finfo(compute_dtype(q.dtype)).bits // 8
-    recompute = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, key_bias))
-    chunk = max(-(-_GATHER_CHUNK_MIN_ROWS // Bq),
-                (_GATHER_CHUNK_BYTES_GRAD if recompute else _GATHER_CHUNK_BYTES) // max(per_block, 1))
-    outputs = []
-    # without a graph each chunk is written into the output (no list of chunks plus their concatenation)
-    out = None if recompute else q.new_empty(B, H, N, Dv)  # (B, H, N, Dv)
-    # split once: a slice per chunk would give q a full-size gradient per chunk in the backward pass
-    q_chunks = q.split(chunk * Bq, dim=2)
-    for g0, q_chunk in zip(range(0, -(-N // Bq), chunk), q_chunks, strict=True):
-        g1 = min(G, g0 + chunk)
-        rows = slice(g0 * Bq, min(N, g1 * Bq))
-        index = key_index[g0:g1] if key_index.ndim == 2 else key_index[:, :, g0:g1]
-        mask = allowed[g0:g1] if allowed.ndim == 3 else allowed[:, :, g0:g1]
-        args = (q_chunk, k, v, index, mask, key_bias, scale)
-        if out is not None:
-            out[:, :, rows] = _gathered_chunk(*args)
-        else:
-            outputs.append(checkpoint(_gathered_chunk, *args, use_reentrant=False))
-    if out is not None:
-        return out
-    return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
-
-
-def _gathered_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_index: torch.Tensor,
-                    allowed: torch.Tensor, key_bias: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """:func:`gathered_block_attention` of the query blocks of ``allowed`` (``q`` holds their rows)."""
-    B, H, N, D = q.shape
-    Hkv, Dv = k.shape[1], v.shape[-1]
-    G, Bq, S = allowed.shape[-3:]
-    group = H // Hkv
-    dtype = compute_dtype(q.dtype)
-    if key_index.ndim == 2:  # shared by batch and heads
-        flat = key_index.reshape(-1)
-        kg, vg = k[:, :, flat], v[:, :, flat]  # (B, H_kv, G*S, D), (B, H_kv, G*S, Dv)
-        bias = key_bias[:, :, flat] if key_bias is not None else None  # (B, H_kv, G*S)
-    else:
-        M = k.shape[2]
-        # rows of the flattened (B*H_kv*M) keys: index_select is several times faster than gather
-        flat = (key_index.reshape(B, Hkv, G * S) + torch.arange(B * Hkv, device=q.device).reshape(B, Hkv, 1) * M)
-        flat = flat.reshape(-1)
-        kg = k.reshape(B * Hkv * M, D).index_select(0, flat).reshape(B, Hkv, G * S, D)
-        vg = v.reshape(B * Hkv * M, Dv).index_select(0, flat).reshape(B, Hkv, G * S, Dv)
-        bias = key_bias.reshape(-1).index_select(0, flat).reshape(B, Hkv, G * S) if key_bias is not None else None
-    # One fused SDPA call over every block of the chunk (flash kernel on CPU, backward included). The
-    # key bias rides in one extra feature: [scale q, 1] . [k, bias] = scale q.k + bias; the fused
-    # kernels want one width for q, k and v, so all three are zero-padded to a multiple of 8 (no copy
-    # when they already have it).
-    extra = 1 if bias is not None else 0
-    width = -(-max(D + extra, Dv) // 8) * 8
-    pad_rows = G * Bq - N
-    qs = q.to(dtype) * scale
-    kg, vg = kg.to(dtype), vg.to(dtype)
-    if extra:
-        qs = torch.cat([qs, qs.new_ones(B, H, N, 1)], dim=-1)  # (B, H, N, D + 1)
-        kg = torch.cat([kg, bias.to(dtype)[..., None]], dim=-1)  # (B, H_kv, G*S, D + 1)
-    if width > qs.shape[-1] or pad_rows:
-        qs = torch.nn.functional.pad(qs, (0, width - qs.shape[-1], 0, pad_rows))  # (B, H, G*Bq, width)
-    if width > kg.shape[-1]:
-        kg = torch.nn.functional.pad(kg, (0, width - kg.shape[-1]))  # (B, H_kv, G*S, width)
-    if width > Dv:
-        vg = torch.nn.functional.pad(vg, (0, width - Dv))  # (B, H_kv, G*S, width)
-    # the query heads sharing a kv head become extra query rows of its blocks
-    qb = rearrange(qs, "b (hk g) (c q) d -> (b hk) c (g q) d", hk=Hkv, c=G)  # (B*H_kv, G, group*Bq, width)
-    kb = rearrange(kg, "b hk (c s) d -> (b hk) c s d", c=G)  # (B*H_kv, G, S, width)
-    vb = rearrange(vg, "b hk (c s) d -> (b hk) c s d", c=G)  # (B*H_kv, G, S, width)
-    mask = allowed if allowed.ndim == 3 else rearrange(allowed, "b hk c q s -> (b hk) c q s")
-    empty = ~mask.any(dim=-1, keepdim=True)  # rows with no allowed key (padding rows, normally)
-    has_empty = bool(empty.any())
-    if has_empty:  # give them one key so the softmax is defined; their output is zeroed below
-        mask = mask | (empty & (torch.arange(S, device=q.device) == 0))
-    if group > 1:
-        mask = mask.unsqueeze(-3).expand(*mask.shape[:-2], group, Bq, S).flatten(-3, -2)  # (.., G, group*Bq, S)
-    out = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=1.0)
-    if has_empty:
-        keep = ~empty if group == 1 else ~empty.unsqueeze(-3).expand(*empty.shape[:-2], group, Bq, 1).flatten(-3, -2)
-        out = out * keep
-    out = rearrange(out[..., :Dv], "(b hk) c (g q) e -> b (hk g) (c q) e", b=B, g=group)[:, :, :N]  # (B, H, N, Dv)
-    return out.to(q.dtype)
 
 
 def _check_window(window: object) -> int:
