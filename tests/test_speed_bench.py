@@ -298,6 +298,21 @@ def test_non_mixer_layers_are_skipped_with_a_reason() -> None:
     assert "skipping 'pool_only'" in said[0] and "pooling" in said[0]
 
 
+def test_layers_get_a_softmax_layer_baseline_in_the_same_run() -> None:
+    """Layers are timed with their projections, so they are compared with softmax inside the same
+    projections (attnlab.nn.Attention), planned once after them; an op-only sweep gets no such row."""
+    config = speed_config.PRESETS["smoke"]
+    plan = speed_plan.plan_series([attnlab.get("softmax"), attnlab.get("moh"), attnlab.get("minimal")], config, [],
+                                  lambda _: None)
+    assert [(p[0], p[1], p[2]) for p in plan] == [("softmax", "auto", "op"), ("moh", "layer", "layer"),
+                                                  ("minimal", "layer", "layer"), ("softmax", "layer", "layer")]
+    ops_only = speed_plan.plan_series([attnlab.get("softmax"), attnlab.get("linear")], config, [], lambda _: None)
+    assert all(p[2] == "op" for p in ops_only)
+    spec = cells.cell_spec(mechanism="softmax", impl="layer", path="layer", N=16, mode="fwdbwd", causal=True,
+                           batch=2, heads=2, dim=8, dtype="float32", device="cpu", seed=0)
+    cells.build_cell(spec)()  # an op runs as a layer: x [B, N, H*D] through attnlab.nn.Attention
+
+
 def test_cli_smoke_preset_covers_every_registered_mechanism(tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "speed", "--preset", "smoke", "--out", str(tmp_path)]) == 0

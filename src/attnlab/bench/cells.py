@@ -16,6 +16,7 @@ import attnlab
 from attnlab.bench.externals import EXTERNALS, ExternalBaseline
 from attnlab.bench.speed_config import DTYPES
 from attnlab.bench.speed_options import bench_options
+from attnlab.models.blocks import build_mixer
 
 __all__ = ["cell_spec", "build_cell"]
 
@@ -49,9 +50,9 @@ def build_cell(spec: Mapping[str, Any], *, externals: Sequence[ExternalBaseline]
         call = ext.build(q, k, v, spec["causal"], ctx)
         leaves = [q, k, v, *getattr(call, "leaves", [])]
     elif spec["path"] == "layer":
-        record = attnlab.get(spec["mechanism"])
-        layer_options = record.options_for_model(N)  # built as a model of length N builds it
-        layer = record.layer(H * D, H, causal=spec["causal"], **layer_options).to(device, dtype)
+        # built as a model of length N builds its mixer: a registered layer, or an op (the softmax layer
+        # the layers are compared with) inside attnlab.nn.Attention's projections
+        layer = build_mixer(spec["mechanism"], H * D, H, causal=spec["causal"], seq_len=N).to(device, dtype)
         x = draw(B, N, H * D)  # (B, N, dim)
 
         def call() -> Any:

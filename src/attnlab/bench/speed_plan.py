@@ -83,7 +83,8 @@ def select_mechanisms(mechanisms: Sequence[str] | str | None) -> list[Mechanism]
 
 def plan_series(records: Sequence[Mechanism], config: SpeedConfig, externals: Sequence[ExternalBaseline],
                 say: Callable[[str], None]) -> list[PlannedSeries]:
-    """(name, impl, path, causal, record) per series; layer-only records run through their layer."""
+    """(name, impl, path, causal, record) per series; layer-only records run through their layer, and
+    then softmax runs as a layer too (``attnlab.nn.Attention``), the baseline of the layers."""
     plan: list[PlannedSeries] = []
     for record in records:
         causal = config.causal if (record.supports_causal and record.supports_bidirectional) else record.supports_causal
@@ -105,6 +106,9 @@ def plan_series(records: Sequence[Mechanism], config: SpeedConfig, externals: Se
                 impls.append(impl)
         for impl in dict.fromkeys(impls):
             plan.append((record.name, impl, "op", causal, record))
+    if any(path == "layer" for _, _, path, _, _ in plan):
+        # the layers' own baseline: softmax (SDPA) inside attnlab.nn.Attention's projections, in the same run
+        plan.append(("softmax", "layer", "layer", config.causal, attnlab.get("softmax")))
     for ext in externals:
         plan.append((ext.name, "external", "external", True if ext.causal_only else config.causal, None))
     return plan

@@ -82,7 +82,9 @@ def crossover_lines(rows: Iterable[Mapping[str, Any]]) -> list[str]:
                         if r.get("status") == "ok" and r.get("time_ratio") is not None)
         if not points:
             continue
-        label = name if impl in ("auto", "layer", "external") else f"{name} ({impl})"
+        # softmax's layer row is the layers' baseline: named as such, not "softmax ... than softmax"
+        plain = impl in ("auto", "external") or (impl == "layer" and name != BASELINE)
+        label = name if plain else f"{name} ({impl})"
         label += f" {mode}" + ("" if causal else " (bidirectional)")
         last_n, last_ratio = points[-1]
         tail = f"x{last_ratio:.2f} at N={last_n}"
