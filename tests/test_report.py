@@ -128,6 +128,11 @@ def test_the_rate_with_the_best_mean_validation_value_is_chosen_and_its_test_met
     assert "| 1 | softmax | f | 0.7500 ± 0.0707 | 2 | 0.003 |" in markdown
     assert "swept over 0.001, 0.003, 0.01" in markdown and ONE_RATE_NOTE not in markdown
     assert "## mqar (L32): learning rate swept\n" in markdown
+    assert "Not every row tried every rate" not in markdown
+    # rows that tried different rates say which (a partial sweep must not read as the full one)
+    partial = leaderboard_markdown(aggregate(records + [_run("linear", 0, 1e-3, test=0.2, validation=0.2),
+                                                        _run("linear", 0, 3e-3, test=0.3, validation=0.3)]))
+    assert "Not every row tried every rate: softmax: 0.001, 0.003, 0.01; linear: 0.001, 0.003." in partial
     # lower is better: the smallest validation mean wins
     low = [_run("linear", 0, 1e-3, test=2.0, validation=3.0, higher=False),
            _run("linear", 0, 3e-3, test=2.5, validation=1.0, higher=False)]

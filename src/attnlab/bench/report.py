@@ -345,6 +345,13 @@ def _table_notes(group: Sequence[Row]) -> list[str]:
         rates = sorted({rate for r in group for rate in r.rates_run})
         lines.append(f"Learning rate: swept over {', '.join(_rate_text(r) for r in rates)}; each row reports the "
                      "test metric at the rate with the best mean validation value over seeds (column lr).")
+        tried: dict[tuple[float, ...], list[str]] = defaultdict(list)
+        for row in group:
+            tried[tuple(row.rates_run)].append(row.mechanism)
+        if len(tried) > 1:  # a partial sweep must not read as the whole one
+            lines.append("Not every row tried every rate: " + "; ".join(
+                f"{', '.join(names)}: {', '.join(_rate_text(r) for r in rates) or 'none finished'}"
+                for rates, names in tried.items()) + ".")
     counts = {len(r.values) for r in group if not r.failed}
     if counts == {1}:
         lines.append("One seed per row: the value of that seed (no spread measured).")
