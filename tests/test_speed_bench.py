@@ -237,6 +237,26 @@ def test_run_skips_cells_by_estimate_and_records_why(tmp_path: Path) -> None:
     assert [r["status"] for r in rows if r["mechanism"] == "softmax"] == ["ok", "ok"]
 
 
+def test_a_rerun_decides_skipped_cells_again_under_its_own_limits(tmp_path: Path) -> None:
+    """A cell skipped for time is not reused as done: the same limit leaves it skipped, a larger one
+    measures it."""
+    kwargs = dict(preset="smoke", out_dir=tmp_path, mechanisms="linear", lengths=(32, 64), modes=("fwd",),
+                  write_report=False, say=lambda line: None)
+    results = tmp_path / speed_config.RESULTS_FILE
+
+    def linear_at_64() -> list[str]:
+        return [r["status"] for r in load_results(results) if r["mechanism"] == "linear" and r["N"] == 64]
+
+    speed.run_speed_benchmark(max_cell_seconds=1e-9, **kwargs)
+    assert linear_at_64() == ["skipped"]
+    speed.run_speed_benchmark(max_cell_seconds=1e-9, **kwargs)
+    written = linear_at_64()
+    assert written[0] == "skipped" and set(written) == {"skipped"}
+    rows = speed.run_speed_benchmark(max_cell_seconds=600, **kwargs)
+    assert linear_at_64()[-1] == "ok"
+    assert [r["status"] for r in rows if r["mechanism"] == "linear"] == ["ok", "ok"]
+
+
 def test_resume_runs_only_missing_cells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     kwargs = dict(preset="smoke", out_dir=tmp_path, mechanisms="softmax,linear", modes=("fwd",), write_report=False,
                   say=lambda line: None)

@@ -113,10 +113,13 @@ class _Sweep:
         done = self.existing.get(key)
         if done is not None and str(done.get("reason", "")).startswith(TIME_BUDGET_REASON):
             done = None  # left out for want of time last run: a rerun tries it again
-        if done is not None and done.get("status") in ("ok", "skipped"):
-            if done.get("status") == "ok":
-                series.add(N, done)
+        if done is not None and done.get("status") == "ok":
+            series.add(N, done)
             return done
+        # a cell skipped by an earlier run is decided again under this run's limits (a larger
+        # --max-cell-seconds or --memory-limit-gb runs it); skipped again for the same reason, it is not
+        # written twice
+        earlier_skip = done if done is not None and done.get("status") == "skipped" else None
         if record is not None and path_kind == "op":
             ctx = {"batch": spec["batch"], "heads": config.heads, "N": N, "dim": config.dim,
                    "device": torch.device(config.device), "dtype": DTYPES[config.dtype]}
@@ -133,9 +136,7 @@ class _Sweep:
             row.update(status="skipped", reason=f"{TIME_BUDGET_REASON} the sweep's {config.max_total_seconds:g} s "
                                                 f"were spent ({spent:.0f} s); rerun the same command to add it")
         if row.get("status") == "skipped":
-            row.update(self.stamp, timestamp=datetime.now(UTC).isoformat(timespec="seconds"))
-            append_result(self.path, row)
-            return row
+            return self._skipped(row, earlier_skip)
         exponent = complexity_exponent(record, impl) if record else 1.0
         estimate = estimate_costs(spec, series, config, exponent, self.externals, self.limit)
         row["estimate_bytes"] = int(estimate.memory_bytes)
@@ -145,15 +146,23 @@ class _Sweep:
                              is_baseline=name == BASELINE and impl == "auto")
         if reason is not None:
             row.update(status="skipped", reason=reason)
-        else:
-            try:
-                row.update(_measure(spec, config, self.externals))
-                row["status"] = "ok"
-                series.add(N, row)
-            except Exception as error:  # a cell that fails is recorded, not fatal
-                row.update(status="error", reason=f"{type(error).__name__}: {str(error).strip()[:300]}")
-                if isinstance(error, torch.OutOfMemoryError) and config.device.startswith("cuda"):
-                    torch.cuda.empty_cache()
+            return self._skipped(row, earlier_skip)
+        try:
+            row.update(_measure(spec, config, self.externals))
+            row["status"] = "ok"
+            series.add(N, row)
+        except Exception as error:  # a cell that fails is recorded, not fatal
+            row.update(status="error", reason=f"{type(error).__name__}: {str(error).strip()[:300]}")
+            if isinstance(error, torch.OutOfMemoryError) and config.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+        row.update(self.stamp, timestamp=datetime.now(UTC).isoformat(timespec="seconds"))
+        append_result(self.path, row)
+        return row
+
+    def _skipped(self, row: dict[str, Any], earlier: dict[str, Any] | None) -> dict[str, Any]:
+        """Record a skipped cell, unless an earlier run already recorded it with the same reason."""
+        if earlier is not None and earlier.get("reason") == row.get("reason"):
+            return earlier
         row.update(self.stamp, timestamp=datetime.now(UTC).isoformat(timespec="seconds"))
         append_result(self.path, row)
         return row
