@@ -133,6 +133,12 @@ def test_the_rate_with_the_best_mean_validation_value_is_chosen_and_its_test_met
     partial = leaderboard_markdown(aggregate(records + [_run("linear", 0, 1e-3, test=0.2, validation=0.2),
                                                         _run("linear", 0, 3e-3, test=0.3, validation=0.3)]))
     assert "Not every row tried every rate: softmax: 0.001, 0.003, 0.01; linear: 0.001, 0.003." in partial
+    # a second seed added at one rate only: rates are compared on the seed they share (seed 0), and the
+    # row then reports both seeds of the chosen rate
+    extra = [_run("gla", 0, 3e-3, test=0.95, validation=0.96), _run("gla", 0, 1e-2, test=0.99, validation=0.99),
+             _run("gla", 1, 1e-2, test=0.90, validation=0.90)]
+    (chosen,) = aggregate(extra)
+    assert chosen.lr == 1e-2 and chosen.values == [0.99, 0.90] and "seeds all of them ran (0)" in chosen.lr_choice
     # lower is better: the smallest validation mean wins
     low = [_run("linear", 0, 1e-3, test=2.0, validation=3.0, higher=False),
            _run("linear", 0, 3e-3, test=2.5, validation=1.0, higher=False)]
