@@ -100,6 +100,11 @@ def _chunk_lists(key_index: torch.Tensor, allowed: torch.Tensor, g0: int,
     return index, allowed[g0:g1] if allowed.ndim == 3 else allowed[:, :, g0:g1]
 
 
+def _chunk_starts(G: int, Bq: int, N: int, chunk: int) -> list[tuple[int, slice]]:
+    """``(first block, query rows)`` of each chunk of ``chunk`` query blocks."""
+    return [(g0, slice(g0 * Bq, min(N, (g0 + chunk) * Bq))) for g0 in range(0, G, chunk)]
+
+
 def _key_rows(key_index: torch.Tensor, B: int, Hkv: int, M: int) -> torch.Tensor:
     """Rows of the flattened ``[B * H_kv * M]`` keys listed by ``key_index``: ``[B * H_kv * G * S]``."""
     G, S = key_index.shape[-2:]
@@ -197,8 +202,7 @@ class _GatheredAttention(torch.autograd.Function):
         G, Bq = allowed.shape[-3:-1]
         out = q.new_empty(B, H, N, Dv)  # (B, H, N, Dv)
         kept = []
-        for g0 in range(0, G, chunk):
-            rows = slice(g0 * Bq, min(N, (g0 + chunk) * Bq))
+        for g0, rows in _chunk_starts(G, Bq, N, chunk):
             qb, kb, vb, mask, _ = _blocked_inputs(q[:, :, rows], k, v, *_chunk_lists(key_index, allowed, g0, chunk),
                                                   key_bias, scale, additive=True)
             o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qb, kb, vb, attn_mask=mask, scale=1.0)
@@ -218,11 +222,10 @@ class _GatheredAttention(torch.autograd.Function):
         G, Bq, S = allowed.shape[-3:]
         dtype = compute_dtype(q.dtype)
         width = _width(D, Dv, key_bias)
-        grad_q = torch.zeros(B, H, N, D, dtype=dtype)  # (B, H, N, D)
+        grad_q = torch.empty(B, H, N, D, dtype=dtype)  # (B, H, N, D), every row written by its chunk
         grad_k = torch.zeros(B * Hkv * M, width, dtype=dtype)  # k's features, then the bias's
         grad_v = torch.zeros(B * Hkv * M, width, dtype=dtype)
-        for part, g0 in enumerate(range(0, G, chunk)):
-            rows = slice(g0 * Bq, min(N, (g0 + chunk) * Bq))
+        for part, (g0, rows) in enumerate(_chunk_starts(G, Bq, N, chunk)):
             index, mask = _chunk_lists(key_index, allowed, g0, chunk)
             qb, kb, vb, mask, _ = _blocked_inputs(q[:, :, rows], k, v, index, mask, key_bias, scale, additive=True)
             blocks = qb.shape[1]
