@@ -241,12 +241,13 @@ def _rows_of_group(task: str, label: str, mechanism: str, group: list[dict[str, 
                 for rate in sorted(finished, key=lambda r: (r is None, r or 0.0))]
     # rates are compared on the seeds they all ran (a mean over more seeds is not comparable with one over
     # fewer, e.g. a second seed added at the chosen rate only); with none in common, on all their seeds
-    common = set.intersection(*({r.get("seed") for r in by_rate[rate]} for rate in finished))
+    seeds = {rate: {r.get("seed") for r in by_rate[rate]} for rate in finished}
+    common = set.intersection(*seeds.values())
     best = max(finished, key=lambda rate: (_validation_score(
         [r for r in by_rate[rate] if r.get("seed") in common] or by_rate[rate], higher), -(rate or 0.0)))
     planned_text = f" of {len(planned)} planned" if len(planned) > len(rates) else ""
     choice = f"best validation mean of {len(rates)} rates{planned_text}"
-    if common and any(len({r.get("seed") for r in by_rate[rate]}) > len(common) for rate in finished):
+    if common and any(ran != common for ran in seeds.values()):
         choice += f" on the seeds all of them ran ({', '.join(str(s) for s in sorted(common))})"
     return [_make_row(task, label, mechanism, by_rate[best], lr=best, rates=rates, swept=True, choice=choice,
                       all_failed=group)]
