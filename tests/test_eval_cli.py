@@ -48,7 +48,7 @@ def test_parse_mechanisms_reads_names_and_typed_options() -> None:
     assert specs == [MechanismSpec("softmax"), MechanismSpec("hip", {"k_budget": 256}),
                      MechanismSpec("sliding_window", {"window": 256, "sink_tokens": 4})]
     assert specs[2].label == "sliding_window:window=256:sink_tokens=4"
-    with pytest.raises(ValueError, match="'window' is not option=value"):
+    with pytest.raises(ValueError, match="'window' is not key=value"):
         parse_mechanisms("sliding_window:window")
     with pytest.raises(ValueError, match="'k_budgt'.*k_budget"):
         parse_mechanisms("hip:k_budgt=3")

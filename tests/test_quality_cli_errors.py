@@ -37,6 +37,13 @@ BAD_QUALITY = [
     ("unknown-task", ["--preset", "smoke", "--tasks", "mqr", "--out", "OUT"], "--tasks"),
     ("no-task", ["--preset", "smoke", "--tasks", ",", "--out", "OUT"], "--tasks"),
     ("unknown-variant", [*SMOKE, "--variants", "V1-L2", "--out", "OUT"], "--variants"),
+    ("steps-0", [*SMOKE, "--steps", "0", "--out", "OUT"], "--steps"),
+    ("unknown-mechanism-option", [*SMOKE, "--mechanisms", "linear:window=4", "--out", "OUT"], "--mechanisms"),
+    ("option-without-value", [*SMOKE, "--mechanisms", "linear:feature_map", "--out", "OUT"], "--mechanisms"),
+    ("option-twice", [*SMOKE, "--mechanisms", "sliding_window:window=4:window=8", "--out", "OUT"], "--mechanisms"),
+    ("options-without-name", [*SMOKE, "--mechanisms", ":window=4", "--out", "OUT"], "--mechanisms"),
+    ("same-spec-twice", [*SMOKE, "--mechanisms", "linear:feature_dim=4:eps=0.001,linear:eps=1e-3:feature_dim=4",
+                         "--out", "OUT"], "--mechanisms"),
 ]
 
 

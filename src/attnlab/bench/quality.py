@@ -30,10 +30,11 @@ from attnlab.bench.quality_tasks import TASKS, QualityTask
 from attnlab.bench.results import completed_keys, exclusive_writer, load_results, result_key
 from attnlab.bench.runner import Recorder, execute, run_in_workers
 from attnlab.cli_errors import UsageError
+from attnlab.mechanism_spec import MechanismSpec, model_spec
 from attnlab.registry import Mechanism
 
 __all__ = ["Refusal", "plan_jobs", "validate", "run_quality", "QualityError", "QualityResults", "NothingToRun",
-           "fitting_mechanisms", "pending_jobs", "check_device"]
+           "fitting_mechanisms", "pending_jobs", "check_device", "check_steps"]
 
 
 class QualityError(UsageError):
@@ -64,11 +65,12 @@ class Refusal:
         return f"{self.mechanism} on {self.task}: {self.reason}"
 
 
-def _probe(task: QualityTask, config: Any, record: Mechanism) -> str | None:
-    """Build the task's model with this mechanism and run one tiny forward/backward; the error, or None."""
+def _probe(task: QualityTask, config: Any, record: Mechanism, options: Mapping[str, Any]) -> str | None:
+    """Build the task's model with this mechanism and its options and run one tiny forward/backward;
+    the error, or None."""
     try:
         torch.manual_seed(0)
-        model = task.build(config, record.name, task.causal_for(record))
+        model = task.build(config, record.name, task.causal_for(record), **options)
         out = model(task.probe(config))
         out.float().square().mean().backward()
         if not torch.isfinite(out).all():
@@ -82,7 +84,9 @@ def validate(tasks: Sequence[str], mechanisms: Sequence[str], preset: QualityPre
              probe: bool = True) -> list[Refusal]:
     """Every reason to refuse a (task, mechanism) pair before training; ``[]`` when all fit.
 
-    Unknown task or mechanism names raise :class:`QualityError` right away.
+    ``mechanisms`` are mechanism specs (a registered name, or one with options:
+    :mod:`attnlab.mechanism_spec`). Unknown task or mechanism names and options a mechanism does
+    not take raise :class:`QualityError` right away.
     """
     unknown_tasks = [t for t in tasks if t not in TASKS]
     if unknown_tasks:
@@ -90,24 +94,25 @@ def validate(tasks: Sequence[str], mechanisms: Sequence[str], preset: QualityPre
     missing = [t for t in tasks if t not in preset.tasks]
     if missing:
         raise QualityError(f"preset {preset.name!r} has no config for task(s) {', '.join(missing)}")
-    records = []
-    for name in mechanisms:
+    specs: list[tuple[str, MechanismSpec]] = []
+    for text in mechanisms:
         try:
-            records.append(attnlab.get(name))
-        except (KeyError, TypeError) as error:
+            specs.append((text, model_spec(text)))
+        except (KeyError, TypeError, ValueError) as error:
             raise QualityError(error.args[0]) from None
     refusals = []
     for task_name in tasks:
         task = TASKS[task_name]
-        for record in records:
+        for text, spec in specs:
+            record = attnlab.get(spec.name)
             reason = task.refusal(record)
             if reason is None and probe:
                 for config in preset.tasks[task_name]:
-                    reason = _probe(task, config, record)
+                    reason = _probe(task, config, record, spec.options)
                     if reason is not None:
                         break
             if reason is not None:
-                refusals.append(Refusal(task_name, record.name, reason))
+                refusals.append(Refusal(task_name, text, reason))
     return refusals
 
 
@@ -135,23 +140,44 @@ def _context_parallel_refusals(tasks: Sequence[str], per_task: Mapping[str, Sequ
                 refusals.append(f"--context-parallel: {task} {TASKS[task].label(config)} has a short convolution, "
                                 f"which reads tokens across shards")
         for mechanism in per_task.get(task, []):
-            if attnlab.get(mechanism).layer is not None:
+            if attnlab.get(model_spec(mechanism).name).layer is not None:
                 refusals.append(f"--context-parallel: mechanism {mechanism!r} has its own layer (not a functional op)")
     return refusals
 
 
+def _canonical_specs(mechanisms: Sequence[str]) -> list[str]:
+    """Each spec in its one written form, so that a run typed another way resumes the same records."""
+    try:
+        return [str(model_spec(m)) for m in mechanisms]
+    except (KeyError, TypeError, ValueError) as error:
+        raise QualityError(error.args[0]) from None
+
+
+def check_steps(steps: int | None) -> None:
+    """Refuse a ``steps`` override that is not a positive integer."""
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise QualityError(f"steps={steps!r} must be a positive integer (training steps per run), e.g. 625")
+
+
 def plan_jobs(tasks: Sequence[str], mechanisms: Sequence[str] | Mapping[str, Sequence[str]], preset: QualityPreset,
-              seeds: int, *, lrs: Sequence[float] | None = None) -> list[Job]:
+              seeds: int, *, lrs: Sequence[float] | None = None, steps: int | None = None) -> list[Job]:
     """Every (task, config, mechanism, learning rate, seed); ``mechanisms`` may be one list or a list per
     task. The rates are the preset's sweep for each task (:meth:`QualityPreset.sweep`), or ``lrs`` for
-    every task; each rate is a separate job whose config carries it."""
+    every task; each rate is a separate job whose config carries it. ``steps`` trains every config for
+    that many steps instead of its own; a config whose steps it changes is labelled with them
+    (``V8192-L64-P8-d64-625steps``), so its rows never mix with the preset's."""
     per_task = mechanisms if isinstance(mechanisms, Mapping) else {t: mechanisms for t in tasks}
     override = None if lrs is None else check_learning_rates(lrs, name="lrs")
+    check_steps(steps)
     jobs = []
     for task in tasks:
         for config in preset.tasks[task]:
             sweep = override or preset.sweep(task, config)
-            jobs += [Job(task, mechanism, seed, dataclasses.replace(config, lr=lr), preset.name, sweep)
+            variant = ""
+            if steps is not None and steps != config.steps:
+                variant = f"{TASKS[task].label(config)}-{steps}steps"
+                config = dataclasses.replace(config, steps=steps)
+            jobs += [Job(task, mechanism, seed, dataclasses.replace(config, lr=lr), preset.name, sweep, variant)
                      for mechanism in per_task[task] for lr in sweep for seed in range(seeds)]
     return jobs
 
@@ -167,7 +193,7 @@ def run_quality(*, tasks: Sequence[str], mechanisms: Sequence[str] | Mapping[str
                 seeds: int | None = None, out_dir: str | Path, nproc: int = 1, device: str | None = None,
                 threads: int | None = 1, progress: bool = True, console: Any = None,
                 context_parallel: int = 1, workers: int = 1, ray: str | None = None,
-                strict: bool = True, lrs: Sequence[float] | None = None,
+                strict: bool = True, lrs: Sequence[float] | None = None, steps: int | None = None,
                 resume_hint: str = "rerun the same command to resume") -> QualityResults:
     """Validate, then train every pending job and append its record to ``out_dir/results.jsonl``.
 
@@ -185,6 +211,9 @@ def run_quality(*, tasks: Sequence[str], mechanisms: Sequence[str] | Mapping[str
     ``nproc`` data-parallel replicas of them, ``nproc * C`` processes (torchrun). Ctrl-C raises
     :class:`attnlab.cli_errors.Interrupted` after stopping every worker; the same call resumes.
     ``lrs``: the learning rates to train every task at, instead of the preset's sweeps (:func:`plan_jobs`).
+    ``steps``: training steps for every config instead of its own (:func:`plan_jobs`).
+    ``mechanisms`` are mechanism specs: registered names, or names with options
+    (``linear:feature_map=taylor:feature_dim=16``, :mod:`attnlab.mechanism_spec`).
     ``resume_hint``: how the Ctrl-C message tells the user to carry on.
     """
     previous_threads = torch.get_num_threads()
@@ -195,7 +224,7 @@ def run_quality(*, tasks: Sequence[str], mechanisms: Sequence[str] | Mapping[str
     try:
         return _run_quality(tasks, mechanisms, preset, seeds, out_dir, nproc, device, progress, console,
                             context_parallel, workers=workers, ray=ray, strict=strict, threads=threads or 1,
-                            lrs=lrs, resume_hint=resume_hint)
+                            lrs=lrs, steps=steps, resume_hint=resume_hint)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -219,7 +248,8 @@ def _run_quality(tasks: Sequence[str], mechanisms: Sequence[str] | Mapping[str, 
                  preset: str | QualityPreset, seeds: int | None, out_dir: str | Path, nproc: int,
                  device: str | None, progress: bool, console: Any, context_parallel: int = 1, *,
                  workers: int = 1, ray: str | None = None, strict: bool = True, threads: int = 1,
-                 lrs: Sequence[float] | None = None, resume_hint: str = "rerun the same command to resume",
+                 lrs: Sequence[float] | None = None, steps: int | None = None,
+                 resume_hint: str = "rerun the same command to resume",
                  ) -> QualityResults:
     preset = get_preset(preset) if isinstance(preset, str) else preset
     seeds = preset.seeds if seeds is None else seeds
@@ -240,9 +270,9 @@ def _run_quality(tasks: Sequence[str], mechanisms: Sequence[str] | Mapping[str, 
     if out.exists() and not out.is_dir():
         raise QualityError(f"out_dir {out} is a file, not a folder: choose a folder for the run's results")
     if isinstance(mechanisms, Mapping):
-        per_task = {t: list(mechanisms.get(t, [])) for t in tasks}
+        per_task = {t: _canonical_specs(mechanisms.get(t, [])) for t in tasks}
     else:
-        per_task = {t: list(mechanisms) for t in tasks}
+        per_task = {t: _canonical_specs(mechanisms) for t in tasks}
     refusals = [r for t in tasks for r in validate([t], per_task[t], preset)]
     if refusals and strict:
         raise QualityError("refused before training: " + "; ".join(map(str, refusals)))
@@ -253,7 +283,7 @@ def _run_quality(tasks: Sequence[str], mechanisms: Sequence[str] | Mapping[str, 
     parallel_refusals = _context_parallel_refusals(tasks, per_task, preset, context_parallel)
     if parallel_refusals:
         raise QualityError("refused before training: " + "; ".join(parallel_refusals))
-    jobs = plan_jobs(tasks, per_task, preset, seeds, lrs=lrs)
+    jobs = plan_jobs(tasks, per_task, preset, seeds, lrs=lrs, steps=steps)
     if not jobs:
         why = (f"every (task, mechanism) pair was refused ({len(refusals)})" if refusals
                else "no task or no mechanism was given")

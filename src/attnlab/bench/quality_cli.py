@@ -22,10 +22,12 @@ __all__ = ["add_commands", "cmd_quality"]
 
 
 def _mechanism_list(text: str, tasks: Sequence[str], preset: QualityPreset, console: Any) -> dict[str, list[str]]:
-    """``--mechanisms``: a comma list, or "all" (every registered mechanism that fits each task; those
-    left out are printed per task with the reason, one line each)."""
+    """``--mechanisms``: a comma list of mechanism specs (``NAME`` or ``NAME:key=value:...``, written in
+    their canonical form), or "all" (every registered mechanism that fits each task; those left out
+    are printed per task with the reason, one line each)."""
     import attnlab
     from attnlab.bench.quality import validate
+    from attnlab.mechanism_spec import canonical
 
     if text.strip() == "all":
         names = [m.name for m in attnlab.mechanisms()]
@@ -41,12 +43,16 @@ def _mechanism_list(text: str, tasks: Sequence[str], preset: QualityPreset, cons
     if not names:
         raise UsageError(f"--mechanisms {text!r} names no mechanism, so nothing would run: give a comma list "
                          f"(e.g. --mechanisms softmax,lightning) or 'all'")
+    specs = []
     for name in names:
         try:
-            attnlab.get(name)
-        except (KeyError, TypeError) as error:  # attnlab.get's message names the closest registered names
+            specs.append(canonical(name))
+        except (KeyError, ValueError) as error:  # attnlab.get's message names the closest registered names
             raise UsageError(f"--mechanisms: {error.args[0]}") from None
-    return {t: names for t in tasks}
+    repeated = sorted({s for s in specs if specs.count(s) > 1})
+    if repeated:
+        raise UsageError(f"--mechanisms {text!r} lists {', '.join(repeated)} more than once; list each once")
+    return {t: specs for t in tasks}
 
 
 def _positive(value: int | None, option: str, what: str) -> None:
@@ -57,6 +63,7 @@ def _positive(value: int | None, option: str, what: str) -> None:
 def _check_arguments(args: argparse.Namespace) -> None:
     """Refuse bad options before anything is imported or trained (one line each)."""
     _positive(args.seeds, "--seeds", "the number of seeds")
+    _positive(args.steps, "--steps", "the number of training steps")
     _positive(args.threads, "--threads", "the intra-op threads per run")
     _positive(args.workers, "--workers", "the number of worker processes")
     _positive(args.nproc, "--nproc", "the number of torchrun processes")
@@ -135,7 +142,8 @@ def cmd_quality(args: argparse.Namespace) -> int:
         records = run_quality(tasks=tasks, mechanisms=mechanisms, preset=preset, seeds=args.seeds,
                               out_dir=args.out, nproc=args.nproc, device=args.device, threads=args.threads,
                               context_parallel=args.context_parallel, workers=workers, ray=args.ray,
-                              strict=args.strict, progress=not args.no_progress, console=console, lrs=lrs)
+                              strict=args.strict, progress=not args.no_progress, console=console, lrs=lrs,
+                              steps=args.steps)
     except NothingToRun as error:
         raise UsageError(f"--mechanisms {args.mechanisms!r} --tasks {args.tasks!r}: {error}") from None
     print_leaderboard(records, console)
@@ -161,8 +169,9 @@ def add_commands(sub: Any, bench: Any) -> None:
     p.add_argument("--tasks", default="mqar,incontext_regression",
                    help="comma list of tasks (--list-presets shows them with their configs)")
     p.add_argument("--mechanisms", default="softmax",
-                   help="comma list of registered mechanisms, or 'all' (those that fit each task; the others are "
-                        "listed with the reason)")
+                   help="comma list of registered mechanisms, each optionally with model options as "
+                        "NAME:key=value[:key=value] (e.g. linear:feature_map=taylor:feature_dim=16), or 'all' "
+                        "(those that fit each task; the others are listed with the reason)")
     p.add_argument("--strict", action="store_true",
                    help="refuse the whole run when one (task, mechanism) pair cannot run (otherwise the pairs "
                         "that fit run and each refusal is printed)")
@@ -171,6 +180,9 @@ def add_commands(sub: Any, bench: Any) -> None:
     p.add_argument("--lrs", default=None, metavar="LR[,LR...]",
                    help="learning rates to train every task at, e.g. 1e-3,3e-3 (one rate: no sweep); default: "
                         "the preset's sweep (standard, full) or each config's rate (smoke, quick)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps for every config instead of its own; the rows of changed configs are "
+                        "labelled with them, e.g. V8192-L64-P8-d64-625steps (None: each config's)")
     p.add_argument("--variants", default=None,
                    help="comma list of config labels to keep, as --list-presets shows them (None: all)")
     p.add_argument("--out", default=None, help="run folder, required (results.jsonl is appended; reruns resume)")

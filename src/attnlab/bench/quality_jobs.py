@@ -22,8 +22,13 @@ reports):
   the chosen rate. Never used to choose.
 - ``"train_step_s"`` (float): mean wall seconds per training step (batch, forward, backward,
   optimizer), measured inside the training loop; evaluation and progress display excluded.
-- The variant of a record is ``"config_label"`` (it omits the rate); ``"config"`` differs between
-  the rates of one sweep only in ``"lr"``.
+- The variant of a record is ``"config_label"`` (it omits the rate; a run whose steps were changed
+  from the preset's, ``--steps``, says so: ``V8192-L64-P8-d64-625steps``); ``"config"`` differs
+  between the rates of one sweep only in ``"lr"``.
+- ``"mechanism"`` is the mechanism spec, its options included
+  (``linear:feature_map=taylor:feature_dim=16``, :mod:`attnlab.mechanism_spec`);
+  ``"mixer_options"`` all the options the mixers were built with, the mechanism's defaults for the
+  task included.
 
 Every run seeds itself from its own ``seed``: the model's initialisation (for a given mechanism),
 the training batches, the validation and the test sets depend on the seed alone, never on the rate,
@@ -46,6 +51,7 @@ import attnlab
 from attnlab.bench.quality_tasks import TASKS, config_label
 from attnlab.bench.results import versions
 from attnlab.bench.training import distributed_rank_and_world
+from attnlab.mechanism_spec import model_spec
 
 __all__ = ["Job", "RESULT_KEY", "run_job"]
 
@@ -57,7 +63,9 @@ class Job:
     """One training run: what is recorded and what resume compares.
 
     ``config.lr`` is the rate this run trains at; ``sweep`` the rates planned for its (task, variant),
-    ``()`` for a job outside any sweep (recorded as ``[lr]``).
+    ``()`` for a job outside any sweep (recorded as ``[lr]``). ``mechanism`` is a mechanism spec
+    (a registered name, or one with options). ``variant`` is the table label when it is not the
+    config's own (``""``), e.g. the preset's label with ``-625steps`` when ``--steps`` changed them.
     """
 
     task: str
@@ -66,15 +74,18 @@ class Job:
     config: Any
     preset: str
     sweep: tuple[float, ...] = ()
+    variant: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sweep", tuple(float(v) for v in self.sweep))
+        if self.variant == config_label(self.task, self.config):
+            object.__setattr__(self, "variant", "")
         if self.sweep and self.lr not in self.sweep:
             raise ValueError(f"sweep={self.sweep} does not hold the job's learning rate config.lr={self.lr}")
 
     @property
     def label(self) -> str:
-        return config_label(self.task, self.config)
+        return self.variant or config_label(self.task, self.config)
 
     @property
     def lr(self) -> float:
@@ -85,13 +96,14 @@ class Job:
                 "config": dataclasses.asdict(self.config)}
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.key_record(), "preset": self.preset, "sweep": list(self.sweep or (self.lr,))}
+        return {**self.key_record(), "preset": self.preset, "sweep": list(self.sweep or (self.lr,)),
+                "config_label": self.label}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Job:
         task = TASKS[data["task"]]
         return cls(data["task"], data["mechanism"], int(data["seed"]), task.config_type(**data["config"]),
-                   data["preset"], tuple(data.get("sweep", ())))
+                   data["preset"], tuple(data.get("sweep", ())), data.get("config_label", ""))
 
 
 def run_job(job: Job, *, device: torch.device | None = None, on_step: Callable[[int], None] | None = None,
@@ -100,9 +112,10 @@ def run_job(job: Job, *, device: torch.device | None = None, on_step: Callable[[
     (``context_parallel``: ranks that split each sequence, see :func:`attnlab.bench.training.train_loop`)."""
     device = device or torch.device("cpu")
     task = TASKS[job.task]
-    record = attnlab.get(job.mechanism)
+    spec = model_spec(job.mechanism)
+    record = attnlab.get(spec.name)
     torch.manual_seed(job.seed)
-    model = task.build(job.config, job.mechanism, task.causal_for(record))
+    model = task.build(job.config, spec.name, task.causal_for(record), **spec.options)
     parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     trunk = getattr(model, "trunk", None)
     options = {k: v if isinstance(v, int | float | str | bool) or v is None else repr(v)
@@ -114,7 +127,6 @@ def run_job(job: Job, *, device: torch.device | None = None, on_step: Callable[[
     _, world = distributed_rank_and_world()
     result = {
         **job.to_json(),
-        "config_label": job.label,
         "metric": task.metric,
         "higher_is_better": task.higher_is_better,
         "value": outcome.metrics[task.metric],

@@ -263,7 +263,8 @@ class QualityTask:
         masking: "causal" (a decoder), "bidirectional" (an encoder) or "any" (causal when the
             mechanism defines it, else bidirectional: the read-out position sees the whole prompt either way).
         config_type: the typed config of the task.
-        build: ``(config, mechanism, causal) -> model``.
+        build: ``(config, mechanism, causal, **options) -> model``; ``options`` go to every mixer
+            (:mod:`attnlab.mechanism_spec`).
         probe: ``(config) -> a tiny batch of inputs`` to check that a mechanism runs at the task's sizes.
         data: ``(config, seed, device) -> TaskData``: the training sampler and the evaluation.
         loss: ``(model, batch) -> scalar`` minimised by training.
@@ -276,7 +277,7 @@ class QualityTask:
     higher_is_better: bool
     masking: str
     config_type: type
-    build: Callable[[Any, str, bool], nn.Module]
+    build: Callable[..., nn.Module]
     probe: Callable[[Any], torch.Tensor]
     data: Callable[[Any, int, torch.device], TaskData]
     loss: Callable[[nn.Module, Any], torch.Tensor]
@@ -315,21 +316,21 @@ class QualityTask:
                           context_parallel=context_parallel)
 
 
-def _icl_model(config: icl.ICLRegressionConfig, mechanism: str, causal: bool) -> nn.Module:
+def _icl_model(config: icl.ICLRegressionConfig, mechanism: str, causal: bool, **options: Any) -> nn.Module:
     # One attention layer, no MLP, no norms, no positions: the model of He et al. (arXiv 2503.12734),
     # with head dim d + 1 per head; it reads the prediction at the query token (the last one).
     token_dim = config.dim + 1
     return SequenceClassifier(1, config.heads * token_dim, 1, config.heads, mechanism=mechanism,
                               max_len=config.length + 1, input_dim=token_dim, pooling="last", causal=causal,
-                              mlp_ratio=0, norm=False, positions=False)
+                              mlp_ratio=0, norm=False, positions=False, **options)
 
 
 def _match_task(name: str, description: str) -> QualityTask:
     """The match2 / match3 detection task: an encoder with per-token labels (they differ in their config)."""
     return QualityTask(
         name=name, metric="accuracy", higher_is_better=True, masking="bidirectional", config_type=MatchConfig,
-        build=lambda c, m, causal: SequenceClassifier(2, c.dim, c.depth, c.heads, mechanism=m, max_len=c.length,
-                                                      vocab_size=c.modulus, pooling="none"),
+        build=lambda c, m, causal, **o: SequenceClassifier(2, c.dim, c.depth, c.heads, mechanism=m, max_len=c.length,
+                                                           vocab_size=c.modulus, pooling="none", **o),
         probe=lambda c: torch.randint(c.modulus, (2, c.length)),
         data=_match_data, loss=lm_loss, weight_decay=0.01, label=lambda c: f"L{c.length}-M{c.modulus}-d{c.dim}",
         description=description)
@@ -338,10 +339,10 @@ def _match_task(name: str, description: str) -> QualityTask:
 TASKS: dict[str, QualityTask] = {task.name: task for task in (
     QualityTask(
         name="mqar", metric="accuracy", higher_is_better=True, masking="causal", config_type=MQARConfig,
-        build=lambda c, m, causal: LanguageModel(c.vocab_size, c.dim, c.depth, c.heads, mechanism=m,
-                                                 max_len=c.seq_len, init_std=c.init_std,
-                                                 tie_embeddings=c.tie_embeddings, short_conv=c.short_conv,
-                                                 short_conv_layers=c.short_conv_layers),
+        build=lambda c, m, causal, **o: LanguageModel(c.vocab_size, c.dim, c.depth, c.heads, mechanism=m,
+                                                      max_len=c.seq_len, init_std=c.init_std,
+                                                      tie_embeddings=c.tie_embeddings, short_conv=c.short_conv,
+                                                      short_conv_layers=c.short_conv_layers, **o),
         probe=lambda c: torch.randint(c.vocab_size, (2, c.seq_len)),
         data=_mqar_data, loss=answer_loss, weight_decay=0.1,  # MQARConfig carries its own weight_decay
         label=lambda c: f"V{c.vocab_size}-L{c.seq_len}-P{c.num_pairs}-d{c.dim}"
@@ -357,16 +358,16 @@ TASKS: dict[str, QualityTask] = {task.name: task for task in (
     _match_task("match2", "Match2 pair detection, encoder (per-token accuracy)"),
     QualityTask(
         name="needle", metric="accuracy", higher_is_better=True, masking="causal", config_type=NeedleConfig,
-        build=lambda c, m, causal: LanguageModel(c.vocab_size, c.dim, c.depth, c.heads, mechanism=m,
-                                                 max_len=c.length),
+        build=lambda c, m, causal, **o: LanguageModel(c.vocab_size, c.dim, c.depth, c.heads, mechanism=m,
+                                                      max_len=c.length, **o),
         probe=lambda c: torch.randint(c.vocab_size, (2, c.length)),
         data=_needle_data, loss=answer_loss, weight_decay=0.1,
         label=lambda c: f"V{c.vocab_size}-L{c.length}-d{c.dim}",
         description="synthetic needle-in-a-haystack retrieval, decoder LM"),
     QualityTask(
         name="digits", metric="accuracy", higher_is_better=True, masking="bidirectional", config_type=DigitsConfig,
-        build=lambda c, m, causal: VisionTransformer(8, c.patch_size, 1, 10, dim=c.dim, depth=c.depth,
-                                                     heads=c.heads, mechanism=m),
+        build=lambda c, m, causal, **o: VisionTransformer(8, c.patch_size, 1, 10, dim=c.dim, depth=c.depth,
+                                                          heads=c.heads, mechanism=m, **o),
         probe=lambda c: torch.rand(2, 1, 8, 8),
         data=_digits_data, loss=_classification_loss, weight_decay=0.05,
         label=lambda c: f"p{c.patch_size}-d{c.dim}-depth{c.depth}",
@@ -374,7 +375,8 @@ TASKS: dict[str, QualityTask] = {task.name: task for task in (
     QualityTask(
         name="wikitext", metric="bits_per_byte", higher_is_better=False, masking="causal",
         config_type=WikiTextConfig,
-        build=lambda c, m, causal: LanguageModel(256, c.dim, c.depth, c.heads, mechanism=m, max_len=c.length),
+        build=lambda c, m, causal, **o: LanguageModel(256, c.dim, c.depth, c.heads, mechanism=m, max_len=c.length,
+                                                      **o),
         probe=lambda c: torch.randint(256, (2, c.length)),
         data=_wikitext_data, loss=lm_loss, weight_decay=0.1, label=lambda c: f"L{c.length}-d{c.dim}-depth{c.depth}",
         description="byte-level Wikipedia (gensim's dump), decoder LM (test bits per byte)"),

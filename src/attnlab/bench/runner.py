@@ -65,7 +65,7 @@ def describe_error(error: BaseException) -> str:
 
 def failed_record(job: Job, error: str, *, device: str) -> dict[str, Any]:
     """The record of a run that raised: the job's key fields, ``status`` and ``error``."""
-    return {**job.to_json(), "config_label": job.label, "status": "failed", "error": error, "device": device,
+    return {**job.to_json(), "status": "failed", "error": error, "device": device,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 

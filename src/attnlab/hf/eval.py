@@ -25,47 +25,25 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from attnlab.hf import check_options, record_keys_attended, use
+from attnlab.mechanism_spec import MechanismSpec, parse_spec
 
 __all__ = ["MechanismSpec", "parse_mechanisms", "rolling_windows", "rolling_perplexity", "EvalConfig",
            "run_eval", "prefill_timing", "row_key", "heldout_text", "peak_rss", "needle_recall"]
-
-
-@dataclass(frozen=True)
-class MechanismSpec:
-    """One ``--mechanisms`` entry: ``hip:k_budget=256`` -> ``("hip", {"k_budget": 256})``."""
-
-    mechanism: str
-    options: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        return ":".join([self.mechanism, *(f"{k}={v}" for k, v in self.options.items())])
-
-
-def _value(text: str) -> Any:
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def parse_mechanisms(text: str) -> list[MechanismSpec]:
     """Parse ``"softmax,hip:k_budget=256,sliding_window:window=256:sink_tokens=4"``.
 
     Entries are separated by commas; each is a mechanism name followed by ``:option=value`` parts
-    (ints, floats, true/false, else strings). Every name and option is checked before anything runs.
+    (:func:`attnlab.mechanism_spec.parse_spec`: ints, floats, true/false, none, else strings). Every
+    name and option is checked before anything runs.
 
     Raises:
         ValueError naming the malformed entry, an unknown option or a mechanism that is not compatible.
@@ -74,15 +52,12 @@ def parse_mechanisms(text: str) -> list[MechanismSpec]:
     for entry in (e.strip() for e in text.split(",")):
         if not entry:
             continue
-        name, *parts = entry.split(":")
-        options: dict[str, Any] = {}
-        for part in parts:
-            key, sep, value = part.partition("=")
-            if not sep or not key or not value:
-                raise ValueError(f"--mechanisms entry {entry!r}: {part!r} is not option=value")
-            options[key.strip()] = _value(value.strip())
-        check_options(name.strip(), options)
-        specs.append(MechanismSpec(name.strip(), options))
+        try:
+            spec = parse_spec(entry)
+        except ValueError as error:
+            raise ValueError(f"--mechanisms entry {error}") from None
+        check_options(spec.name, dict(spec.options))
+        specs.append(spec)
     if not specs:
         raise ValueError(f"--mechanisms {text!r} names no mechanism")
     return specs
@@ -308,7 +283,7 @@ def _one_row(model: Any, tokenizer: Any, tokens: torch.Tensor, haystack: str, sp
     tests = [(t, d) for t in range(config.needle_tasks) for d in config.needle_depths]
     step = bar.add_task(f"  {spec.label} @ {context}", total=len(windows) + len(tests))
     start = time.perf_counter()
-    with use(model, spec.mechanism, **spec.options), peak_rss() as memory:
+    with use(model, spec.name, **spec.options), peak_rss() as memory:
         with record_keys_attended() as keys:
             nll, count = rolling_perplexity(model, tokens, windows, on_window=lambda: bar.advance(step))
         ppl_seconds = time.perf_counter() - start
@@ -321,7 +296,7 @@ def _one_row(model: Any, tokenizer: Any, tokens: torch.Tensor, haystack: str, sp
     bar.remove_task(step)
     first, last = windows[0][2], windows[-1][1]
     scored_bytes = len(tokenizer.decode(tokens[first:last].tolist()).encode("utf-8"))
-    return {"mechanism": spec.mechanism, "options": dict(spec.options), "scored_tokens": count, "nll": nll,
+    return {"mechanism": spec.name, "options": dict(spec.options), "scored_tokens": count, "nll": nll,
             "perplexity": math.exp(nll / count), "bits_per_byte": nll / math.log(2) / scored_bytes,
             "scored_bytes": scored_bytes, "keys_attended": keys.mean(),
             "needle_recall": statistics.fmean(recalls) if recalls else None, "needle_tests": len(recalls),
