@@ -71,7 +71,7 @@ BAD = [
     (["analyze", "--out", "OUT"], "the following arguments are required: --model"),
     # eval
     (["eval", "--mechanisms", "bogus", "--out", "OUT"], "--mechanisms: unknown mechanism 'bogus'"),
-    (["eval", "--mechanisms", "hip:k_budget", "--out", "OUT"], "is not option=value"),
+    (["eval", "--mechanisms", "hip:k_budget", "--out", "OUT"], "is not key=value; write it as hip:k_budget=VALUE"),
     (["eval", "--mechanisms", "", "--out", "OUT"], "names no mechanism"),
     (["eval", "--context", "0", "--out", "OUT"], "--context '0': every context must be >= 2"),
     (["eval", "--context", "", "--out", "OUT"], "--context is empty"),

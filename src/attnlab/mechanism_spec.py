@@ -81,7 +81,8 @@ def parse_spec(text: str) -> MechanismSpec:
         key, sep, value = part.partition("=")
         key, value = key.strip(), value.strip()
         if not sep or not key or not value:
-            raise ValueError(f"{text!r}: option {part!r} is not key=value; write e.g. sliding_window:window=32")
+            raise ValueError(f"{text!r}: option {part!r} is not key=value; write it as "
+                             f"{name}:{key or 'key'}={value or 'VALUE'}")
         if key in options:
             raise ValueError(f"{text!r} gives option {key!r} twice; give each option once")
         options[key] = _value(value)
