@@ -30,7 +30,7 @@ from attnlab.bench.quality_tasks import TASKS, QualityTask
 from attnlab.bench.results import completed_keys, exclusive_writer, load_results, result_key
 from attnlab.bench.runner import Recorder, execute, run_in_workers
 from attnlab.cli_errors import UsageError
-from attnlab.mechanism_spec import MechanismSpec, model_spec
+from attnlab.mechanism_spec import MechanismSpec, model_spec, parse_spec
 from attnlab.registry import Mechanism
 
 __all__ = ["Refusal", "plan_jobs", "validate", "run_quality", "QualityError", "QualityResults", "NothingToRun",
@@ -140,7 +140,7 @@ def _context_parallel_refusals(tasks: Sequence[str], per_task: Mapping[str, Sequ
                 refusals.append(f"--context-parallel: {task} {TASKS[task].label(config)} has a short convolution, "
                                 f"which reads tokens across shards")
         for mechanism in per_task.get(task, []):
-            if attnlab.get(model_spec(mechanism).name).layer is not None:
+            if attnlab.get(parse_spec(mechanism).name).layer is not None:  # specs validated by then
                 refusals.append(f"--context-parallel: mechanism {mechanism!r} has its own layer (not a functional op)")
     return refusals
 
